@@ -1,0 +1,197 @@
+//! Bidirectional copy between the two sides of a proxied connection.
+//!
+//! Each side is a [`Reader`] (chunks in, `None` at end of stream) and a [`Writer`] (chunks out,
+//! `finish` to half-close). The two directions run concurrently and end independently: a FIN one
+//! way is forwarded as a FIN (or HTTP/2 END_STREAM) while the other way keeps flowing, as TCP
+//! half-close requires. An error on either direction ends both.
+//!
+//! Chunks are `Bytes`, so data read from a socket goes into an HTTP/2 DATA frame without another
+//! copy, and HTTP/2 data goes to a socket straight from the frame's buffer.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::poll_fn;
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::stats::Stats;
+
+/// Read buffers start small (most connections are short request/response exchanges) and grow
+/// once a flow has shown it is bulk: the thresholds and sizes Istio's ztunnel settled on.
+const INITIAL_BUFFER_SIZE: usize = 1024;
+const LARGE_BUFFER_SIZE: usize = 16 * 1024;
+const JUMBO_BUFFER_SIZE: usize = 256 * 1024;
+const RESIZE_THRESHOLD_LARGE: u64 = 128 * 1024;
+const RESIZE_THRESHOLD_JUMBO: u64 = 10 * 1024 * 1024;
+
+pub trait Reader: Send {
+    /// The next chunk, or `None` when the peer has finished sending.
+    fn read_chunk(&mut self) -> impl std::future::Future<Output = io::Result<Option<Bytes>>> + Send;
+}
+
+pub trait Writer: Send {
+    fn write_chunk(&mut self, chunk: Bytes) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Half-close: no more data will be written this way.
+    fn finish(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+/// Reads from a byte stream with a buffer that grows as the flow proves to be bulk.
+pub struct StreamReader<R> {
+    inner: R,
+    buf: BytesMut,
+    size: usize,
+    total: u64,
+}
+
+impl<R> StreamReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: BytesMut::new(),
+            size: INITIAL_BUFFER_SIZE,
+            total: 0,
+        }
+    }
+
+    fn grow(&mut self, n: usize) {
+        let before = self.total;
+        self.total += n as u64;
+        if before < RESIZE_THRESHOLD_LARGE && self.total >= RESIZE_THRESHOLD_LARGE {
+            self.size = LARGE_BUFFER_SIZE;
+        }
+        if before < RESIZE_THRESHOLD_JUMBO && self.total >= RESIZE_THRESHOLD_JUMBO {
+            self.size = JUMBO_BUFFER_SIZE;
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> Reader for StreamReader<R> {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        // `split` below leaves the rest of the allocation in `buf`, so small reads share one
+        // allocation until it is used up; only then is a new one of the current size made.
+        if self.buf.capacity() < self.size / 2 {
+            self.buf.reserve(self.size);
+        }
+        let n = self.inner.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.grow(n);
+        Ok(Some(self.buf.split().freeze()))
+    }
+}
+
+pub struct StreamWriter<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send> Writer for StreamWriter<W> {
+    async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.0.write_all(&chunk).await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+fn h2_io(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        err.into_io().unwrap()
+    } else {
+        io::Error::other(err)
+    }
+}
+
+/// The receiving half of an HBONE stream.
+pub struct H2Reader(pub RecvStream);
+
+impl Reader for H2Reader {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        match self.0.data().await {
+            None => Ok(None),
+            Some(Ok(chunk)) => {
+                // Reopen the window as soon as the chunk is ours: we hold at most one chunk, so
+                // h2's own buffering (one stream window) bounds memory.
+                let _ = self.0.flow_control().release_capacity(chunk.len());
+                Ok(Some(chunk))
+            }
+            Some(Err(e)) => Err(h2_io(e)),
+        }
+    }
+}
+
+/// The sending half of an HBONE stream; waits for HTTP/2 flow-control capacity.
+pub struct H2Writer(pub SendStream<Bytes>);
+
+impl Writer for H2Writer {
+    async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while !chunk.is_empty() {
+            self.0.reserve_capacity(chunk.len());
+            let granted = match poll_fn(|cx| self.0.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")),
+            };
+            if granted == 0 {
+                continue;
+            }
+            let part = chunk.split_to(granted.min(chunk.len()));
+            self.0.send_data(part, false).map_err(h2_io)?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.send_data(Bytes::new(), true).map_err(h2_io)
+    }
+}
+
+/// Bytes carried each way by one proxied connection, readable while it runs and after it failed.
+#[derive(Debug, Default)]
+pub struct Transferred {
+    /// From the initiator (the `a` side) towards the destination.
+    pub sent: AtomicU64,
+    /// From the destination back to the initiator.
+    pub received: AtomicU64,
+}
+
+impl Transferred {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+async fn one_way(
+    reader: &mut impl Reader,
+    writer: &mut impl Writer,
+    this_connection: &AtomicU64,
+    all_connections: &AtomicU64,
+) -> io::Result<()> {
+    while let Some(chunk) = reader.read_chunk().await? {
+        let n = chunk.len() as u64;
+        writer.write_chunk(chunk).await?;
+        this_connection.fetch_add(n, Ordering::Relaxed);
+        all_connections.fetch_add(n, Ordering::Relaxed);
+    }
+    writer.finish().await
+}
+
+/// Copy `a` → `b` and `b` → `a` until both directions have finished, keeping half-close.
+/// `stats` receives the global byte counts as they flow; `transferred` this connection's.
+pub async fn bidirectional(
+    (mut a_read, mut a_write): (impl Reader, impl Writer),
+    (mut b_read, mut b_write): (impl Reader, impl Writer),
+    stats: &Stats,
+    transferred: &Transferred,
+) -> io::Result<()> {
+    tokio::try_join!(
+        one_way(&mut a_read, &mut b_write, &transferred.sent, &stats.bytes_sent),
+        one_way(&mut b_read, &mut a_write, &transferred.received, &stats.bytes_received),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! `Core`: the Python object that owns a tokio runtime and everything running on it — identities,
+//! the HBONE pool, listeners, tunnels and counters — with start (listen/serve), drain and stop.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tokio::runtime::{Handle, Runtime};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::decision::{InboundDecider, OutboundDecider, Plan};
+use crate::hbone::server::{self, InboundContext};
+use crate::identity::{IdentityMaterial, IdentityStore};
+use crate::outbound::{self, OutboundContext};
+use crate::plan::HboneTarget;
+use crate::pool::Pool;
+use crate::probe;
+use crate::socket::SocketFactory;
+use crate::stats::Stats;
+
+/// Istio's ztunnel keeps idle pooled connections for five minutes.
+const DEFAULT_POOL_IDLE_TIMEOUT: f64 = 300.0;
+/// At most this many concurrent streams per pooled connection (or the peer's limit if lower).
+const DEFAULT_POOL_MAX_STREAMS: usize = 100;
+/// How often the pool looks for idle connections, at most.
+const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// State shared by every task of one core.
+pub struct Shared {
+    pub identities: IdentityStore,
+    pub pool: Pool,
+    pub stats: Stats,
+    pub sockets: SocketFactory,
+    /// Cancelled when the core drains: listeners stop accepting, HBONE servers send GOAWAY.
+    pub draining: CancellationToken,
+    /// Cancelled at the drain deadline: every remaining connection is closed.
+    pub hard_stop: CancellationToken,
+    /// Tunnels handed over by Python (`tunnel_fd`), which belong to no listener.
+    pub tunnels: TaskTracker,
+}
+
+/// The lifetime of one listener's connections: drained together, cut together.
+#[derive(Clone)]
+pub struct ListenerScope {
+    pub draining: CancellationToken,
+    pub hard: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl ListenerScope {
+    fn child_of(shared: &Shared) -> Self {
+        Self {
+            draining: shared.draining.child_token(),
+            hard: shared.hard_stop.child_token(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Stop accepting, let connections finish until `deadline`, then close what is left.
+    /// True when everything finished on its own.
+    async fn drain(&self, deadline: Duration) -> bool {
+        self.draining.cancel();
+        self.tracker.close();
+        let finished = tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok();
+        if !finished {
+            self.hard.cancel();
+            self.tracker.wait().await;
+        }
+        finished
+    }
+}
+
+fn duration(name: &str, seconds: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        PyValueError::new_err(format!("{name}: expected a non-negative number of seconds, got {seconds}"))
+    })
+}
+
+fn parse_listen_address(address: &str) -> PyResult<SocketAddr> {
+    address.parse().map_err(|_| {
+        PyValueError::new_err(format!(
+            "listen address: expected 'ip:port' (IPv6 as '[ip]:port'), got {address:?}"
+        ))
+    })
+}
+
+/// A listening socket of the core (HBONE or plain outbound).
+#[pyclass(frozen, module = "ambient._core")]
+pub struct Listener {
+    local_address: SocketAddr,
+    scope: ListenerScope,
+    handle: Handle,
+    /// The core's hard stop: once it fired, the runtime may be gone and there is nothing to drain.
+    core_stopped: CancellationToken,
+}
+
+#[pymethods]
+impl Listener {
+    /// The address actually bound (useful with port 0).
+    #[getter]
+    fn local_address(&self) -> String {
+        self.local_address.to_string()
+    }
+
+    /// Connections and streams of this listener still running.
+    #[getter]
+    fn active(&self) -> usize {
+        self.scope.tracker.len()
+    }
+
+    /// Stop accepting (HBONE connections get GOAWAY), wait up to `deadline` seconds for live
+    /// connections, then close the rest. Returns True when nothing had to be cut.
+    #[pyo3(signature = (deadline=0.0))]
+    fn close(&self, py: Python<'_>, deadline: f64) -> PyResult<bool> {
+        let deadline = duration("deadline", deadline)?;
+        if self.core_stopped.is_cancelled() {
+            return Ok(self.scope.tracker.is_empty());
+        }
+        let scope = self.scope.clone();
+        let handle = self.handle.clone();
+        Ok(py.detach(move || handle.block_on(scope.drain(deadline))))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Listener('{}')", self.local_address)
+    }
+}
+
+/// The data-plane runtime. One per process is typical; several may coexist (tests do).
+#[pyclass(frozen, module = "ambient._core")]
+pub struct Core {
+    runtime: Mutex<Option<Runtime>>,
+    handle: Handle,
+    shared: Arc<Shared>,
+    listeners: Mutex<Vec<ListenerScope>>,
+}
+
+impl Core {
+    fn register(&self, scope: ListenerScope) {
+        let mut listeners = self.listeners.lock().unwrap();
+        listeners.retain(|s| !(s.draining.is_cancelled() && s.tracker.is_empty()));
+        listeners.push(scope);
+    }
+
+    fn bind(&self, address: &str) -> PyResult<tokio::net::TcpListener> {
+        if self.shared.draining.is_cancelled() {
+            return Err(PyRuntimeError::new_err("the core is draining or stopped"));
+        }
+        let addr = parse_listen_address(address)?;
+        let _guard = self.handle.enter();
+        self.shared
+            .sockets
+            .listen(addr)
+            .map_err(|e| PyOSError::new_err(format!("cannot listen on {addr}: {e}")))
+    }
+
+    fn listener(&self, local_address: SocketAddr, scope: ListenerScope) -> Listener {
+        self.register(scope.clone());
+        Listener {
+            local_address,
+            scope,
+            handle: self.handle.clone(),
+            core_stopped: self.shared.hard_stop.clone(),
+        }
+    }
+}
+
+#[pymethods]
+impl Core {
+    #[new]
+    #[pyo3(signature = (worker_threads=None, *, pool_max_streams=DEFAULT_POOL_MAX_STREAMS, pool_idle_timeout=DEFAULT_POOL_IDLE_TIMEOUT, mark=None))]
+    fn new(
+        worker_threads: Option<usize>,
+        pool_max_streams: usize,
+        pool_idle_timeout: f64,
+        mark: Option<u32>,
+    ) -> PyResult<Self> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all().thread_name("ambient-core");
+        if let Some(n) = worker_threads {
+            if n == 0 {
+                return Err(PyValueError::new_err("worker_threads: expected at least 1"));
+            }
+            builder.worker_threads(n);
+        }
+        let runtime = builder
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the tokio runtime: {e}")))?;
+        let shared = Arc::new(Shared {
+            identities: IdentityStore::default(),
+            pool: Pool::new(
+                pool_max_streams,
+                duration("pool_idle_timeout", pool_idle_timeout)?,
+            ),
+            stats: Stats::default(),
+            sockets: SocketFactory { mark },
+            draining: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            tunnels: TaskTracker::new(),
+        });
+        let sweeper = shared.clone();
+        runtime.spawn(async move {
+            let every = POOL_SWEEP_INTERVAL.min(sweeper.pool.idle_timeout() / 2);
+            let every = every.max(Duration::from_millis(10));
+            loop {
+                tokio::select! {
+                    _ = sweeper.hard_stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => sweeper.pool.evict_idle(),
+                }
+            }
+        });
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+            shared,
+            listeners: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Load (or rotate) the certificate chain, key and trust roots of `identity`, all PEM.
+    fn set_identity(
+        &self,
+        identity: &str,
+        chain_pem: &[u8],
+        key_pem: &[u8],
+        roots_pem: &[u8],
+    ) -> PyResult<()> {
+        let material = IdentityMaterial::from_pem(identity, chain_pem, key_pem, roots_pem)
+            .map_err(PyValueError::new_err)?;
+        self.shared.identities.set(material);
+        Ok(())
+    }
+
+    fn remove_identity(&self, identity: &str) -> bool {
+        self.shared.identities.remove(identity)
+    }
+
+    fn identities(&self) -> Vec<String> {
+        self.shared.identities.names()
+    }
+
+    /// Serve HBONE on `address` as `identity`; `decide` is an `Allow`/`Deny` for every stream, or
+    /// a callable `(peer_identity, authority, peer_address, headers) -> Allow | Deny`.
+    fn serve_hbone(
+        &self,
+        address: &str,
+        identity: &str,
+        decide: &Bound<'_, PyAny>,
+    ) -> PyResult<Listener> {
+        if self.shared.identities.get(identity).is_none() {
+            return Err(PyValueError::new_err(format!(
+                "serve_hbone: no certificate loaded for {identity} (call set_identity first)"
+            )));
+        }
+        let decider = InboundDecider::from_py(decide).map_err(PyValueError::new_err)?;
+        let tcp = self.bind(address)?;
+        let local = tcp.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let scope = ListenerScope::child_of(&self.shared);
+        let ctx = Arc::new(InboundContext {
+            shared: self.shared.clone(),
+            identity: identity.to_string(),
+            decider,
+            scope: scope.clone(),
+        });
+        self.handle.spawn(server::accept_loop(tcp, ctx));
+        Ok(self.listener(local, scope))
+    }
+
+    /// Accept plain TCP on `address` and carry each connection as `route` says: a fixed
+    /// `HboneTarget`/`TcpTarget`/`Deny`, or a callable `(source, destination) -> plan`.
+    fn listen(&self, address: &str, route: &Bound<'_, PyAny>) -> PyResult<Listener> {
+        let decider = OutboundDecider::from_py(route).map_err(PyValueError::new_err)?;
+        let tcp = self.bind(address)?;
+        let local = tcp.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let scope = ListenerScope::child_of(&self.shared);
+        let ctx = Arc::new(OutboundContext {
+            shared: self.shared.clone(),
+            decider,
+            scope: scope.clone(),
+        });
+        self.handle.spawn(outbound::accept_loop(tcp, ctx));
+        Ok(self.listener(local, scope))
+    }
+
+    /// Take ownership of a connected stream socket (TCP or Unix; the caller must have detached
+    /// it) and carry it as `plan` says. `on_ready(error)` is called once: with None when the far
+    /// side is established, or with the reason it could not be.
+    fn tunnel_fd(&self, fd: RawFd, plan: &Bound<'_, PyAny>, on_ready: Py<PyAny>) -> PyResult<()> {
+        let plan = Plan::from_py(plan).map_err(|e| PyValueError::new_err(format!("plan: {e}")))?;
+        if fd < 0 {
+            return Err(PyValueError::new_err(format!("fd: expected an open descriptor, got {fd}")));
+        }
+        // SAFETY: the caller hands over an open descriptor it no longer uses (documented).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = socket2::Socket::from(owned);
+        let domain = socket
+            .domain()
+            .map_err(|e| PyOSError::new_err(format!("fd {fd} is not a socket: {e}")))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let report = move |error: Option<String>| {
+            tokio::task::spawn_blocking(move || {
+                Python::attach(|py| {
+                    if let Err(e) = on_ready.call1(py, (error,)) {
+                        log::error!("tunnel on_ready callback raised: {e}");
+                    }
+                })
+            });
+        };
+        let _guard = self.handle.enter();
+        let shared = self.shared.clone();
+        if domain == socket2::Domain::UNIX {
+            let stream = tokio::net::UnixStream::from_std(socket.into())
+                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            self.shared
+                .tunnels
+                .spawn(outbound::tunnel_stream(stream, None, plan, shared, report));
+        } else {
+            let stream = tokio::net::TcpStream::from_std(socket.into())
+                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let source = stream.peer_addr().ok();
+            self.shared
+                .tunnels
+                .spawn(outbound::tunnel_stream(stream, source, plan, shared, report));
+        }
+        Ok(())
+    }
+
+    /// Open `count` HBONE streams to `target`, `concurrency` at a time; each sends `payload`
+    /// bytes, half-closes and reads the answer to its end. With `fresh_connections`, every stream
+    /// dials its own connection (a full mutual-TLS handshake) instead of using the pool.
+    /// Returns counts, elapsed seconds and the first error. Used by `ambient hbone probe` and the
+    /// benchmarks.
+    #[pyo3(signature = (target, count, *, concurrency=1, payload=0, fresh_connections=false))]
+    fn probe<'py>(
+        &self,
+        py: Python<'py>,
+        target: Py<HboneTarget>,
+        count: usize,
+        concurrency: usize,
+        payload: usize,
+        fresh_connections: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let shared = self.shared.clone();
+        let handle = self.handle.clone();
+        let options = probe::Options {
+            count,
+            concurrency: concurrency.max(1),
+            payload,
+            fresh_connections,
+        };
+        let target = Arc::new(target);
+        let report = py.detach(move || handle.block_on(probe::run(target, options, shared)));
+        let out = PyDict::new(py);
+        out.set_item("ok", report.ok)?;
+        out.set_item("failed", report.failed)?;
+        out.set_item("seconds", report.seconds)?;
+        out.set_item("bytes_received", report.bytes_received)?;
+        out.set_item("first_error", report.first_error)?;
+        Ok(out)
+    }
+
+    /// Counters, read without stopping traffic.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (name, value) in self.shared.stats.snapshot() {
+            out.set_item(name, value)?;
+        }
+        out.set_item("pool_connections", self.shared.pool.connection_count())?;
+        Ok(out)
+    }
+
+    /// Drain everything: listeners stop accepting, HBONE servers send GOAWAY, live connections get
+    /// until `deadline` seconds to finish, then are closed; the pool is emptied. True when nothing
+    /// had to be cut. The core accepts no new listeners afterwards.
+    #[pyo3(signature = (deadline=0.0))]
+    fn drain(&self, py: Python<'_>, deadline: f64) -> PyResult<bool> {
+        let deadline = duration("deadline", deadline)?;
+        if self.shared.hard_stop.is_cancelled() {
+            return Ok(true); // already drained (or closed)
+        }
+        let scopes = self.listeners.lock().unwrap().clone();
+        let shared = self.shared.clone();
+        let handle = self.handle.clone();
+        Ok(py.detach(move || {
+            handle.block_on(async move {
+                shared.draining.cancel();
+                shared.tunnels.close();
+                let all = async {
+                    for scope in &scopes {
+                        scope.tracker.close();
+                        scope.tracker.wait().await;
+                    }
+                    shared.tunnels.wait().await;
+                };
+                let finished = tokio::time::timeout(deadline, all).await.is_ok();
+                shared.hard_stop.cancel();
+                for scope in &scopes {
+                    scope.tracker.wait().await;
+                }
+                shared.tunnels.wait().await;
+                shared.pool.clear();
+                finished
+            })
+        }))
+    }
+
+    /// Drain with `deadline`, then stop the runtime. Idempotent.
+    #[pyo3(signature = (deadline=0.0))]
+    fn close(&self, py: Python<'_>, deadline: f64) -> PyResult<bool> {
+        let finished = self.drain(py, deadline)?;
+        let runtime = self.runtime.lock().unwrap().take();
+        if let Some(runtime) = runtime {
+            py.detach(move || runtime.shutdown_timeout(Duration::from_secs(1)));
+        }
+        Ok(finished)
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.runtime.lock().unwrap().is_none()
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.shared.draining.cancel();
+        self.shared.hard_stop.cancel();
+        if let Some(runtime) = self.runtime.lock().unwrap().take() {
+            // Never block here: this may run with the GIL held while a blocking task waits for it.
+            runtime.shutdown_background();
+        }
+    }
+}

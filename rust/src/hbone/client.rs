@@ -1,0 +1,232 @@
+//! HBONE client: dial `peer:15008` with mutual TLS as a source workload, speak HTTP/2, and open
+//! CONNECT streams on that connection.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::{keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::core::Shared;
+use crate::pool::PoolKey;
+use crate::stats::Stats;
+use crate::tls;
+
+/// Largest header block we accept from a server (a CONNECT response is tiny).
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// h2 may buffer this much outgoing data per stream: one stream window, so a window's worth can be
+/// queued and flushed at once.
+const MAX_SEND_BUFFER_SIZE: usize = STREAM_WINDOW as usize;
+
+/// Why an HBONE connection or stream could not be had. The text names the peer.
+#[derive(Debug)]
+pub enum HboneError {
+    NoIdentity(String),
+    Connect(SocketAddr, std::io::Error),
+    Tls(String),
+    Http2(SocketAddr, h2::Error),
+    /// The peer answered the CONNECT with this status.
+    Status(SocketAddr, StatusCode),
+    Timeout(SocketAddr, &'static str),
+}
+
+impl fmt::Display for HboneError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HboneError::NoIdentity(id) => {
+                write!(f, "no certificate loaded for source identity {id}")
+            }
+            HboneError::Connect(peer, e) => write!(f, "TCP connect to {peer} failed: {e}"),
+            HboneError::Tls(text) => f.write_str(text),
+            HboneError::Http2(peer, e) => write!(f, "HTTP/2 with {peer} failed: {e}"),
+            HboneError::Status(peer, status) => {
+                write!(f, "{peer} answered the CONNECT with {status}")
+            }
+            HboneError::Timeout(peer, what) => write!(f, "{what} with {peer} timed out"),
+        }
+    }
+}
+
+impl std::error::Error for HboneError {}
+
+/// One mutual-TLS HTTP/2 connection to a peer, shared by many streams.
+pub struct HboneConnection {
+    sender: SendRequest<Bytes>,
+    peer: SocketAddr,
+    max_streams: usize,
+    /// Streams currently open on this connection (leases not yet returned).
+    pub active: AtomicUsize,
+    /// Set when the connection task ended (peer closed, PING timeout, error).
+    closed: Arc<AtomicBool>,
+    /// When the last stream ended (for the pool's idle timeout).
+    idle_since: Mutex<Instant>,
+}
+
+impl HboneConnection {
+    /// Whether one more stream may be opened here: not closed, no GOAWAY received, and below
+    /// min(our limit, the peer's MAX_CONCURRENT_STREAMS).
+    pub fn has_room(&self) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let limit = self.max_streams.min(self.sender.current_max_send_streams());
+        if self.active.load(Ordering::Acquire) >= limit {
+            return false;
+        }
+        // After a GOAWAY, h2 refuses new streams: `poll_ready` reports it as an error.
+        let mut sender = self.sender.clone();
+        let waker = futures_util::task::noop_waker_ref();
+        !matches!(
+            sender.poll_ready(&mut Context::from_waker(waker)),
+            Poll::Ready(Err(_))
+        )
+    }
+
+    /// A stream on this connection ended.
+    pub fn release_stream(&self) {
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.idle_since.lock().unwrap() = Instant::now();
+        }
+    }
+
+    pub fn idle_since(&self) -> Instant {
+        *self.idle_since.lock().unwrap()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Open a CONNECT stream to `authority`; Ok only when the peer answered `200`.
+    pub async fn connect(
+        &self,
+        authority: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        forwarded_for: Option<SocketAddr>,
+    ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
+        let peer = self.peer;
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .map_err(|e| HboneError::Tls(format!("bad CONNECT authority {authority:?}: {e}")))?;
+        let map = request.headers_mut();
+        for (name, value) in headers {
+            map.append(name.clone(), value.clone());
+        }
+        if let Some(client) = forwarded_for {
+            if !map.contains_key("forwarded") {
+                if let Ok(v) = HeaderValue::try_from(format!("for=\"{client}\"")) {
+                    map.insert("forwarded", v);
+                }
+            }
+        }
+        if !map.contains_key("traceparent") {
+            map.insert("traceparent", new_traceparent());
+        }
+        let mut sender = self
+            .sender
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| HboneError::Http2(peer, e))?;
+        let (response, send) = sender
+            .send_request(request, false)
+            .map_err(|e| HboneError::Http2(peer, e))?;
+        let response = response.await.map_err(|e| HboneError::Http2(peer, e))?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status(peer, response.status()));
+        }
+        Ok((send, response.into_body()))
+    }
+}
+
+/// A W3C `traceparent` with a random trace and span id, as Istio's ztunnel sends per connection.
+fn new_traceparent() -> HeaderValue {
+    let trace: u128 = rand::random();
+    let span: u64 = rand::random();
+    HeaderValue::try_from(format!("00-{trace:032x}-{span:016x}-00")).expect("hex is a valid header")
+}
+
+/// Dial a new HBONE connection for `key`.
+pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection, HboneError> {
+    let peer = key.address;
+    let material = shared
+        .identities
+        .get(&key.source_identity)
+        .ok_or_else(|| HboneError::NoIdentity(key.source_identity.to_string()))?;
+    let config = material.client_config(&key.identities).map_err(HboneError::Tls)?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, shared.sockets.connect(peer, key.source_ip))
+        .await
+        .map_err(|_| HboneError::Timeout(peer, "TCP connect"))?
+        .map_err(|e| HboneError::Connect(peer, e))?;
+    // No SNI is sent (the config disables it); the name only satisfies the API.
+    let name = ServerName::IpAddress(peer.ip().into());
+    let tls_stream = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            Stats::inc(&shared.stats.tls_handshake_failures);
+            return Err(HboneError::Tls(tls::describe_handshake_error(
+                &peer.to_string(),
+                &e,
+            )));
+        }
+        Err(_) => {
+            Stats::inc(&shared.stats.tls_handshake_failures);
+            return Err(HboneError::Timeout(peer, "TLS handshake"));
+        }
+    };
+    Stats::inc(&shared.stats.tls_handshakes);
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .initial_max_send_streams(shared.pool.max_streams())
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls_stream)
+        .await
+        .map_err(|e| HboneError::Http2(peer, e))?;
+    Stats::inc(&shared.stats.hbone_connections_dialed);
+
+    let closed = Arc::new(AtomicBool::new(false));
+    let ping = connection.ping_pong().expect("ping_pong is taken once, here");
+    let task_closed = closed.clone();
+    let hard = shared.hard_stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    log::debug!("HBONE connection to {peer} ended: {e}");
+                }
+            }
+            reason = keepalive(ping) => log::warn!("HBONE connection to {peer} dropped: {reason}"),
+            _ = hard.cancelled() => {}
+        }
+        task_closed.store(true, Ordering::Release);
+    });
+
+    Ok(HboneConnection {
+        sender,
+        peer,
+        max_streams: shared.pool.max_streams(),
+        active: AtomicUsize::new(0),
+        closed,
+        idle_since: Mutex::new(Instant::now()),
+    })
+}

@@ -1,0 +1,277 @@
+//! HBONE server: accept mutual TLS as a workload, then serve each CONNECT stream:
+//! `400` for anything but a CONNECT to `ip:port`, the decision (`401`/any `Deny` status), `503`
+//! when the upstream cannot be reached, and `200` only once the upstream TCP connect succeeded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
+use crate::core::{ListenerScope, Shared};
+use crate::decision::{InboundDecider, InboundRequest, Verdict};
+use crate::socket::tune_stream;
+use crate::stats::{ActiveGuard, Stats};
+use crate::tls;
+
+/// Bounded header blocks: a CONNECT carries a handful of small headers.
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Outgoing buffer per stream on the server side (hyper's default, as Istio's ztunnel).
+const MAX_SEND_BUFFER_SIZE: usize = 400 * 1024;
+/// Concurrent streams a client may open on one connection (Istio's ztunnel allows 200).
+const MAX_CONCURRENT_STREAMS: u32 = 200;
+
+/// Everything one HBONE listener needs for its connections.
+pub struct InboundContext {
+    pub shared: Arc<Shared>,
+    /// The workload this listener speaks as (its certificate is looked up per connection, so a
+    /// rotated certificate is used from the next connection on).
+    pub identity: String,
+    pub decider: InboundDecider,
+    pub scope: ListenerScope,
+}
+
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<InboundContext>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.scope.draining.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                Stats::inc(&ctx.shared.stats.connections_accepted);
+                let ctx2 = ctx.clone();
+                ctx.scope.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = serve_connection(tcp, peer, ctx2.clone()) => {}
+                        _ = ctx2.scope.hard.cancelled() => {}
+                    }
+                });
+            }
+            Err(e) => {
+                // Usually EMFILE/ENFILE: back off briefly instead of spinning.
+                log::warn!("HBONE accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundContext>) {
+    let stats = &ctx.shared.stats;
+    let _ = tune_stream(&tcp);
+    let Some(material) = ctx.shared.identities.get(&ctx.identity) else {
+        log::error!(
+            "HBONE connection from {peer} refused: no certificate loaded for {}",
+            ctx.identity
+        );
+        return;
+    };
+    let acceptor = TlsAcceptor::from(material.server_config.clone());
+    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            Stats::inc(&stats.tls_handshake_failures);
+            log::warn!("{}", tls::describe_handshake_error(&peer.to_string(), &e));
+            return;
+        }
+        Err(_) => {
+            Stats::inc(&stats.tls_handshake_failures);
+            log::warn!("TLS handshake with {peer} timed out after {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    Stats::inc(&stats.tls_handshakes);
+    let peer_identity = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| tls::spiffe_identity_in(leaf, &material.trust_domain));
+
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(tls_stream);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            log::warn!("HTTP/2 handshake with {peer} failed: {e}");
+            return;
+        }
+        Err(_) => {
+            log::warn!("HTTP/2 handshake with {peer} timed out");
+            return;
+        }
+    };
+    let ping = conn.ping_pong().expect("ping_pong is taken once, here");
+    let keepalive = keepalive(ping);
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    let ctx2 = ctx.clone();
+                    let identity = peer_identity.clone();
+                    ctx.scope.tracker.spawn(async move {
+                        tokio::select! {
+                            _ = serve_stream(request, respond, peer, identity, ctx2.clone()) => {}
+                            _ = ctx2.scope.hard.cancelled() => {}
+                        }
+                    });
+                }
+                Some(Err(e)) => {
+                    log::debug!("HBONE connection from {peer} ended: {e}");
+                    return;
+                }
+                None => return,
+            },
+            _ = ctx.scope.draining.cancelled(), if !draining => {
+                // GOAWAY: the client stops opening streams here; live ones run to completion.
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            reason = &mut keepalive => {
+                log::warn!("HBONE connection from {peer} dropped: {reason}");
+                return;
+            }
+        }
+    }
+}
+
+fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder().status(status).body(()).expect("static response");
+    let _ = respond.send_response(response, true);
+}
+
+/// Why a CONNECT request is malformed, or the upstream address it names.
+fn parse_connect(request: &Request<RecvStream>) -> Result<(String, SocketAddr), String> {
+    if request.method() != Method::CONNECT {
+        return Err(format!("expected CONNECT, got {}", request.method()));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .ok_or("CONNECT without :authority")?;
+    let address = authority
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("authority {authority:?} is not ip:port"))?;
+    Ok((authority, address))
+}
+
+async fn serve_stream(
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_identity: Option<String>,
+    ctx: Arc<InboundContext>,
+) {
+    let stats = &ctx.shared.stats;
+    Stats::inc(&stats.hbone_requests_received);
+    let authority = match parse_connect(&request) {
+        Ok((authority, _)) => authority,
+        Err(why) => {
+            Stats::inc(&stats.hbone_requests_refused);
+            log::info!("HBONE request from {peer} refused with 400: {why}");
+            return respond_status(respond, StatusCode::BAD_REQUEST);
+        }
+    };
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let decision = ctx
+        .decider
+        .decide(InboundRequest {
+            peer_identity,
+            authority: authority.clone(),
+            peer_address: peer,
+            headers,
+        })
+        .await;
+    let allow = match decision {
+        Ok(Verdict::Allow(allow)) => allow,
+        Ok(Verdict::Deny(deny)) => {
+            let deny = deny.get();
+            Stats::inc(&stats.hbone_requests_refused);
+            Stats::inc(&stats.decisions_denied);
+            log::info!(
+                "HBONE request from {peer} to {authority} denied with {}: {}",
+                deny.status,
+                deny.reason
+            );
+            let status = StatusCode::from_u16(deny.status).unwrap_or(StatusCode::UNAUTHORIZED);
+            return respond_status(respond, status);
+        }
+        Err(why) => {
+            Stats::inc(&stats.hbone_requests_refused);
+            Stats::inc(&stats.decision_errors);
+            log::error!("HBONE request from {peer} to {authority}: {why}");
+            return respond_status(respond, StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    };
+    let allow = allow.get();
+    let upstream = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        ctx.shared.sockets.connect(allow.upstream, allow.source_ip),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return upstream_failed(respond, &ctx, peer, allow.upstream, &e.to_string()),
+        Err(_) => return upstream_failed(respond, &ctx, peer, allow.upstream, "timed out"),
+    };
+    let mut respond = respond;
+    let response = Response::builder().status(StatusCode::OK).body(()).expect("static response");
+    let send = match respond.send_response(response, false) {
+        Ok(send) => send,
+        Err(e) => {
+            log::debug!("HBONE stream from {peer} gone before 200: {e}");
+            return;
+        }
+    };
+    let _active = ActiveGuard::new(&stats.active_tunnels);
+    let transferred = Transferred::default();
+    let (up_read, up_write) = upstream.into_split();
+    let result = copy::bidirectional(
+        (H2Reader(request.into_body()), H2Writer(send)),
+        (StreamReader::new(up_read), StreamWriter(up_write)),
+        stats,
+        &transferred,
+    )
+    .await;
+    if let Err(e) = result {
+        log::debug!(
+            "HBONE stream {peer} -> {} ended with error after {}/{} bytes: {e}",
+            allow.upstream,
+            transferred.sent(),
+            transferred.received()
+        );
+    }
+}
+
+fn upstream_failed(
+    respond: SendResponse<Bytes>,
+    ctx: &InboundContext,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+    why: &str,
+) {
+    Stats::inc(&ctx.shared.stats.upstream_connect_failures);
+    Stats::inc(&ctx.shared.stats.hbone_requests_refused);
+    log::warn!("HBONE request from {peer}: upstream {upstream} unreachable ({why}); answering 503");
+    respond_status(respond, StatusCode::SERVICE_UNAVAILABLE);
+}

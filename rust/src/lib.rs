@@ -1,0 +1,45 @@
+//! `ambient._core`: the compiled data plane of ambient.
+//!
+//! Mechanism only — sockets, mutual TLS, HBONE, pooling and copying. Every decision (where a
+//! connection goes, whether a stream is allowed) is asked of Python through `decision`, once per
+//! connection or stream, never per byte.
+
+mod copy;
+mod core;
+mod decision;
+mod hbone;
+mod identity;
+mod outbound;
+mod plan;
+mod pool;
+mod probe;
+mod socket;
+mod stats;
+mod tls;
+
+use pyo3::prelude::*;
+
+/// "release" or "debug": measured figures are only meaningful for a release build.
+#[pyfunction]
+fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust log records go to Python's `logging` (logger names follow the module paths).
+    let _ = pyo3_log::try_init();
+    m.add_function(wrap_pyfunction!(build_profile, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<core::Core>()?;
+    m.add_class::<core::Listener>()?;
+    m.add_class::<plan::HboneTarget>()?;
+    m.add_class::<plan::TcpTarget>()?;
+    m.add_class::<plan::Allow>()?;
+    m.add_class::<plan::Deny>()?;
+    Ok(())
+}

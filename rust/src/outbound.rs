@@ -1,0 +1,261 @@
+//! Outbound: a local connection (accepted on a listener, or handed over by Python as a file
+//! descriptor) is carried to where its plan says — through an HBONE tunnel, or as plain TCP.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
+use crate::core::{ListenerScope, Shared};
+use crate::decision::{OutboundDecider, Plan};
+use crate::hbone::client::HboneError;
+use crate::hbone::CONNECT_TIMEOUT;
+use crate::plan::{HboneTarget, TcpTarget};
+use crate::pool::PoolKey;
+use crate::socket::tune_stream;
+use crate::stats::{ActiveGuard, Stats};
+
+/// A local stream the core can split into independently owned halves.
+pub trait LocalStream: Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+impl LocalStream for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl LocalStream for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// Why an outbound connection was not carried.
+#[derive(Debug)]
+pub enum OutboundError {
+    Denied(String),
+    Hbone(HboneError),
+    Connect(SocketAddr, io::Error),
+}
+
+impl std::fmt::Display for OutboundError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutboundError::Denied(reason) => write!(f, "denied: {reason}"),
+            OutboundError::Hbone(e) => write!(f, "{e}"),
+            OutboundError::Connect(addr, e) => write!(f, "TCP connect to {addr} failed: {e}"),
+        }
+    }
+}
+
+/// A connection whose far side is established and ready to carry bytes.
+enum Established {
+    Hbone {
+        streams: (h2::SendStream<bytes::Bytes>, h2::RecvStream),
+        _lease: crate::pool::Lease,
+    },
+    Tcp(TcpStream),
+}
+
+async fn establish_hbone(
+    target: &HboneTarget,
+    source: Option<SocketAddr>,
+    shared: &Arc<Shared>,
+) -> Result<Established, OutboundError> {
+    let key = PoolKey {
+        source_identity: target.source_identity.clone(),
+        identities: target.identities.clone(),
+        address: target.address,
+        source_ip: target.source_ip,
+    };
+    let lease = shared
+        .pool
+        .lease(&key, shared)
+        .await
+        .map_err(OutboundError::Hbone)?;
+    match lease
+        .conn
+        .connect(&target.authority, &target.headers, source)
+        .await
+    {
+        Ok(streams) => {
+            Stats::inc(&shared.stats.hbone_streams_opened);
+            Ok(Established::Hbone {
+                streams,
+                _lease: lease,
+            })
+        }
+        Err(e) => {
+            Stats::inc(&shared.stats.hbone_streams_failed);
+            Err(OutboundError::Hbone(e))
+        }
+    }
+}
+
+async fn establish_tcp(target: &TcpTarget, shared: &Shared) -> Result<Established, OutboundError> {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        shared.sockets.connect(target.address, target.source_ip),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => Ok(Established::Tcp(tcp)),
+        Ok(Err(e)) => {
+            Stats::inc(&shared.stats.upstream_connect_failures);
+            Err(OutboundError::Connect(target.address, e))
+        }
+        Err(_) => {
+            Stats::inc(&shared.stats.upstream_connect_failures);
+            Err(OutboundError::Connect(
+                target.address,
+                io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            ))
+        }
+    }
+}
+
+/// Carry out `plan` up to the point where bytes can flow.
+async fn establish(
+    plan: &Plan,
+    source: Option<SocketAddr>,
+    shared: &Arc<Shared>,
+) -> Result<Established, OutboundError> {
+    match plan {
+        Plan::Hbone(target) => establish_hbone(target.get(), source, shared).await,
+        Plan::Tcp(target) => establish_tcp(target.get(), shared).await,
+        Plan::Deny(deny) => {
+            Stats::inc(&shared.stats.decisions_denied);
+            Err(OutboundError::Denied(deny.get().reason.clone()))
+        }
+    }
+}
+
+/// Copy between the local stream and the established far side until both directions end.
+async fn carry<S: LocalStream>(local: S, far: Established, shared: &Shared) -> io::Result<()> {
+    let _active = ActiveGuard::new(&shared.stats.active_tunnels);
+    let transferred = Transferred::default();
+    let (local_read, local_write) = local.halves();
+    let local_side = (StreamReader::new(local_read), StreamWriter(local_write));
+    match far {
+        Established::Hbone {
+            streams: (send, recv),
+            _lease,
+        } => {
+            copy::bidirectional(
+                local_side,
+                (H2Reader(recv), H2Writer(send)),
+                &shared.stats,
+                &transferred,
+            )
+            .await
+        }
+        Established::Tcp(tcp) => {
+            let (r, w) = tcp.into_split();
+            copy::bidirectional(
+                local_side,
+                (StreamReader::new(r), StreamWriter(w)),
+                &shared.stats,
+                &transferred,
+            )
+            .await
+        }
+    }
+}
+
+/// One accepted outbound connection: decide, establish, carry.
+async fn proxy_accepted(
+    tcp: TcpStream,
+    source: SocketAddr,
+    destination: SocketAddr,
+    decider: &OutboundDecider,
+    shared: &Arc<Shared>,
+) {
+    let _ = tune_stream(&tcp);
+    let plan = match decider.decide(source, destination).await {
+        Ok(plan) => plan,
+        Err(why) => {
+            Stats::inc(&shared.stats.decision_errors);
+            log::error!("outbound {source} -> {destination}: {why}");
+            return;
+        }
+    };
+    match establish(&plan, Some(source), shared).await {
+        Ok(far) => {
+            if let Err(e) = carry(tcp, far, shared).await {
+                log::debug!("outbound {source} -> {destination} ended with error: {e}");
+            }
+        }
+        Err(e) => log::warn!("outbound {source} -> {destination} refused: {e}"),
+    }
+}
+
+/// Everything one outbound listener needs for its connections.
+pub struct OutboundContext {
+    pub shared: Arc<Shared>,
+    pub decider: OutboundDecider,
+    pub scope: ListenerScope,
+}
+
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<OutboundContext>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.scope.draining.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, source)) => {
+                Stats::inc(&ctx.shared.stats.connections_accepted);
+                // Without transparent capture, the destination is what the client dialed: us.
+                let destination = match tcp.local_addr() {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        log::warn!("outbound connection from {source}: no local address: {e}");
+                        continue;
+                    }
+                };
+                let ctx2 = ctx.clone();
+                ctx.scope.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = proxy_accepted(tcp, source, destination, &ctx2.decider, &ctx2.shared) => {}
+                        _ = ctx2.scope.hard.cancelled() => {}
+                    }
+                });
+            }
+            Err(e) => {
+                log::warn!("outbound accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Carry a stream handed over by Python: establish first and report the outcome through
+/// `on_ready` (None, or the error text), then copy.
+pub async fn tunnel_stream<S: LocalStream>(
+    local: S,
+    source: Option<SocketAddr>,
+    plan: Plan,
+    shared: Arc<Shared>,
+    on_ready: impl FnOnce(Option<String>) + Send + 'static,
+) {
+    match establish(&plan, source, &shared).await {
+        Ok(far) => {
+            on_ready(None);
+            if let Err(e) = carry(local, far, &shared).await {
+                log::debug!("tunnel ended with error: {e}");
+            }
+        }
+        Err(e) => on_ready(Some(e.to_string())),
+    }
+}
