@@ -1,0 +1,108 @@
+"""Stubs of the Rust extension `ambient._core` (rust/src). Addresses are 'ip:port' strings."""
+
+from collections.abc import Callable
+
+__version__: str
+
+def build_profile() -> str:
+    """'release' or 'debug'."""
+
+class HboneTarget:
+    """Carry a connection through an HBONE tunnel to `address` (peer:15008), CONNECT to
+    `authority`, accepting only a server holding one of `identities`, presenting `source_identity`."""
+
+    def __init__(
+        self,
+        address: str,
+        authority: str,
+        identities: list[str],
+        source_identity: str,
+        *,
+        source_ip: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def authority(self) -> str: ...
+    @property
+    def identities(self) -> list[str]: ...
+    @property
+    def source_identity(self) -> str: ...
+    @property
+    def source_ip(self) -> str | None: ...
+    @property
+    def headers(self) -> list[tuple[str, str]]: ...
+
+class TcpTarget:
+    """Carry a connection as plain TCP to `address`."""
+
+    def __init__(self, address: str, *, source_ip: str | None = None) -> None: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def source_ip(self) -> str | None: ...
+
+class Allow:
+    """Let an inbound HBONE stream through to `upstream`."""
+
+    def __init__(self, upstream: str, *, source_ip: str | None = None) -> None: ...
+    @property
+    def upstream(self) -> str: ...
+
+class Deny:
+    """Refuse: HBONE streams get `status` (400-599), plain connections are closed."""
+
+    def __init__(self, reason: str, *, status: int = 401) -> None: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+
+Plan = HboneTarget | TcpTarget | Deny
+Verdict = Allow | Deny
+InboundCallback = Callable[[str | None, str, str, tuple[tuple[str, str], ...]], Verdict]
+OutboundCallback = Callable[[str, str], Plan]
+
+class Listener:
+    @property
+    def local_address(self) -> str: ...
+    @property
+    def active(self) -> int: ...
+    def close(self, deadline: float = 0.0) -> bool: ...
+
+class Core:
+    def __init__(
+        self,
+        worker_threads: int | None = None,
+        *,
+        pool_max_streams: int = 100,
+        pool_idle_timeout: float = 300.0,
+        mark: int | None = None,
+    ) -> None: ...
+    def set_identity(
+        self, identity: str, chain_pem: bytes, key_pem: bytes, roots_pem: bytes
+    ) -> None: ...
+    def remove_identity(self, identity: str) -> bool: ...
+    def identities(self) -> list[str]: ...
+    def serve_hbone(
+        self, address: str, identity: str, decide: Verdict | InboundCallback
+    ) -> Listener: ...
+    def listen(self, address: str, route: Plan | OutboundCallback) -> Listener: ...
+    def tunnel_fd(
+        self, fd: int, plan: Plan, on_ready: Callable[[str | None], object]
+    ) -> None: ...
+    def probe(
+        self,
+        target: HboneTarget,
+        count: int,
+        *,
+        concurrency: int = 1,
+        payload: int = 0,
+        fresh_connections: bool = False,
+    ) -> dict[str, int | float | str | None]: ...
+    def stats(self) -> dict[str, int]: ...
+    def drain(self, deadline: float = 0.0) -> bool: ...
+    def close(self, deadline: float = 0.0) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
