@@ -1,0 +1,1 @@
+"""Independent peers speaking the mesh's wire protocols, for cross-checks and baselines."""
