@@ -375,6 +375,7 @@ impl Core {
             out.set_item(name, value)?;
         }
         out.set_item("pool_connections", self.shared.pool.connection_count())?;
+        out.set_item("pool_connections_goaway", self.shared.pool.goaway_count())?;
         Ok(out)
     }
 

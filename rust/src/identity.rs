@@ -72,11 +72,12 @@ impl IdentityMaterial {
             return Err(format!("roots of {identity}: no CERTIFICATE block"));
         }
         let provider = tls::provider();
-        let certified = CertifiedKey::from_der(chain, key, &provider)
-            .map_err(|e| format!("private key of {identity}: unusable ({e})"))?;
-        certified
-            .keys_match()
-            .map_err(|e| format!("private key of {identity} does not match its certificate ({e})"))?;
+        let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                format!("private key of {identity} does not match its certificate")
+            }
+            other => format!("private key of {identity}: unusable ({other})"),
+        })?;
         let certified = Arc::new(certified);
         let roots = Arc::new(roots);
 

@@ -125,6 +125,16 @@ impl Pool {
             .count()
     }
 
+    /// Pooled connections that take no new streams (GOAWAY received) but still carry old ones.
+    pub fn goaway_count(&self) -> usize {
+        let entries = self.entries.lock().unwrap();
+        entries
+            .values()
+            .flat_map(|e| e.conns.iter())
+            .filter(|c| !c.is_closed() && c.refuses_new_streams())
+            .count()
+    }
+
     /// Drop every pooled connection (core shutdown).
     pub fn clear(&self) {
         self.entries.lock().unwrap().clear();

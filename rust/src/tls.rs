@@ -255,6 +255,7 @@ pub fn describe_handshake_error(peer: &str, err: &std::io::Error) -> String {
         Some(Error::InvalidCertificate(CertificateError::Other(other))) => other.0.to_string(),
         Some(Error::InvalidCertificate(reason)) => format!("invalid peer certificate: {reason:?}"),
         Some(Error::AlertReceived(alert)) => format!("the peer refused it with alert {alert:?}"),
+        Some(Error::InvalidMessage(what)) => format!("the peer does not speak TLS ({what:?})"),
         Some(Error::NoApplicationProtocol) => "no common ALPN protocol (HBONE needs h2)".into(),
         Some(other) => other.to_string(),
         None if err.kind() == std::io::ErrorKind::InvalidData => {

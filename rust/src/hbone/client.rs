@@ -47,7 +47,15 @@ impl fmt::Display for HboneError {
             }
             HboneError::Connect(peer, e) => write!(f, "TCP connect to {peer} failed: {e}"),
             HboneError::Tls(text) => f.write_str(text),
-            HboneError::Http2(peer, e) => write!(f, "HTTP/2 with {peer} failed: {e}"),
+            HboneError::Http2(peer, e) => match tls_alert(e) {
+                // With TLS 1.3 the client finishes its handshake before the server has checked
+                // the client certificate: a refusal arrives as an alert on the first read.
+                Some(alert) => write!(
+                    f,
+                    "TLS handshake with {peer} failed: the server refused our certificate ({alert})"
+                ),
+                None => write!(f, "HTTP/2 with {peer} failed: {e}"),
+            },
             HboneError::Status(peer, status) => {
                 write!(f, "{peer} answered the CONNECT with {status}")
             }
@@ -57,6 +65,14 @@ impl fmt::Display for HboneError {
 }
 
 impl std::error::Error for HboneError {}
+
+/// The TLS alert text inside an HTTP/2 error, if the connection died of one. h2 keeps only the
+/// kind and text of an I/O error when it reports it to streams, so the text is all there is.
+fn tls_alert(e: &h2::Error) -> Option<String> {
+    let io = e.get_io()?;
+    let text = io.to_string();
+    (io.kind() == std::io::ErrorKind::InvalidData && text.contains("alert")).then_some(text)
+}
 
 /// One mutual-TLS HTTP/2 connection to a peer, shared by many streams.
 pub struct HboneConnection {
@@ -82,10 +98,15 @@ impl HboneConnection {
         if self.active.load(Ordering::Acquire) >= limit {
             return false;
         }
-        // After a GOAWAY, h2 refuses new streams: `poll_ready` reports it as an error.
+        !self.refuses_new_streams()
+    }
+
+    /// True once the peer sent GOAWAY (or the connection failed): h2 then refuses new streams,
+    /// which `poll_ready` reports as an error.
+    pub fn refuses_new_streams(&self) -> bool {
         let mut sender = self.sender.clone();
         let waker = futures_util::task::noop_waker_ref();
-        !matches!(
+        matches!(
             sender.poll_ready(&mut Context::from_waker(waker)),
             Poll::Ready(Err(_))
         )

@@ -74,11 +74,13 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundCont
         return;
     };
     let acceptor = TlsAcceptor::from(material.server_config.clone());
-    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let accept = acceptor.accept(tcp).into_fallible();
+    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+        Ok(Err((e, tcp))) => {
             Stats::inc(&stats.tls_handshake_failures);
             log::warn!("{}", tls::describe_handshake_error(&peer.to_string(), &e));
+            lingering_close(tcp).await;
             return;
         }
         Err(_) => {
@@ -148,6 +150,28 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundCont
             }
         }
     }
+}
+
+/// After refusing a handshake, make sure the alert reaches the client: with TLS 1.3 the client
+/// already sent its first requests, and closing with those unread would make the kernel answer
+/// with a RST that can destroy the alert before the client reads it. So: FIN, then read and
+/// discard until the client closes too, for a bounded time.
+async fn lingering_close(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+    const MAX_DISCARD: usize = 1024 * 1024;
+    let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 16 * 1024];
+        let mut discarded = 0;
+        while discarded < MAX_DISCARD {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {

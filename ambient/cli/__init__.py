@@ -1,0 +1,53 @@
+"""The ``ambient`` command.
+
+    ambient demo                     the main job on its embedded default
+    ambient ca init --dir DIR        create a root CA for standalone use
+    ambient hbone serve|forward|probe   HBONE endpoints and checks from the command line
+    ambient version                  versions and build profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import ca, demo, hbone
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ambient",
+        description="An ambient service-mesh data plane (ztunnel, waypoint) with a compiled core.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="log level for ambient and its core (default: warning)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.register(commands)
+    ca.register(commands)
+    hbone.register(commands)
+    version = commands.add_parser("version", help="print versions and the core's build profile")
+    version.set_defaults(run=_version)
+    return parser
+
+
+def _version(_args: argparse.Namespace) -> int:
+    from .. import __version__, _core
+
+    print(f"ambient {__version__} (core {_core.__version__}, {_core.build_profile()} build)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.run(args))

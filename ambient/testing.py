@@ -1,0 +1,103 @@
+"""Helpers for testing with ambient: applications that know nothing of the mesh, and waiting on
+conditions instead of sleeping. ambient's own tests use them; so can tests of code built on it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+
+class App:
+    """A TCP application on loopback, one thread per connection, that records what it saw.
+
+    ``mode``: "echo" echoes and half-closes after the client did; "count" reads to EOF then
+    answers with the byte count; "greet" sends a greeting and half-closes at once, then reads
+    to EOF (so the server side finishes first).
+    """
+
+    def __init__(self, mode: str = "echo") -> None:
+        self.mode = mode
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.peers: list[tuple[str, int]] = []
+        self.received: list[int] = []
+        self.closed = threading.Event()
+        self.connections_ended = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.peers.append(peer)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        total = 0
+        try:
+            with conn:
+                if self.mode == "greet":
+                    conn.sendall(b"hello from the app\n")
+                    conn.shutdown(socket.SHUT_WR)
+                while data := conn.recv(1 << 18):
+                    total += len(data)
+                    if self.mode == "echo":
+                        conn.sendall(data)
+                if self.mode == "count":
+                    conn.sendall(str(total).encode())
+                if self.mode != "greet":
+                    conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self.received.append(total)
+                self.connections_ended += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.01)
+
+
+def refused_port() -> str:
+    """A loopback address where nothing listens (bound then closed, so the port is free)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"
+
+
+def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload``, half-close, read the answer to its end."""
+    with sock:
+        sock.settimeout(30)
+        sender = threading.Thread(target=_send_and_shut, args=(sock, payload))
+        sender.start()
+        chunks = []
+        while data := sock.recv(1 << 18):
+            chunks.append(data)
+        sender.join()
+        return b"".join(chunks)
+
+
+def _send_and_shut(sock: socket.socket, payload: bytes) -> None:
+    try:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the far side closed first: the reader sees how
