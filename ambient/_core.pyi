@@ -9,7 +9,8 @@ def build_profile() -> str:
 
 class HboneTarget:
     """Carry a connection through an HBONE tunnel to `address` (peer:15008), CONNECT to
-    `authority`, accepting only a server holding one of `identities`, presenting `source_identity`."""
+    `authority`, accepting only a server holding one of `identities`, presenting
+    `source_identity`."""
 
     def __init__(
         self,
@@ -89,9 +90,7 @@ class Core:
         self, address: str, identity: str, decide: Verdict | InboundCallback
     ) -> Listener: ...
     def listen(self, address: str, route: Plan | OutboundCallback) -> Listener: ...
-    def tunnel_fd(
-        self, fd: int, plan: Plan, on_ready: Callable[[str | None], object]
-    ) -> None: ...
+    def tunnel_fd(self, fd: int, plan: Plan, on_ready: Callable[[str | None], object]) -> None: ...
     def probe(
         self,
         target: HboneTarget,

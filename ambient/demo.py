@@ -109,8 +109,9 @@ def run(out: Callable[[str], None] = print) -> int:
         targets = [
             HboneTarget(hbone, app.address, [s1.identity], c1.identity),
             HboneTarget(hbone, app.address, [s1.identity], c2.identity),
-            HboneTarget(hbone, app.address, [f"spiffe://{TRUST_DOMAIN}/ns/default/sa/s2"],
-                        c1.identity),
+            HboneTarget(
+                hbone, app.address, [f"spiffe://{TRUST_DOMAIN}/ns/default/sa/s2"], c1.identity
+            ),
             HboneTarget(hbone, app.address, [s1.identity], intruder.identity),
         ]
         for flow, target in zip(flows, targets, strict=True):

@@ -1,9 +1,9 @@
 """The ``ambient`` command.
 
-    ambient demo                     the main job on its embedded default
-    ambient ca init --dir DIR        create a root CA for standalone use
-    ambient hbone serve|forward|probe   HBONE endpoints and checks from the command line
-    ambient version                  versions and build profile
+ambient demo                     the main job on its embedded default
+ambient ca init --dir DIR        create a root CA for standalone use
+ambient hbone serve|forward|probe   HBONE endpoints and checks from the command line
+ambient version                  versions and build profile
 """
 
 from __future__ import annotations

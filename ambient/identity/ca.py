@@ -2,7 +2,7 @@
 
 Certificates are made the way Istio's CA makes workload certificates: ECDSA P-256 keys, an empty
 subject, the SPIFFE ID as the only (critical) URI SAN, both serverAuth and clientAuth extended key
-usage, 24 hours of validity by default. Everything is PEM so it can be handed to the Rust core as-is.
+usage, 24 hours of validity by default. Everything is PEM, ready to hand to the Rust core.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT_KEY_FILE = "root-key.pem"
 
 @dataclass(frozen=True)
 class WorkloadCertificate:
-    """A workload's certificate chain (leaf first), its private key and the roots to trust, as PEM."""
+    """A workload's certificate chain (leaf first), private key and trusted roots, as PEM."""
 
     identity: str
     chain_pem: bytes
@@ -60,7 +60,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class CertificateAuthority:
@@ -78,7 +78,7 @@ class CertificateAuthority:
     def create(
         cls, trust_domain: str = "cluster.local", *, now: dt.datetime | None = None
     ) -> CertificateAuthority:
-        """Create a new root CA whose organization is the trust domain (as Istio's self-signed CA)."""
+        """A new root CA whose organization is the trust domain (as Istio's self-signed CA)."""
         now = now or _utcnow()
         key = _new_key()
         name = x509.Name(
@@ -185,7 +185,7 @@ class CertificateAuthority:
         )
 
     def save(self, directory: Path | str) -> None:
-        """Write the root certificate and key; the key file is created 0600 before any byte is written."""
+        """Write the root certificate and key; the key file is 0600 before any byte is written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / ROOT_CERT_FILE).write_bytes(self.roots_pem)
@@ -205,5 +205,7 @@ class CertificateAuthority:
             raise ValueError(f"{directory / ROOT_KEY_FILE}: expected an ECDSA private key")
         orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
         if not orgs:
-            raise ValueError(f"{directory / ROOT_CERT_FILE}: root has no organization (trust domain)")
+            raise ValueError(
+                f"{directory / ROOT_CERT_FILE}: root has no organization (trust domain)"
+            )
         return cls(key, cert, str(orgs[0].value))

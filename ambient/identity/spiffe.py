@@ -26,9 +26,7 @@ class SpiffeId:
     service_account: str = DEFAULT_SERVICE_ACCOUNT
 
     def __str__(self) -> str:
-        return (
-            f"{SPIFFE_SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
-        )
+        return f"{SPIFFE_SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
     @property
     def principal(self) -> str:
@@ -47,5 +45,7 @@ class SpiffeId:
             )
         trust_domain, _, namespace, _, account = parts
         if not trust_domain or not namespace or not account:
-            raise InvalidSpiffeId(f"{text!r}: trust domain, namespace and account must be non-empty")
+            raise InvalidSpiffeId(
+                f"{text!r}: trust domain, namespace and account must be non-empty"
+            )
         return cls(trust_domain, namespace, account)

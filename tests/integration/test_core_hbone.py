@@ -7,12 +7,11 @@ import re
 import socket
 import ssl
 import threading
-import time
 
 import pytest
 
 from ambient.hbone import Allow, DataPlane, Deny, HboneTarget, StreamRequest, TunnelError
-from ambient.identity import CertificateAuthority, WorkloadCertificate
+from ambient.identity import CertificateAuthority
 from ambient.testing import App, exchange, refused_port, wait_until
 
 SERVER = "spiffe://cluster.local/ns/default/sa/server"
@@ -31,9 +30,7 @@ def pair(dataplane_factory, server_cert, client_cert):
 
 
 def target(listener, authority: str, *, expect=SERVER, source=CLIENT, headers=None):
-    return HboneTarget(
-        listener.local_address, authority, [expect], source, headers=headers or []
-    )
+    return HboneTarget(listener.local_address, authority, [expect], source, headers=headers or [])
 
 
 # --- bytes, identities, headers ---------------------------------------------------------------
@@ -64,14 +61,12 @@ def test_bytes_flow_both_ways_and_the_server_sees_the_client_identity(pair, echo
 def test_client_sends_forwarded_and_baggage_and_they_reach_the_decision(pair, echo):
     server, client = pair
     seen: list[StreamRequest] = []
-    listener = server.serve(
-        "127.0.0.1:0", SERVER, lambda r: seen.append(r) or Allow(echo.address)
-    )
+    listener = server.serve("127.0.0.1:0", SERVER, lambda r: seen.append(r) or Allow(echo.address))
     baggage = "k8s.namespace.name=default,k8s.deployment.name=client,service.name=client"
     plan = target(listener, echo.address, headers=[("baggage", baggage)])
     forward = client.forward("127.0.0.1:0", plan)
     with socket.create_connection(forward.local_address.rsplit(":", 1)) as raw:
-        local = "%s:%d" % raw.getsockname()
+        local = "{}:{}".format(*raw.getsockname())
         assert exchange(raw, b"ping") == b"ping"
     (request,) = seen
     assert request.forwarded_for == local  # the original client, as the forwarder accepted it
@@ -151,11 +146,13 @@ def test_tls_without_a_client_certificate_is_refused(pair, echo, server_cert):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, int(port))) as raw:
-        with ctx.wrap_socket(raw) as tls:  # TLS 1.3: the refusal arrives with the first read
-            with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|certificate required"):
-                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                tls.recv(1024)
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        ctx.wrap_socket(raw) as tls,  # TLS 1.3: the refusal arrives with the first read
+        pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|certificate required"),
+    ):
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        tls.recv(1024)
     wait_until(lambda: server.stats()["tls_handshake_failures"] == 1, what="the failure count")
     assert_still_serves(client, listener, echo)
 
@@ -202,7 +199,9 @@ def test_server_whose_san_is_not_expected_is_refused_by_the_client(pair, echo):
 def test_malformed_authority_is_answered_400(pair, echo, authority):
     server, client = pair
     decided = []
-    listener = server.serve("127.0.0.1:0", SERVER, lambda r: decided.append(r) or Allow(echo.address))
+    listener = server.serve(
+        "127.0.0.1:0", SERVER, lambda r: decided.append(r) or Allow(echo.address)
+    )
     with pytest.raises(TunnelError, match="400"):
         client.connect(target(listener, authority))
     assert decided == []  # refused before any decision
@@ -274,9 +273,15 @@ def test_a_slow_decision_does_not_stall_other_connections(pair, echo):
         return Allow(echo.address)
 
     listener = server.serve("127.0.0.1:0", SERVER, decide)
-    slow = threading.Thread(
-        target=lambda: pytest.raises(TunnelError, client.connect, target(listener, "127.0.0.1:7"))
-    )
+    outcome: list[Exception] = []
+
+    def slow_connect() -> None:
+        try:
+            client.connect(target(listener, "127.0.0.1:7"))
+        except TunnelError as e:
+            outcome.append(e)
+
+    slow = threading.Thread(target=slow_connect)
     slow.start()
     try:
         payload = b"z" * 8 * MB
@@ -285,6 +290,7 @@ def test_a_slow_decision_does_not_stall_other_connections(pair, echo):
     finally:
         release.set()
         slow.join()
+    assert len(outcome) == 1 and "401" in str(outcome[0])
 
 
 def test_peer_vanishing_mid_stream_closes_the_upstream_and_others_continue(

@@ -1,0 +1,189 @@
+"""The ``ambient`` command as a user runs it: real processes, readiness lines, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ambient.testing import exchange
+
+SERVER = "spiffe://cluster.local/ns/bench/sa/server"
+CLIENT = "spiffe://cluster.local/ns/bench/sa/client"
+
+
+def ambient(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ambient", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kwargs,
+    )
+
+
+def start(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start an ambient process and wait for its `ready <address>` line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ambient", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("ready "):
+        proc.kill()
+        raise AssertionError(f"{args} did not become ready: {line!r} {proc.stderr.read()}")
+    return proc, line.split()[1]
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(30)
+
+
+def test_demo_shows_every_flow_and_exits_0():
+    started = time.monotonic()
+    result = ambient("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("[ok ]") == 4
+    assert "BAD" not in result.stdout
+    assert "s1 saw peer spiffe://cluster.local/ns/default/sa/c1" in result.stdout
+    assert time.monotonic() - started < 30
+
+
+def test_version_reports_a_release_core():
+    result = ambient("version")
+    assert result.returncode == 0
+    assert "release build" in result.stdout
+
+
+def test_ca_init_writes_a_private_key_and_refuses_to_overwrite(tmp_path):
+    assert ambient("ca", "init", "--dir", str(tmp_path)).returncode == 0
+    assert oct(os.stat(tmp_path / "root-key.pem").st_mode & 0o777) == "0o600"
+    again = ambient("ca", "init", "--dir", str(tmp_path))
+    assert again.returncode == 1 and "--force" in again.stdout
+
+
+def test_hbone_serve_and_forward_processes_carry_a_connection(tmp_path, echo):
+    assert ambient("ca", "init", "--dir", str(tmp_path)).returncode == 0
+    server, hbone = start(
+        "hbone",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--ca-dir",
+        str(tmp_path),
+        "--identity",
+        SERVER,
+        "--upstream",
+        echo.address,
+    )
+    forwarder, entry = start(
+        "hbone",
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        hbone,
+        "--authority",
+        echo.address,
+        "--ca-dir",
+        str(tmp_path),
+        "--identity",
+        CLIENT,
+        "--expect",
+        SERVER,
+    )
+    try:
+        host, port = entry.rsplit(":", 1)
+        payload = b"through two processes" * 10_000
+        assert exchange(socket.create_connection((host, int(port))), payload) == payload
+        probe = ambient(
+            "hbone",
+            "probe",
+            "--server",
+            hbone,
+            "--authority",
+            echo.address,
+            "--ca-dir",
+            str(tmp_path),
+            "--identity",
+            CLIENT,
+            "--expect",
+            SERVER,
+            "--count",
+            "50",
+            "--concurrency",
+            "5",
+            "--payload",
+            "100",
+        )
+        assert probe.returncode == 0, probe.stderr
+        assert '"ok": 50' in probe.stdout and '"bytes_received": 5000' in probe.stdout
+    finally:
+        assert stop(forwarder) == 0
+        assert stop(server) == 0
+
+
+def test_probe_against_the_wrong_identity_fails_with_the_reason(tmp_path, echo):
+    assert ambient("ca", "init", "--dir", str(tmp_path)).returncode == 0
+    server, hbone = start(
+        "hbone", "serve", "--listen", "127.0.0.1:0", "--ca-dir", str(tmp_path), "--identity", SERVER
+    )
+    try:
+        probe = ambient(
+            "hbone",
+            "probe",
+            "--server",
+            hbone,
+            "--authority",
+            echo.address,
+            "--ca-dir",
+            str(tmp_path),
+            "--identity",
+            CLIENT,
+            "--expect",
+            "spiffe://cluster.local/ns/bench/sa/impostor",
+        )
+        assert probe.returncode == 1
+        assert "server identity mismatch" in probe.stdout
+    finally:
+        assert stop(server) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["hbone", "serve", "--listen", "nowhere", "--ca-dir", ".", "--identity", SERVER],
+            "expected ip:port",
+        ),
+        (
+            ["hbone", "serve", "--listen", "127.0.0.1:0", "--ca-dir", ".", "--identity", "bob"],
+            "starting with 'spiffe://'",
+        ),
+        (
+            [
+                "hbone",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--ca-dir",
+                "/nonexistent",
+                "--identity",
+                SERVER,
+            ],
+            "not found (run `ambient ca init`)",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_with_what_was_expected(args, message):
+    result = ambient(*args)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout

@@ -1,0 +1,73 @@
+"""SPIFFE IDs and the standalone CA: certificates shaped like Istio's, keys kept private."""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from ambient.identity import CertificateAuthority, InvalidSpiffeId, SpiffeId
+
+
+def test_spiffe_id_round_trip_and_principal():
+    sid = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
+    assert sid == SpiffeId("cluster.local", "default", "sleep")
+    assert str(sid) == "spiffe://cluster.local/ns/default/sa/sleep"
+    assert sid.principal == "cluster.local/ns/default/sa/sleep"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cluster.local/ns/a/sa/b", "starting with 'spiffe://'"),
+        ("spiffe://cluster.local/a/b", "expected the form"),
+        ("spiffe://cluster.local/ns//sa/b", "must be non-empty"),
+    ],
+)
+def test_spiffe_id_refusals_say_what_was_expected(text, message):
+    with pytest.raises(InvalidSpiffeId, match=message):
+        SpiffeId.parse(text)
+
+
+def test_workload_certificate_has_istios_shape():
+    ca = CertificateAuthority.create("cluster.local")
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    cert = ca.issue("spiffe://cluster.local/ns/default/sa/sleep", now=now)
+    leaf = x509.load_pem_x509_certificate(cert.chain_pem)
+    assert leaf.subject == x509.Name([])
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [cert.identity]
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
+    assert leaf.public_key().curve.name == "secp256r1"
+    assert leaf.not_valid_after_utc - now == dt.timedelta(hours=24)
+    assert cert.renew_at() - cert.not_before == (cert.not_after - cert.not_before) / 2
+    leaf.verify_directly_issued_by(ca.certificate)
+
+
+def test_repr_never_shows_key_material():
+    cert = CertificateAuthority.create().issue("spiffe://cluster.local/ns/a/sa/b")
+    assert "PRIVATE" not in repr(cert) and "BEGIN" not in repr(cert)
+
+
+def test_ca_save_writes_the_key_0600_and_loads_back(tmp_path):
+    ca = CertificateAuthority.create("example.org")
+    ca.save(tmp_path)
+    mode = stat.S_IMODE((tmp_path / "root-key.pem").stat().st_mode)
+    assert mode == 0o600
+    loaded = CertificateAuthority.load(tmp_path)
+    assert loaded.trust_domain == "example.org"
+    assert loaded.roots_pem == ca.roots_pem
+    leaf = x509.load_pem_x509_certificate(loaded.issue("spiffe://example.org/ns/a/sa/b").chain_pem)
+    leaf.verify_directly_issued_by(ca.certificate)
+
+
+def test_issue_refuses_a_non_spiffe_identity():
+    with pytest.raises(InvalidSpiffeId):
+        CertificateAuthority.create().issue("not-an-id")
