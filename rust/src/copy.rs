@@ -28,11 +28,15 @@ const RESIZE_THRESHOLD_JUMBO: u64 = 10 * 1024 * 1024;
 
 pub trait Reader: Send {
     /// The next chunk, or `None` when the peer has finished sending.
-    fn read_chunk(&mut self) -> impl std::future::Future<Output = io::Result<Option<Bytes>>> + Send;
+    fn read_chunk(&mut self)
+        -> impl std::future::Future<Output = io::Result<Option<Bytes>>> + Send;
 }
 
 pub trait Writer: Send {
-    fn write_chunk(&mut self, chunk: Bytes) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn write_chunk(
+        &mut self,
+        chunk: Bytes,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
     /// Half-close: no more data will be written this way.
     fn finish(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send;
 }
@@ -131,7 +135,12 @@ impl Writer for H2Writer {
             let granted = match poll_fn(|cx| self.0.poll_capacity(cx)).await {
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(h2_io(e)),
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HBONE stream closed",
+                    ))
+                }
             };
             if granted == 0 {
                 continue;
@@ -190,8 +199,18 @@ pub async fn bidirectional(
     transferred: &Transferred,
 ) -> io::Result<()> {
     tokio::try_join!(
-        one_way(&mut a_read, &mut b_write, &transferred.sent, &stats.bytes_sent),
-        one_way(&mut b_read, &mut a_write, &transferred.received, &stats.bytes_received),
+        one_way(
+            &mut a_read,
+            &mut b_write,
+            &transferred.sent,
+            &stats.bytes_sent
+        ),
+        one_way(
+            &mut b_read,
+            &mut a_write,
+            &transferred.received,
+            &stats.bytes_received
+        ),
     )?;
     Ok(())
 }

@@ -79,7 +79,9 @@ impl ListenerScope {
 
 fn duration(name: &str, seconds: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(seconds).map_err(|_| {
-        PyValueError::new_err(format!("{name}: expected a non-negative number of seconds, got {seconds}"))
+        PyValueError::new_err(format!(
+            "{name}: expected a non-negative number of seconds, got {seconds}"
+        ))
     })
 }
 
@@ -261,7 +263,9 @@ impl Core {
         }
         let decider = InboundDecider::from_py(decide).map_err(PyValueError::new_err)?;
         let tcp = self.bind(address)?;
-        let local = tcp.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let local = tcp
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
         let scope = ListenerScope::child_of(&self.shared);
         let ctx = Arc::new(InboundContext {
             shared: self.shared.clone(),
@@ -278,7 +282,9 @@ impl Core {
     fn listen(&self, address: &str, route: &Bound<'_, PyAny>) -> PyResult<Listener> {
         let decider = OutboundDecider::from_py(route).map_err(PyValueError::new_err)?;
         let tcp = self.bind(address)?;
-        let local = tcp.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let local = tcp
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
         let scope = ListenerScope::child_of(&self.shared);
         let ctx = Arc::new(OutboundContext {
             shared: self.shared.clone(),
@@ -295,7 +301,9 @@ impl Core {
     fn tunnel_fd(&self, fd: RawFd, plan: &Bound<'_, PyAny>, on_ready: Py<PyAny>) -> PyResult<()> {
         let plan = Plan::from_py(plan).map_err(|e| PyValueError::new_err(format!("plan: {e}")))?;
         if fd < 0 {
-            return Err(PyValueError::new_err(format!("fd: expected an open descriptor, got {fd}")));
+            return Err(PyValueError::new_err(format!(
+                "fd: expected an open descriptor, got {fd}"
+            )));
         }
         // SAFETY: the caller hands over an open descriptor it no longer uses (documented).
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -327,9 +335,9 @@ impl Core {
             let stream = tokio::net::TcpStream::from_std(socket.into())
                 .map_err(|e| PyOSError::new_err(e.to_string()))?;
             let source = stream.peer_addr().ok();
-            self.shared
-                .tunnels
-                .spawn(outbound::tunnel_stream(stream, source, plan, shared, report));
+            self.shared.tunnels.spawn(outbound::tunnel_stream(
+                stream, source, plan, shared, report,
+            ));
         }
         Ok(())
     }

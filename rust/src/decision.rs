@@ -46,7 +46,6 @@ impl Plan {
             ))
         }
     }
-
 }
 
 impl Verdict {
@@ -59,7 +58,6 @@ impl Verdict {
             Err(format!("expected Allow or Deny, got {}", type_name(obj)))
         }
     }
-
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -102,7 +100,11 @@ impl OutboundDecider {
     }
 
     /// Ask for the plan of a connection from `source` to `destination`.
-    pub async fn decide(&self, source: SocketAddr, destination: SocketAddr) -> Result<Plan, String> {
+    pub async fn decide(
+        &self,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> Result<Plan, String> {
         match self {
             Decider::Fixed(plan) => Ok(plan.clone()),
             Decider::Callback(cb) => {

@@ -45,7 +45,9 @@ impl IdentityMaterial {
         roots_pem: &[u8],
     ) -> Result<Self, String> {
         let trust_domain = tls::trust_domain(identity)
-            .ok_or_else(|| format!("{identity:?} is not a SPIFFE ID (spiffe://<trust domain>/...)"))?
+            .ok_or_else(|| {
+                format!("{identity:?} is not a SPIFFE ID (spiffe://<trust domain>/...)")
+            })?
             .to_string();
         let chain = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<Vec<_>, _>>()

@@ -21,7 +21,9 @@ fn parse_address(class: &str, field: &str, text: &str) -> PyResult<SocketAddr> {
 fn parse_ip(class: &str, field: &str, text: Option<&str>) -> PyResult<Option<IpAddr>> {
     text.map(|t| {
         t.parse().map_err(|_| {
-            PyValueError::new_err(format!("{class}.{field}: expected an IP address, got {t:?}"))
+            PyValueError::new_err(format!(
+                "{class}.{field}: expected an IP address, got {t:?}"
+            ))
         })
     })
     .transpose()

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::hbone::client::{self, HboneConnection, HboneError};
 use crate::core::Shared;
+use crate::hbone::client::{self, HboneConnection, HboneError};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PoolKey {
@@ -95,7 +95,11 @@ impl Pool {
         let conn = Arc::new(client::dial(key, shared).await?);
         conn.active.fetch_add(1, Ordering::AcqRel);
         let mut entries = self.entries.lock().unwrap();
-        entries.entry(key.clone()).or_default().conns.push(conn.clone());
+        entries
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn.clone());
         Ok(Lease { conn })
     }
 

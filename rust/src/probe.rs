@@ -45,7 +45,11 @@ async fn one_stream(
         fresh_conn = client::dial(key, shared).await.map_err(|e| e.to_string())?;
         &fresh_conn
     } else {
-        lease = shared.pool.lease(key, shared).await.map_err(|e| e.to_string())?;
+        lease = shared
+            .pool
+            .lease(key, shared)
+            .await
+            .map_err(|e| e.to_string())?;
         &*lease.conn
     };
     let (mut send, recv) = match conn.connect(&target.authority, &target.headers, None).await {

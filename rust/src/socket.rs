@@ -23,7 +23,11 @@ pub struct SocketFactory {
 
 impl SocketFactory {
     fn new_socket(&self, addr: &SocketAddr) -> io::Result<Socket> {
-        let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = Socket::new(
+            Domain::for_address(*addr),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         socket.set_nonblocking(true)?;
         #[cfg(target_os = "linux")]
         if let Some(mark) = self.mark {

@@ -169,7 +169,11 @@ pub struct ExpectedIdentityVerifier {
 }
 
 impl ExpectedIdentityVerifier {
-    pub fn new(roots: Arc<RootCertStore>, expected: Vec<String>, provider: &CryptoProvider) -> Self {
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        expected: Vec<String>,
+        provider: &CryptoProvider,
+    ) -> Self {
         Self {
             roots,
             expected,

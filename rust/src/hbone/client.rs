@@ -15,7 +15,9 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::{keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::{
+    keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
+};
 use crate::core::Shared;
 use crate::pool::PoolKey;
 use crate::stats::Stats;
@@ -185,7 +187,9 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
         .identities
         .get(&key.source_identity)
         .ok_or_else(|| HboneError::NoIdentity(key.source_identity.to_string()))?;
-    let config = material.client_config(&key.identities).map_err(HboneError::Tls)?;
+    let config = material
+        .client_config(&key.identities)
+        .map_err(HboneError::Tls)?;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, shared.sockets.connect(peer, key.source_ip))
         .await
         .map_err(|_| HboneError::Timeout(peer, "TCP connect"))?
@@ -226,7 +230,9 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
     Stats::inc(&shared.stats.hbone_connections_dialed);
 
     let closed = Arc::new(AtomicBool::new(false));
-    let ping = connection.ping_pong().expect("ping_pong is taken once, here");
+    let ping = connection
+        .ping_pong()
+        .expect("ping_pong is taken once, here");
     let task_closed = closed.clone();
     let hard = shared.hard_stop.clone();
     tokio::spawn(async move {

@@ -12,7 +12,9 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::{
+    keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
+};
 use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::{ListenerScope, Shared};
 use crate::decision::{InboundDecider, InboundRequest, Verdict};
@@ -175,7 +177,10 @@ async fn lingering_close(mut tcp: TcpStream) {
 }
 
 fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
-    let response = Response::builder().status(status).body(()).expect("static response");
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .expect("static response");
     let _ = respond.send_response(response, true);
 }
 
@@ -215,7 +220,12 @@ async fn serve_stream(
     let headers = request
         .headers()
         .iter()
-        .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let decision = ctx
         .decider
@@ -259,7 +269,10 @@ async fn serve_stream(
         Err(_) => return upstream_failed(respond, &ctx, peer, allow.upstream, "timed out"),
     };
     let mut respond = respond;
-    let response = Response::builder().status(StatusCode::OK).body(()).expect("static response");
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("static response");
     let send = match respond.send_response(response, false) {
         Ok(send) => send,
         Err(e) => {
