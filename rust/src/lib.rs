@@ -19,6 +19,11 @@ mod tls;
 
 use pyo3::prelude::*;
 
+// The copy loops allocate 256 KiB buffers at a high rate; glibc serves those with mmap/munmap and
+// page faults on every one, mimalloc reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// "release" or "debug": measured figures are only meaningful for a release build.
 #[pyfunction]
 fn build_profile() -> &'static str {
