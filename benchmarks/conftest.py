@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,10 +82,8 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
 
 
 @pytest.fixture(autouse=True)
-def _record_upstream(request: pytest.FixtureRequest, echo: Upstream) -> None:
-    benchmark = request.node.funcargs.get("benchmark")
-    if benchmark is not None:
-        benchmark.extra_info["upstream"] = echo.kind
+def _record_upstream(benchmark: Any, echo: Upstream) -> None:
+    benchmark.extra_info["upstream"] = echo.kind
 
 
 @pytest.fixture
