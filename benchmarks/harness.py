@@ -763,14 +763,14 @@ def hbone_argvs(
     port_c = free_port(host)
     up = f"{upstream[0]}:{upstream[1]}"
     server = [
-        python, "-m", module, *server_verb.split(),
+        python, "-P", "-m", module, *server_verb.split(),
         "--listen", f"{host}:{port_s}",
         "--ca-dir", str(ca_dir),
         "--identity", server_id,
         "--upstream", up,
     ]  # fmt: skip
     client = [
-        python, "-m", module, *client_verb.split(),
+        python, "-P", "-m", module, *client_verb.split(),
         "--listen", f"{host}:{port_c}",
         "--server", f"{host}:{port_s}",
         "--authority", up,

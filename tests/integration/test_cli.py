@@ -13,13 +13,15 @@ import pytest
 
 from ambient.testing import exchange
 
+# -P: never import the source tree's uncompiled `ambient/` from the working directory.
+PYTHON_FLAGS = ["-P"]
 SERVER = "spiffe://cluster.local/ns/bench/sa/server"
 CLIENT = "spiffe://cluster.local/ns/bench/sa/client"
 
 
 def ambient(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ambient", *args],
+        [sys.executable, *PYTHON_FLAGS, "-m", "ambient", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -30,7 +32,7 @@ def ambient(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
 def start(*args: str) -> tuple[subprocess.Popen[str], str]:
     """Start an ambient process and wait for its `ready <address>` line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ambient", *args],
+        [sys.executable, *PYTHON_FLAGS, "-m", "ambient", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

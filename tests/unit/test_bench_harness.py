@@ -188,10 +188,10 @@ def test_hbone_argvs_match_the_documented_command_lines(ca_dir: Path) -> None:
         ca_dir=ca_dir,
         upstream=("127.0.0.1", 5201),
     )
-    assert server[:5] == ["python3", "-m", "ambient", "hbone", "serve"]
+    assert server[:6] == ["python3", "-P", "-m", "ambient", "hbone", "serve"]
     assert server[server.index("--upstream") + 1] == "127.0.0.1:5201"
     assert server[server.index("--identity") + 1] == harness.BENCH_SERVER_ID
-    assert client[:5] == ["python3", "-m", "ambient", "hbone", "forward"]
+    assert client[:6] == ["python3", "-P", "-m", "ambient", "hbone", "forward"]
     assert client[client.index("--authority") + 1] == "127.0.0.1:5201"
     assert client[client.index("--expect") + 1] == harness.BENCH_SERVER_ID
     assert client[client.index("--server") + 1] == server[server.index("--listen") + 1]

@@ -821,7 +821,7 @@ def test_command_line_server_and_client(tmp_path: Path) -> None:
 
     async def spawn(*args: str) -> tuple[asyncio.subprocess.Process, tuple[str, int]]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ambient.peers.h2_hbone", *args,
+            sys.executable, "-P", "-m", "ambient.peers.h2_hbone", *args,
             stdout=asyncio.subprocess.PIPE, env=env, cwd=str(AMBIENT_ROOT),
         )  # fmt: skip
         assert proc.stdout is not None
