@@ -12,6 +12,8 @@ class HboneTarget:
     `authority`, accepting only a server holding one of `identities`, presenting
     `source_identity`."""
 
+    tag: object
+
     def __init__(
         self,
         address: str,
@@ -21,6 +23,7 @@ class HboneTarget:
         *,
         source_ip: str | None = None,
         headers: list[tuple[str, str]] | None = None,
+        tag: object = None,
     ) -> None: ...
     @property
     def address(self) -> str: ...
@@ -38,7 +41,11 @@ class HboneTarget:
 class TcpTarget:
     """Carry a connection as plain TCP to `address`."""
 
-    def __init__(self, address: str, *, source_ip: str | None = None) -> None: ...
+    tag: object
+
+    def __init__(
+        self, address: str, *, source_ip: str | None = None, tag: object = None
+    ) -> None: ...
     @property
     def address(self) -> str: ...
     @property
@@ -47,14 +54,22 @@ class TcpTarget:
 class Allow:
     """Let an inbound HBONE stream through to `upstream`."""
 
-    def __init__(self, upstream: str, *, source_ip: str | None = None) -> None: ...
+    tag: object
+
+    def __init__(
+        self, upstream: str, *, source_ip: str | None = None, tag: object = None
+    ) -> None: ...
     @property
     def upstream(self) -> str: ...
+    @property
+    def source_ip(self) -> str | None: ...
 
 class Deny:
     """Refuse: HBONE streams get `status` (400-599), plain connections are closed."""
 
-    def __init__(self, reason: str, *, status: int = 401) -> None: ...
+    tag: object
+
+    def __init__(self, reason: str, *, status: int = 401, tag: object = None) -> None: ...
     @property
     def status(self) -> int: ...
     @property
@@ -64,6 +79,8 @@ Plan = HboneTarget | TcpTarget | Deny
 Verdict = Allow | Deny
 InboundCallback = Callable[[str | None, str, str, tuple[tuple[str, str], ...]], Verdict]
 OutboundCallback = Callable[[str, str], Plan]
+# report(subject, source, destination, bytes_sent, bytes_received, seconds, error)
+Reporter = Callable[[Plan | Verdict, str, str, int, int, float, str | None], object]
 
 class Listener:
     @property
@@ -87,9 +104,21 @@ class Core:
     def remove_identity(self, identity: str) -> bool: ...
     def identities(self) -> list[str]: ...
     def serve_hbone(
-        self, address: str, identity: str, decide: Verdict | InboundCallback
+        self,
+        address: str,
+        identity: str,
+        decide: Verdict | InboundCallback,
+        *,
+        report: Reporter | None = None,
     ) -> Listener: ...
-    def listen(self, address: str, route: Plan | OutboundCallback) -> Listener: ...
+    def listen(
+        self,
+        address: str,
+        route: Plan | OutboundCallback,
+        *,
+        mode: str = "direct",
+        report: Reporter | None = None,
+    ) -> Listener: ...
     def tunnel_fd(self, fd: int, plan: Plan, on_ready: Callable[[str | None], object]) -> None: ...
     def probe(
         self,

@@ -61,6 +61,7 @@ Address = tuple[str, int] | str
 Plan = HboneTarget | TcpTarget | Deny
 Decision = Callable[[StreamRequest], Allow | Deny]
 Route = Callable[[str, str], Plan]
+Reporter = Callable[[Any, str, str, int, int, float, str | None], object]
 
 # Cores still open at interpreter exit are closed first, so no runtime thread tries to take the
 # GIL of an interpreter that is going away.
@@ -123,21 +124,42 @@ class DataPlane:
         self.core.set_identity(cert.identity, cert.chain_pem, cert.key_pem, cert.roots_pem)
         return cert.identity
 
-    def serve(self, address: Address, identity: str, decide: Decision | Allow | Deny) -> Listener:
+    def serve(
+        self,
+        address: Address,
+        identity: str,
+        decide: Decision | Allow | Deny,
+        *,
+        report: Reporter | None = None,
+    ) -> Listener:
         """Serve HBONE on ``address`` as ``identity``.
 
         ``decide`` is called once per CONNECT stream with a :class:`StreamRequest` and returns
         ``Allow(upstream)`` or ``Deny(reason, status=401)``; or it is a fixed ``Allow``/``Deny``
         for every stream (no Python at all per stream). Malformed requests get 400 before any
         decision; an unreachable upstream gets 503; 200 is sent only once the upstream is connected.
+        ``report(verdict, source, destination, sent, received, seconds, error)`` is told how each
+        stream that got a verdict ended.
         """
         verdict: Any = decide if isinstance(decide, (Allow, Deny)) else InboundDispatcher(decide)
-        return self.core.serve_hbone(format_address(address), identity, verdict)
+        return self.core.serve_hbone(format_address(address), identity, verdict, report=report)
 
-    def forward(self, address: Address, route: Plan | Route) -> Listener:
+    def forward(
+        self,
+        address: Address,
+        route: Plan | Route,
+        *,
+        mode: str = "direct",
+        report: Reporter | None = None,
+    ) -> Listener:
         """Accept plain TCP on ``address`` and carry each connection as ``route`` says: a fixed
-        plan, or ``route(source, destination) -> plan`` asked once per connection."""
-        return self.core.listen(format_address(address), route)
+        plan, or ``route(source, destination) -> plan`` asked once per connection.
+
+        ``mode``: how the destination is learned — ``"direct"`` (the listener's own address),
+        ``"original_dst"`` (``SO_ORIGINAL_DST``, after in-pod redirection) or ``"socks5"`` (the
+        client asks; ``destination`` may then be ``name:port``). ``report`` as for :meth:`serve`.
+        """
+        return self.core.listen(format_address(address), route, mode=mode, report=report)
 
     def tunnel(
         self, sock: socket.socket, plan: Plan, on_ready: Callable[[str | None], object]

@@ -16,10 +16,11 @@ use tokio_util::task::TaskTracker;
 use crate::decision::{InboundDecider, OutboundDecider, Plan};
 use crate::hbone::server::{self, InboundContext};
 use crate::identity::{IdentityMaterial, IdentityStore};
-use crate::outbound::{self, OutboundContext};
+use crate::outbound::{self, ListenMode, OutboundContext};
 use crate::plan::HboneTarget;
 use crate::pool::Pool;
 use crate::probe;
+use crate::report::Reporter;
 use crate::socket::SocketFactory;
 use crate::stats::Stats;
 
@@ -250,12 +251,16 @@ impl Core {
 
     /// Serve HBONE on `address` as `identity`; `decide` is an `Allow`/`Deny` for every stream, or
     /// a callable `(peer_identity, authority, peer_address, headers) -> Allow | Deny`.
+    /// `report` as for `listen`, once per stream.
+    #[pyo3(signature = (address, identity, decide, *, report=None))]
     fn serve_hbone(
         &self,
         address: &str,
         identity: &str,
         decide: &Bound<'_, PyAny>,
+        report: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Listener> {
+        let reporter = Reporter::from_py(report).map_err(PyValueError::new_err)?;
         if self.shared.identities.get(identity).is_none() {
             return Err(PyValueError::new_err(format!(
                 "serve_hbone: no certificate loaded for {identity} (call set_identity first)"
@@ -271,6 +276,7 @@ impl Core {
             shared: self.shared.clone(),
             identity: identity.to_string(),
             decider,
+            reporter,
             scope: scope.clone(),
         });
         self.handle.spawn(server::accept_loop(tcp, ctx));
@@ -279,8 +285,21 @@ impl Core {
 
     /// Accept plain TCP on `address` and carry each connection as `route` says: a fixed
     /// `HboneTarget`/`TcpTarget`/`Deny`, or a callable `(source, destination) -> plan`.
-    fn listen(&self, address: &str, route: &Bound<'_, PyAny>) -> PyResult<Listener> {
+    /// `mode` says how the destination is learned: "direct" (the listener's own address),
+    /// "original_dst" (`SO_ORIGINAL_DST` after in-pod redirection) or "socks5" (the client asks).
+    /// `report(subject, source, destination, sent, received, seconds, error)` is told how each
+    /// connection ended.
+    #[pyo3(signature = (address, route, *, mode="direct", report=None))]
+    fn listen(
+        &self,
+        address: &str,
+        route: &Bound<'_, PyAny>,
+        mode: &str,
+        report: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Listener> {
         let decider = OutboundDecider::from_py(route).map_err(PyValueError::new_err)?;
+        let mode = ListenMode::parse(mode).map_err(PyValueError::new_err)?;
+        let reporter = Reporter::from_py(report).map_err(PyValueError::new_err)?;
         let tcp = self.bind(address)?;
         let local = tcp
             .local_addr()
@@ -289,6 +308,8 @@ impl Core {
         let ctx = Arc::new(OutboundContext {
             shared: self.shared.clone(),
             decider,
+            mode,
+            reporter,
             scope: scope.clone(),
         });
         self.handle.spawn(outbound::accept_loop(tcp, ctx));

@@ -99,18 +99,15 @@ impl OutboundDecider {
         }
     }
 
-    /// Ask for the plan of a connection from `source` to `destination`.
-    pub async fn decide(
-        &self,
-        source: SocketAddr,
-        destination: SocketAddr,
-    ) -> Result<Plan, String> {
+    /// Ask for the plan of a connection from `source` to `destination` (`ip:port`, or
+    /// `name:port` when a SOCKS5 client asked by name).
+    pub async fn decide(&self, source: SocketAddr, destination: String) -> Result<Plan, String> {
         match self {
             Decider::Fixed(plan) => Ok(plan.clone()),
             Decider::Callback(cb) => {
                 let cb = cb.clone();
                 call_blocking(move |py| {
-                    let args = (source.to_string(), destination.to_string());
+                    let args = (source.to_string(), destination);
                     let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
                     Plan::from_py(&result).map_err(|e| format!("route callback returned: {e}"))
                 })

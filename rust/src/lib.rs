@@ -13,7 +13,9 @@ mod outbound;
 mod plan;
 mod pool;
 mod probe;
+mod report;
 mod socket;
+mod socks5;
 mod stats;
 mod tls;
 

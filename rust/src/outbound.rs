@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -15,7 +16,9 @@ use crate::hbone::client::HboneError;
 use crate::hbone::CONNECT_TIMEOUT;
 use crate::plan::{HboneTarget, TcpTarget};
 use crate::pool::PoolKey;
-use crate::socket::tune_stream;
+use crate::report::{Reporter, Subject};
+use crate::socket::{self, tune_stream};
+use crate::socks5::{self, Reply};
 use crate::stats::{ActiveGuard, Stats};
 
 /// A local stream the core can split into independently owned halves.
@@ -142,9 +145,13 @@ async fn establish(
 }
 
 /// Copy between the local stream and the established far side until both directions end.
-async fn carry<S: LocalStream>(local: S, far: Established, shared: &Shared) -> io::Result<()> {
+async fn carry<S: LocalStream>(
+    local: S,
+    far: Established,
+    shared: &Shared,
+    transferred: &Transferred,
+) -> io::Result<()> {
     let _active = ActiveGuard::new(&shared.stats.active_tunnels);
-    let transferred = Transferred::default();
     let (local_read, local_write) = local.halves();
     let local_side = (StreamReader::new(local_read), StreamWriter(local_write));
     match far {
@@ -156,7 +163,7 @@ async fn carry<S: LocalStream>(local: S, far: Established, shared: &Shared) -> i
                 local_side,
                 (H2Reader(recv), H2Writer(send)),
                 &shared.stats,
-                &transferred,
+                transferred,
             )
             .await
         }
@@ -166,44 +173,134 @@ async fn carry<S: LocalStream>(local: S, far: Established, shared: &Shared) -> i
                 local_side,
                 (StreamReader::new(r), StreamWriter(w)),
                 &shared.stats,
-                &transferred,
+                transferred,
             )
             .await
         }
     }
 }
 
-/// One accepted outbound connection: decide, establish, carry.
-async fn proxy_accepted(
-    tcp: TcpStream,
+/// How a listener learns where an accepted connection was going.
+#[derive(Clone, Copy, Debug)]
+pub enum ListenMode {
+    /// What the client dialed: the listener itself (loopback mode, fixed forwards).
+    Direct,
+    /// `SO_ORIGINAL_DST`: the destination before in-pod redirection (15001, 15006).
+    OriginalDestination,
+    /// The client says, in a SOCKS5 request (15080).
+    Socks5,
+}
+
+impl ListenMode {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "direct" => Ok(ListenMode::Direct),
+            "original_dst" => Ok(ListenMode::OriginalDestination),
+            "socks5" => Ok(ListenMode::Socks5),
+            other => Err(format!(
+                "mode: expected 'direct', 'original_dst' or 'socks5', got {other:?}"
+            )),
+        }
+    }
+}
+
+/// The SOCKS5 answer for a connection that could not be established.
+fn socks5_reply_for(error: &OutboundError) -> Reply {
+    match error {
+        OutboundError::Denied(_) => Reply::NotAllowed,
+        OutboundError::Hbone(HboneError::Status(_, status)) if status.as_u16() == 401 => {
+            Reply::NotAllowed
+        }
+        OutboundError::Hbone(HboneError::Status(..)) => Reply::HostUnreachable,
+        OutboundError::Connect(_, e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            Reply::ConnectionRefused
+        }
+        OutboundError::Connect(..) => Reply::HostUnreachable,
+        _ => Reply::GeneralFailure,
+    }
+}
+
+/// Where an accepted connection is going, as the listener's mode tells.
+async fn destination_of(
+    tcp: &mut TcpStream,
+    mode: ListenMode,
     source: SocketAddr,
-    destination: SocketAddr,
-    decider: &OutboundDecider,
-    shared: &Arc<Shared>,
-) {
+) -> Option<String> {
+    let local = tcp.local_addr().ok()?;
+    match mode {
+        ListenMode::Direct => Some(local.to_string()),
+        // Without a redirect (nothing captured this connection) the kernel has no original
+        // destination; the connection was then addressed to us.
+        ListenMode::OriginalDestination => Some(
+            socket::original_destination(tcp)
+                .unwrap_or(local)
+                .to_string(),
+        ),
+        ListenMode::Socks5 => match socks5::accept(tcp).await {
+            Ok(destination) => Some(destination.to_string()),
+            Err(e) => {
+                log::info!("SOCKS5 client {source} refused: {e}");
+                None
+            }
+        },
+    }
+}
+
+/// One accepted outbound connection: decide, establish, carry, report.
+async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundContext) {
+    let started = Instant::now();
+    let shared = &ctx.shared;
     let _ = tune_stream(&tcp);
-    let plan = match decider.decide(source, destination).await {
+    let Some(destination) = destination_of(&mut tcp, ctx.mode, source).await else {
+        return;
+    };
+    let socks = matches!(ctx.mode, ListenMode::Socks5);
+    let plan = match ctx.decider.decide(source, destination.clone()).await {
         Ok(plan) => plan,
         Err(why) => {
             Stats::inc(&shared.stats.decision_errors);
             log::error!("outbound {source} -> {destination}: {why}");
+            if socks {
+                let _ = socks5::reply(&mut tcp, Reply::GeneralFailure).await;
+            }
             return;
         }
     };
-    match establish(&plan, Some(source), shared).await {
+    let transferred = Transferred::default();
+    let error = match establish(&plan, Some(source), shared).await {
         Ok(far) => {
-            if let Err(e) = carry(tcp, far, shared).await {
-                log::debug!("outbound {source} -> {destination} ended with error: {e}");
+            if socks && socks5::reply(&mut tcp, Reply::Succeeded).await.is_err() {
+                return;
             }
+            carry(tcp, far, shared, &transferred)
+                .await
+                .err()
+                .map(|e| e.to_string())
         }
-        Err(e) => log::warn!("outbound {source} -> {destination} refused: {e}"),
-    }
+        Err(e) => {
+            log::info!("outbound {source} -> {destination} refused: {e}");
+            if socks {
+                let _ = socks5::reply(&mut tcp, socks5_reply_for(&e)).await;
+            }
+            Some(e.to_string())
+        }
+    };
+    ctx.reporter.report(
+        Subject::Plan(plan),
+        source,
+        &destination,
+        &transferred,
+        started,
+        error,
+    );
 }
 
 /// Everything one outbound listener needs for its connections.
 pub struct OutboundContext {
     pub shared: Arc<Shared>,
     pub decider: OutboundDecider,
+    pub mode: ListenMode,
+    pub reporter: Reporter,
     pub scope: ListenerScope,
 }
 
@@ -216,18 +313,10 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<OutboundContext>) {
         match accepted {
             Ok((tcp, source)) => {
                 Stats::inc(&ctx.shared.stats.connections_accepted);
-                // Without transparent capture, the destination is what the client dialed: us.
-                let destination = match tcp.local_addr() {
-                    Ok(addr) => addr,
-                    Err(e) => {
-                        log::warn!("outbound connection from {source}: no local address: {e}");
-                        continue;
-                    }
-                };
                 let ctx2 = ctx.clone();
                 ctx.scope.tracker.spawn(async move {
                     tokio::select! {
-                        _ = proxy_accepted(tcp, source, destination, &ctx2.decider, &ctx2.shared) => {}
+                        _ = proxy_accepted(tcp, source, &ctx2) => {}
                         _ = ctx2.scope.hard.cancelled() => {}
                     }
                 });
@@ -252,7 +341,7 @@ pub async fn tunnel_stream<S: LocalStream>(
     match establish(&plan, source, &shared).await {
         Ok(far) => {
             on_ready(None);
-            if let Err(e) = carry(local, far, &shared).await {
+            if let Err(e) = carry(local, far, &shared, &Transferred::default()).await {
                 log::debug!("tunnel ended with error: {e}");
             }
         }

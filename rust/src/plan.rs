@@ -54,12 +54,15 @@ pub struct HboneTarget {
     pub source_ip: Option<IpAddr>,
     /// Extra CONNECT headers (baggage, forwarded with a host...).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Anything the decision wants back in the connection's report (telemetry, access log).
+    #[pyo3(get)]
+    pub tag: Option<Py<PyAny>>,
 }
 
 #[pymethods]
 impl HboneTarget {
     #[new]
-    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None))]
+    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None, tag=None))]
     fn new(
         address: &str,
         authority: &str,
@@ -67,6 +70,7 @@ impl HboneTarget {
         source_identity: &str,
         source_ip: Option<&str>,
         headers: Option<Vec<(String, String)>>,
+        tag: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let address = parse_address("HboneTarget", "address", address)?;
         if authority.is_empty() || http::uri::Authority::try_from(authority).is_err() {
@@ -108,6 +112,7 @@ impl HboneTarget {
             source_identity: Arc::from(source_identity),
             source_ip: parse_ip("HboneTarget", "source_ip", source_ip)?,
             headers,
+            tag,
         })
     }
 
@@ -153,16 +158,19 @@ impl HboneTarget {
 pub struct TcpTarget {
     pub address: SocketAddr,
     pub source_ip: Option<IpAddr>,
+    #[pyo3(get)]
+    pub tag: Option<Py<PyAny>>,
 }
 
 #[pymethods]
 impl TcpTarget {
     #[new]
-    #[pyo3(signature = (address, *, source_ip=None))]
-    fn new(address: &str, source_ip: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (address, *, source_ip=None, tag=None))]
+    fn new(address: &str, source_ip: Option<&str>, tag: Option<Py<PyAny>>) -> PyResult<Self> {
         Ok(Self {
             address: parse_address("TcpTarget", "address", address)?,
             source_ip: parse_ip("TcpTarget", "source_ip", source_ip)?,
+            tag,
         })
     }
 
@@ -185,18 +193,27 @@ impl TcpTarget {
 #[derive(Debug)]
 pub struct Allow {
     pub upstream: SocketAddr,
+    /// Source IP of the connection to the application (the client's, where the platform allows).
     pub source_ip: Option<IpAddr>,
+    #[pyo3(get)]
+    pub tag: Option<Py<PyAny>>,
 }
 
 #[pymethods]
 impl Allow {
     #[new]
-    #[pyo3(signature = (upstream, *, source_ip=None))]
-    fn new(upstream: &str, source_ip: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (upstream, *, source_ip=None, tag=None))]
+    fn new(upstream: &str, source_ip: Option<&str>, tag: Option<Py<PyAny>>) -> PyResult<Self> {
         Ok(Self {
             upstream: parse_address("Allow", "upstream", upstream)?,
             source_ip: parse_ip("Allow", "source_ip", source_ip)?,
+            tag,
         })
+    }
+
+    #[getter]
+    fn source_ip(&self) -> Option<String> {
+        self.source_ip.map(|ip| ip.to_string())
     }
 
     #[getter]
@@ -215,19 +232,25 @@ impl Allow {
 pub struct Deny {
     pub status: u16,
     pub reason: String,
+    #[pyo3(get)]
+    pub tag: Option<Py<PyAny>>,
 }
 
 #[pymethods]
 impl Deny {
     #[new]
-    #[pyo3(signature = (reason, *, status=401))]
-    fn new(reason: String, status: u16) -> PyResult<Self> {
+    #[pyo3(signature = (reason, *, status=401, tag=None))]
+    fn new(reason: String, status: u16, tag: Option<Py<PyAny>>) -> PyResult<Self> {
         if !(400..=599).contains(&status) {
             return Err(PyValueError::new_err(format!(
                 "Deny.status: expected an HTTP error status 400-599, got {status}"
             )));
         }
-        Ok(Self { status, reason })
+        Ok(Self {
+            status,
+            reason,
+            tag,
+        })
     }
 
     #[getter]

@@ -60,6 +60,20 @@ impl SocketFactory {
     }
 }
 
+/// Where a redirected connection was going before the in-pod rules sent it to us
+/// (`SO_ORIGINAL_DST`, set by the iptables REDIRECT of istio-cni's rules).
+#[cfg(target_os = "linux")]
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let addr = if stream.local_addr()?.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST is not an IP address"))
+}
+
 /// Options every proxied TCP stream gets: no Nagle delay (HBONE frames are already batched) and
 /// keepalive.
 pub fn tune_stream(stream: &TcpStream) -> io::Result<()> {

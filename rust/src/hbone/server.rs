@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -18,6 +19,7 @@ use super::{
 use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::{ListenerScope, Shared};
 use crate::decision::{InboundDecider, InboundRequest, Verdict};
+use crate::report::{Reporter, Subject};
 use crate::socket::tune_stream;
 use crate::stats::{ActiveGuard, Stats};
 use crate::tls;
@@ -36,6 +38,7 @@ pub struct InboundContext {
     /// rotated certificate is used from the next connection on).
     pub identity: String,
     pub decider: InboundDecider,
+    pub reporter: Reporter,
     pub scope: ListenerScope,
 }
 
@@ -236,9 +239,52 @@ async fn serve_stream(
             headers,
         })
         .await;
-    let allow = match decision {
-        Ok(Verdict::Allow(allow)) => allow,
-        Ok(Verdict::Deny(deny)) => {
+    let started = Instant::now();
+    let verdict = match decision {
+        Ok(verdict) => verdict,
+        Err(why) => {
+            Stats::inc(&stats.hbone_requests_refused);
+            Stats::inc(&stats.decision_errors);
+            log::error!("HBONE request from {peer} to {authority}: {why}");
+            return respond_status(respond, StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    };
+    let transferred = Transferred::default();
+    let error = carry_stream(
+        request,
+        respond,
+        peer,
+        &authority,
+        &verdict,
+        &ctx,
+        &transferred,
+    )
+    .await;
+    ctx.reporter.report(
+        Subject::Verdict(verdict),
+        peer,
+        &authority,
+        &transferred,
+        started,
+        error,
+    );
+}
+
+/// Carry out the verdict on one stream: answer it, and copy until both directions end.
+/// Returns why the stream failed or was refused, if it did.
+async fn carry_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    authority: &str,
+    verdict: &Verdict,
+    ctx: &InboundContext,
+    transferred: &Transferred,
+) -> Option<String> {
+    let stats = &ctx.shared.stats;
+    let allow = match verdict {
+        Verdict::Allow(allow) => allow.get(),
+        Verdict::Deny(deny) => {
             let deny = deny.get();
             Stats::inc(&stats.hbone_requests_refused);
             Stats::inc(&stats.decisions_denied);
@@ -248,16 +294,10 @@ async fn serve_stream(
                 deny.reason
             );
             let status = StatusCode::from_u16(deny.status).unwrap_or(StatusCode::UNAUTHORIZED);
-            return respond_status(respond, status);
-        }
-        Err(why) => {
-            Stats::inc(&stats.hbone_requests_refused);
-            Stats::inc(&stats.decision_errors);
-            log::error!("HBONE request from {peer} to {authority}: {why}");
-            return respond_status(respond, StatusCode::INTERNAL_SERVER_ERROR);
+            respond_status(respond, status);
+            return Some(format!("denied: {}", deny.reason));
         }
     };
-    let allow = allow.get();
     let upstream = match tokio::time::timeout(
         CONNECT_TIMEOUT,
         ctx.shared.sockets.connect(allow.upstream, allow.source_ip),
@@ -265,39 +305,51 @@ async fn serve_stream(
     .await
     {
         Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return upstream_failed(respond, &ctx, peer, allow.upstream, &e.to_string()),
-        Err(_) => return upstream_failed(respond, &ctx, peer, allow.upstream, "timed out"),
+        Ok(Err(e)) => {
+            return Some(upstream_failed(
+                respond,
+                ctx,
+                peer,
+                allow.upstream,
+                &e.to_string(),
+            ))
+        }
+        Err(_) => {
+            return Some(upstream_failed(
+                respond,
+                ctx,
+                peer,
+                allow.upstream,
+                "timed out",
+            ))
+        }
     };
-    let mut respond = respond;
     let response = Response::builder()
         .status(StatusCode::OK)
         .body(())
         .expect("static response");
     let send = match respond.send_response(response, false) {
         Ok(send) => send,
-        Err(e) => {
-            log::debug!("HBONE stream from {peer} gone before 200: {e}");
-            return;
-        }
+        Err(e) => return Some(format!("stream gone before 200: {e}")),
     };
     let _active = ActiveGuard::new(&stats.active_tunnels);
-    let transferred = Transferred::default();
     let (up_read, up_write) = upstream.into_split();
     let result = copy::bidirectional(
         (H2Reader(request.into_body()), H2Writer(send)),
         (StreamReader::new(up_read), StreamWriter(up_write)),
         stats,
-        &transferred,
+        transferred,
     )
     .await;
-    if let Err(e) = result {
+    result.err().map(|e| {
         log::debug!(
             "HBONE stream {peer} -> {} ended with error after {}/{} bytes: {e}",
             allow.upstream,
             transferred.sent(),
             transferred.received()
         );
-    }
+        e.to_string()
+    })
 }
 
 fn upstream_failed(
@@ -306,9 +358,10 @@ fn upstream_failed(
     peer: SocketAddr,
     upstream: SocketAddr,
     why: &str,
-) {
+) -> String {
     Stats::inc(&ctx.shared.stats.upstream_connect_failures);
     Stats::inc(&ctx.shared.stats.hbone_requests_refused);
     log::warn!("HBONE request from {peer}: upstream {upstream} unreachable ({why}); answering 503");
     respond_status(respond, StatusCode::SERVICE_UNAVAILABLE);
+    format!("upstream {upstream} unreachable: {why}")
 }

@@ -1,0 +1,149 @@
+"""The mesh as the data plane sees it: one immutable snapshot of workloads and services.
+
+The model is Istio's own (what istiod sends ztunnel as `istio.workload.Address`, and what ztunnel's
+local config file holds): a *workload* is a pod — its IPs, identity, node, and whether it speaks
+HBONE (in the mesh) or plain TCP; a *service* is a set of VIPs and ports whose endpoints are
+workloads. Config loading builds a new snapshot and swaps it in whole; nothing reads a half-built
+one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from types import MappingProxyType
+
+from .identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Protocol(Enum):
+    """How a workload receives mesh traffic: HBONE (in the ambient mesh) or plain TCP."""
+
+    HBONE = "HBONE"
+    TCP = "TCP"
+
+
+class HealthStatus(Enum):
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A pod (or VM) and what the data plane needs to know about it."""
+
+    uid: str
+    name: str
+    namespace: str
+    ips: tuple[IPAddress, ...]
+    service_account: str = "default"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    protocol: Protocol = Protocol.TCP
+    node: str = ""
+    network: str = ""
+    cluster_id: str = ""
+    canonical_name: str = ""
+    canonical_revision: str = ""
+    workload_name: str = ""
+    workload_type: str = "pod"
+    status: HealthStatus = HealthStatus.HEALTHY
+    capacity: int = 1
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Named container ports, so a Service's `targetPort: http` resolves per endpoint.
+    named_ports: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # Which policies select this workload ("ns/name"), as ztunnel's config lists them.
+    authorization_policies: tuple[str, ...] = ()
+
+    @property
+    def identity(self) -> SpiffeId:
+        return SpiffeId(self.trust_domain, self.namespace, self.service_account)
+
+    @property
+    def in_mesh(self) -> bool:
+        return self.protocol is Protocol.HBONE
+
+    @property
+    def key(self) -> str:
+        """``namespace/name``: how people refer to a pod."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One workload behind a service, with the service-port → target-port mapping for it."""
+
+    workload_uid: str
+    ports: Mapping[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    hostname: str
+    vips: tuple[tuple[str, IPAddress], ...]  # (network, ip)
+    ports: Mapping[int, int]  # service port -> target port (0: resolved per endpoint)
+    endpoints: tuple[Endpoint, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """``namespace/hostname``: how ztunnel's config refers to a service."""
+        return f"{self.namespace}/{self.hostname}"
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """One consistent view of the mesh, indexed for the per-connection lookups."""
+
+    workloads: tuple[Workload, ...] = ()
+    services: tuple[Service, ...] = ()
+    namespaces: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    sources: tuple[str, ...] = ()  # the files it was built from
+    warnings: tuple[str, ...] = ()
+
+    # Indexes, built on first use; cached_property writes the instance dict directly, so it
+    # works on a frozen dataclass and the snapshot stays immutable to its users.
+    @cached_property
+    def _by_ip(self) -> Mapping[IPAddress, Workload]:
+        return MappingProxyType({ip: w for w in self.workloads for ip in w.ips})
+
+    @cached_property
+    def _by_uid(self) -> Mapping[str, Workload]:
+        return MappingProxyType({w.uid: w for w in self.workloads})
+
+    @cached_property
+    def _by_vip(self) -> Mapping[IPAddress, Service]:
+        return MappingProxyType({vip: s for s in self.services for _, vip in s.vips})
+
+    @cached_property
+    def _by_hostname(self) -> Mapping[str, Service]:
+        return MappingProxyType({s.hostname: s for s in self.services})
+
+    def workload_by_ip(self, ip: IPAddress) -> Workload | None:
+        return self._by_ip.get(ip)
+
+    def workload_by_uid(self, uid: str) -> Workload | None:
+        return self._by_uid.get(uid)
+
+    def service_by_vip(self, ip: IPAddress) -> Service | None:
+        return self._by_vip.get(ip)
+
+    def service_by_hostname(self, hostname: str) -> Service | None:
+        return self._by_hostname.get(hostname)
+
+    def workloads_on(self, node: str) -> Iterable[Workload]:
+        return (w for w in self.workloads if w.node == node)
+
+    def endpoints_of(self, service: Service) -> Iterable[tuple[Workload, Endpoint]]:
+        for endpoint in service.endpoints:
+            workload = self.workload_by_uid(endpoint.workload_uid)
+            if workload is not None:
+                yield workload, endpoint
