@@ -17,6 +17,7 @@ from functools import cached_property
 from types import MappingProxyType
 
 from .identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from .policy.model import Policy
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -58,6 +59,9 @@ class Workload:
     named_ports: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     # Which policies select this workload ("ns/name"), as ztunnel's config lists them.
     authorization_policies: tuple[str, ...] = ()
+    # Loopback mode only (an ambient extension, annotation `ambient.dev/app-address`): where the
+    # pod's application listens, so ztunnel can own the pod IP's ports as a capture would.
+    app_address: IPAddress | None = None
 
     @property
     def identity(self) -> SpiffeId:
@@ -103,6 +107,7 @@ class Mesh:
 
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
+    policies: tuple[Policy, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import ca, demo, hbone
+from . import ca, config, demo, hbone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(commands)
     ca.register(commands)
+    config.register(commands)
     hbone.register(commands)
     version = commands.add_parser("version", help="print versions and the core's build profile")
     version.set_defaults(run=_version)

@@ -1,0 +1,59 @@
+"""``ambient config check FILE…``: validate mesh files and summarise what they describe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, load_mesh
+from ..mesh import Mesh
+
+
+def register(commands: Any) -> None:
+    config = commands.add_parser("config", help="mesh configuration")
+    sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = sub.add_parser(
+        "check", help="validate mesh files; print a summary (exit 0) or every error (exit 1)"
+    )
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    check.set_defaults(run=run_check)
+
+
+def summary(mesh: Mesh) -> list[str]:
+    in_mesh = [w for w in mesh.workloads if w.in_mesh]
+    outside = [w for w in mesh.workloads if not w.in_mesh]
+    lines = [
+        f"namespaces: {len(mesh.namespaces)} ({', '.join(mesh.namespaces) or '-'})",
+        f"workloads: {len(mesh.workloads)} — {len(in_mesh)} in the mesh (HBONE), "
+        f"{len(outside)} outside (TCP)",
+    ]
+    for title, group in (("in the mesh", in_mesh), ("outside", outside)):
+        for w in group:
+            ips = ", ".join(map(str, w.ips))
+            node = f", node {w.node}" if w.node else ""
+            lines.append(f"  {title}: {w.key} ({ips}{node}) as {w.identity}")
+    lines.append(f"services: {len(mesh.services)}")
+    for s in mesh.services:
+        vips = ", ".join(str(ip) for _, ip in s.vips) or "no VIP"
+        ports = ", ".join(f"{p}->{t or 'named'}" for p, t in s.ports.items())
+        lines.append(f"  {s.hostname} ({vips}; ports {ports}) with {len(s.endpoints)} endpoint(s)")
+    lines.append(f"policies: {len(mesh.policies)}")
+    lines.extend(f"  {p.key}: {p.action.value}, scope {p.scope.value}" for p in mesh.policies)
+    lines.extend(f"warning: {w}" for w in mesh.warnings)
+    return lines
+
+
+def run_check(args: argparse.Namespace) -> int:
+    try:
+        mesh = load_mesh(args.files)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        print(f"{len(e.issues)} error(s); configuration refused", file=sys.stderr)
+        return 1
+    print(f"{', '.join(map(str, args.files))}: valid")
+    for line in summary(mesh):
+        print(f"  {line}")
+    return 0

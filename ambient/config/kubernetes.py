@@ -1,0 +1,171 @@
+"""The Kubernetes objects ambient reads, as pydantic models.
+
+Only the fields the data plane uses are typed; the rest of a real manifest (volumes, probes,
+resources...) is accepted and ignored where Kubernetes has many fields (specs, containers), while
+small, closed structures (metadata, ports, IPs) and the top level of every object refuse unknown
+fields, so a typo like ``lables:`` or ``specs:`` is an error rather than a silent no-op —
+``kubectl``'s strict field validation does the same.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+from .types import IPAddress
+
+# RFC 1123 names, as Kubernetes requires them.
+DnsLabel = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+]
+DnsSubdomain = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$", max_length=253
+    ),
+]
+PortNumber = Annotated[StrictInt, Field(ge=1, le=65535)]
+PortName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=15)
+]
+TransportProtocol = Literal["TCP", "UDP", "SCTP"]
+
+
+class Closed(BaseModel):
+    """A structure whose every field we know: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Open(BaseModel):
+    """A structure with many fields ambient does not use: unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ObjectMeta(Closed):
+    name: DnsSubdomain
+    namespace: DnsLabel | None = None
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    uid: str | None = None
+    creationTimestamp: str | None = None
+    # Present in manifests exported from a cluster; not used.
+    generateName: str | None = None
+    resourceVersion: str | None = None
+    generation: int | None = None
+    deletionTimestamp: str | None = None
+    deletionGracePeriodSeconds: int | None = None
+    ownerReferences: list[dict[str, object]] = []
+    finalizers: list[str] = []
+    managedFields: list[dict[str, object]] = []
+    selfLink: str | None = None
+
+
+class Resource(Closed):
+    apiVersion: str
+    kind: str
+    metadata: ObjectMeta
+
+
+# --- Namespace ------------------------------------------------------------------------------
+
+
+class NamespaceMeta(ObjectMeta):
+    name: DnsLabel
+
+
+class Namespace(Resource):
+    apiVersion: Literal["v1"]
+    kind: Literal["Namespace"]
+    metadata: NamespaceMeta
+    spec: dict[str, object] = {}
+    status: dict[str, object] = {}
+
+
+# --- Pod ------------------------------------------------------------------------------------
+
+
+class NamespacedMeta(ObjectMeta):
+    namespace: DnsLabel  # required: ambient does not guess which namespace an object is in
+
+
+class ContainerPort(Closed):
+    containerPort: PortNumber
+    name: PortName | None = None
+    protocol: TransportProtocol = "TCP"
+    hostPort: PortNumber | None = None
+    hostIP: str | None = None
+
+
+class Container(Open):
+    name: DnsLabel
+    ports: list[ContainerPort] = []
+
+
+class PodSpec(Open):
+    nodeName: str | None = None
+    serviceAccountName: DnsSubdomain | None = None
+    serviceAccount: DnsSubdomain | None = None  # deprecated alias Kubernetes still honours
+    containers: list[Container] = []
+    hostNetwork: bool = False
+
+
+class PodIP(Closed):
+    ip: IPAddress
+
+
+class PodCondition(Open):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+
+
+class PodStatus(Open):
+    podIP: IPAddress | None = None
+    podIPs: list[PodIP] = []
+    phase: str | None = None
+    conditions: list[PodCondition] = []
+
+
+class Pod(Resource):
+    apiVersion: Literal["v1"]
+    kind: Literal["Pod"]
+    metadata: NamespacedMeta
+    spec: PodSpec = PodSpec()
+    status: PodStatus = PodStatus()
+
+
+# --- Service --------------------------------------------------------------------------------
+
+
+class ServicePort(Closed):
+    port: PortNumber
+    targetPort: PortNumber | PortName | None = None
+    name: PortName | None = None
+    protocol: TransportProtocol = "TCP"
+    appProtocol: str | None = None
+    nodePort: PortNumber | None = None
+
+
+class ServiceSpec(Open):
+    clusterIP: IPAddress | Literal["None", ""] | None = None
+    clusterIPs: list[IPAddress | Literal["None"]] = []
+    selector: dict[str, str] | None = None
+    ports: list[ServicePort] = []
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
+
+
+class Service(Resource):
+    apiVersion: Literal["v1"]
+    kind: Literal["Service"]
+    metadata: NamespacedMeta
+    spec: ServiceSpec = ServiceSpec()
+    status: dict[str, object] = {}
+
+
+MODELS: dict[str, type[Resource]] = {
+    "Namespace": Namespace,
+    "Pod": Pod,
+    "Service": Service,
+}

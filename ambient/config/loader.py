@@ -1,0 +1,237 @@
+"""Read mesh files into one validated, immutable :class:`~ambient.mesh.Mesh` — or refuse them all.
+
+A file holds YAML documents, each either a Kubernetes object (Namespace, Pod, Service) or Istio
+ztunnel's local config (``workloads``/``services``/``policies``). Every problem in every file is
+collected and reported together (file, document, object, field, what was expected); if there is
+any, no snapshot is built, so nothing ever starts from a half-read config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
+from ..mesh import Mesh, Service, Workload
+from ..policy.model import Policy
+from . import kubernetes as k8s
+from . import translate
+from . import ztunnel_local as local
+from .errors import ConfigError, ConfigIssue, Location, issues_from_validation
+
+LOCAL_CONFIG_KEYS = {"workloads", "services", "policies"}
+# Kinds that belong to later parts of ambient or to Kubernetes itself: accepted and ignored, with
+# a warning, so a whole application manifest can be given as-is.
+IGNORED_KINDS_NOTE = "not used by ambient's data plane; ignored"
+
+
+@dataclass
+class _Collected:
+    namespaces: list[tuple[k8s.Namespace, Location]] = field(default_factory=list)
+    pods: list[tuple[k8s.Pod, Location]] = field(default_factory=list)
+    services: list[tuple[k8s.Service, Location]] = field(default_factory=list)
+    local_configs: list[tuple[local.LocalConfig, Location]] = field(default_factory=list)
+    issues: list[ConfigIssue] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _resource_name(doc: dict[str, Any]) -> str | None:
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    assert isinstance(meta, dict)
+    kind, name, ns = doc.get("kind"), meta.get("name"), meta.get("namespace")
+    if not isinstance(kind, str):
+        return None
+    return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
+
+
+def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        out.issues.append(ConfigIssue(Location(str(path)), "", f"cannot read: {e.strerror}"))
+        return []
+    docs: list[tuple[Any, Location]] = []
+    try:
+        for n, doc in enumerate(yaml.safe_load_all(text), start=1):
+            docs.append((doc, Location(str(path), n)))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        out.issues.append(
+            ConfigIssue(Location(str(path), len(docs) + 1), "", f"{where}invalid YAML: {problem}")
+        )
+    return docs
+
+
+def _classify(doc: Any, location: Location, out: _Collected) -> None:
+    if doc is None:
+        return  # an empty document (e.g. a trailing ---)
+    if not isinstance(doc, dict):
+        out.issues.append(
+            ConfigIssue(location, "", f"expected a mapping, got {type(doc).__name__}")
+        )
+        return
+    if "kind" in doc or "apiVersion" in doc:
+        _kubernetes_object(doc, location, out)
+    elif doc.keys() and set(doc) <= LOCAL_CONFIG_KEYS:
+        location = Location(location.file, location.document, "ztunnel local config")
+        try:
+            out.local_configs.append((local.LocalConfig.model_validate(doc), location))
+        except ValidationError as e:
+            out.issues.extend(issues_from_validation(e, location))
+    else:
+        out.issues.append(
+            ConfigIssue(
+                location,
+                "",
+                "expected a Kubernetes object (apiVersion, kind, metadata) or ztunnel's local "
+                f"config (workloads, services, policies); got keys {sorted(map(str, doc))}",
+            )
+        )
+
+
+def _kubernetes_object(doc: dict[str, Any], location: Location, out: _Collected) -> None:
+    location = Location(location.file, location.document, _resource_name(doc))
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or "apiVersion" not in doc:
+        missing = "kind" if not isinstance(kind, str) else "apiVersion"
+        out.issues.append(ConfigIssue(location, missing, "required field is missing"))
+        return
+    model = k8s.MODELS.get(kind)
+    if model is None:
+        out.warnings.append(f"{location}: kind {kind} is {IGNORED_KINDS_NOTE}")
+        return
+    try:
+        resource = model.model_validate(doc)
+    except ValidationError as e:
+        out.issues.extend(issues_from_validation(e, location))
+        return
+    if isinstance(resource, k8s.Namespace):
+        out.namespaces.append((resource, location))
+    elif isinstance(resource, k8s.Pod):
+        out.pods.append((resource, location))
+    elif isinstance(resource, k8s.Service):
+        out.services.append((resource, location))
+
+
+def _check_unique(
+    items: Iterable[tuple[str, Location]], what: str, out: _Collected, field_name: str
+) -> None:
+    seen: dict[str, Location] = {}
+    for key, location in items:
+        if key in seen:
+            out.issues.append(
+                ConfigIssue(
+                    location, field_name, f"duplicate {what} {key!r} (first at {seen[key]})"
+                )
+            )
+        else:
+            seen[key] = location
+
+
+def _cross_checks(
+    workloads: Sequence[tuple[Workload, Location]],
+    services: Sequence[tuple[Service, Location]],
+    out: _Collected,
+) -> None:
+    _check_unique(((w.uid, loc) for w, loc in workloads), "workload uid", out, "uid")
+    _check_unique(
+        ((f"{w.network}/{ip}", loc) for w, loc in workloads for ip in w.ips),
+        "workload IP",
+        out,
+        "IPs",
+    )
+    _check_unique(
+        ((f"{net}/{ip}", loc) for s, loc in services for net, ip in s.vips),
+        "service VIP",
+        out,
+        "VIPs",
+    )
+    _check_unique(((s.key, loc) for s, loc in services), "service", out, "hostname")
+    pod_ips = {f"{w.network}/{ip}": loc for w, loc in workloads for ip in w.ips}
+    for s, loc in services:
+        for net, ip in s.vips:
+            if f"{net}/{ip}" in pod_ips:
+                out.issues.append(
+                    ConfigIssue(
+                        loc, "VIPs", f"VIP {ip} is also a workload IP ({pod_ips[f'{net}/{ip}']})"
+                    )
+                )
+
+
+def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Mesh:
+    """Read, validate and translate ``paths`` into one snapshot; :class:`ConfigError` lists every
+    problem of every file."""
+    out = _Collected()
+    for path in map(Path, paths):
+        for doc, location in _read_documents(path, out):
+            _classify(doc, location, out)
+
+    _check_unique(
+        (
+            (f"{kind} {r.metadata.namespace}/{r.metadata.name}", loc)
+            for kind, group in (("Pod", out.pods), ("Service", out.services))
+            for r, loc in group
+        ),
+        "object",
+        out,
+        "metadata.name",
+    )
+    _check_unique(
+        ((ns.metadata.name, loc) for ns, loc in out.namespaces), "namespace", out, "metadata.name"
+    )
+    namespace_labels = {ns.metadata.name: dict(ns.metadata.labels) for ns, _ in out.namespaces}
+
+    workloads: list[tuple[Workload, Location]] = []
+    for pod, loc in out.pods:
+        ns = pod.metadata.namespace or "default"
+        if ns not in namespace_labels and out.namespaces:
+            out.warnings.append(f"{loc}: namespace {ns!r} is not declared; it has no labels")
+        if not translate.pod_ips(pod):
+            out.warnings.append(f"{loc}: no status.podIP yet; not a workload until it has one")
+            continue
+        try:
+            workloads.append(
+                (translate.workload_from_pod(pod, namespace_labels.get(ns, {}), trust_domain), loc)
+            )
+        except ValueError as e:
+            out.issues.append(
+                ConfigIssue(
+                    loc, f"metadata.annotations[{translate.APP_ADDRESS_ANNOTATION}]", str(e)
+                )
+            )
+    services: list[tuple[Service, Location]] = [
+        (translate.service_from_k8s(svc, (w for w, _ in workloads)), loc)
+        for svc, loc in out.services
+    ]
+    policies: list[Policy] = []
+    for config, loc in out.local_configs:
+        workloads.extend((translate.workload_from_local(w), loc) for w in config.workloads)
+        services.extend(
+            (s, loc) for s in translate.services_from_local(config.services, config.workloads)
+        )
+        policies.extend(translate.policy_from_local(p) for p in config.policies)
+    _cross_checks(workloads, services, out)
+
+    if out.issues:
+        raise ConfigError(out.issues)
+    namespaces = dict(namespace_labels)
+    for w, _ in workloads:
+        namespaces.setdefault(w.namespace, {})
+    return Mesh(
+        workloads=tuple(w for w, _ in workloads),
+        services=tuple(s for s, _ in services),
+        policies=tuple(policies),
+        namespaces=MappingProxyType(
+            {k: MappingProxyType(v) for k, v in sorted(namespaces.items())}
+        ),
+        sources=tuple(str(p) for p in paths),
+        warnings=tuple(out.warnings),
+    )

@@ -1,0 +1,178 @@
+"""Istio ztunnel's local config file (what it reads from ``LOCAL_XDS_PATH``): ``workloads``,
+``services`` and ``policies``, camelCase, unknown fields refused; a file ztunnel accepts, we do.
+
+Field names and shapes follow ztunnel's own (de)serialisation: addresses as ``network/ip`` strings,
+services of a workload as ``{"ns/hostname": {servicePort: targetPort}}``, policy rules as
+rules → clauses → matches with tagged string matches (``{Exact: s}``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .types import IPAddress, IPNetwork
+
+Port = Annotated[StrictInt, Field(ge=0, le=65535)]
+
+
+def _network_address(text: str) -> str:
+    _, sep, ip = text.partition("/")
+    if not sep:
+        raise ValueError(f"expected 'network/ip' (the network may be empty), got {text!r}")
+    ipaddress.ip_address(ip)  # raises with the offending value
+    return text
+
+
+def _namespaced_hostname(text: str) -> str:
+    namespace, sep, hostname = text.partition("/")
+    if not sep or not namespace or not hostname:
+        raise ValueError(f"expected 'namespace/hostname', got {text!r}")
+    return text
+
+
+def _destination(text: str) -> str:
+    """A waypoint or gateway: ``network/ip`` or ``namespace/hostname``."""
+    _, _, rest = text.partition("/")
+    try:
+        ipaddress.ip_address(rest)
+    except ValueError:
+        return _namespaced_hostname(text)
+    return text
+
+
+NetworkAddress = Annotated[str, AfterValidator(_network_address)]
+NamespacedHostname = Annotated[str, AfterValidator(_namespaced_hostname)]
+Destination = Annotated[str, AfterValidator(_destination)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class GatewayAddress(Model):
+    destination: Destination
+    hbone_mtls_port: Port = 15008
+
+
+class Locality(Model):
+    region: str = ""
+    zone: str = ""
+    subzone: str = ""
+
+
+class ApplicationTunnel(Model):
+    protocol: Literal["NONE", "PROXY"]
+    port: Port | None = None
+
+
+class LocalWorkload(Model):
+    workload_ips: list[IPAddress]
+    namespace: str = Field(min_length=1)
+    uid: str = ""
+    name: str = ""
+    service_account: str = "default"
+    trust_domain: str = "cluster.local"
+    protocol: Literal["HBONE", "TCP"] = "TCP"
+    network_mode: Literal["Standard", "HostNetwork"] = "Standard"
+    node: str = ""
+    network: str = ""
+    hostname: str = ""
+    canonical_name: str = ""
+    canonical_revision: str = ""
+    workload_name: str = ""
+    workload_type: str = ""
+    cluster_id: str = ""
+    status: Literal["Healthy", "Unhealthy"] = "Healthy"
+    capacity: Annotated[StrictInt, Field(ge=0)] = 1
+    locality: Locality = Locality()
+    waypoint: GatewayAddress | None = None
+    network_gateway: GatewayAddress | None = None
+    native_tunnel: StrictBool = False
+    application_tunnel: ApplicationTunnel | None = None
+    authorization_policies: list[NamespacedHostname] = []
+    services: dict[NamespacedHostname, dict[Port, Port]] = {}
+
+
+class LocalService(Model):
+    name: str = Field(min_length=1)
+    namespace: str = Field(min_length=1)
+    hostname: str = Field(min_length=1)
+    vips: list[NetworkAddress]
+    ports: dict[Port, Port]
+    subject_alt_names: list[str] = []
+    waypoint: GatewayAddress | None = None
+    canonical: StrictBool = False
+    # Accepted for compatibility with files written for ztunnel; not used yet.
+    endpoints: dict[str, object] = {}
+    cidr_vips: list[str] = []
+    weighted_waypoints: list[dict[str, object]] = []
+    load_balancer: dict[str, object] | None = None
+    load_balancing: dict[str, object] | None = None
+    ip_families: str | None = None
+    visibility: str | None = None
+
+
+class StringMatch(BaseModel):
+    """One of ``{Exact: s}``, ``{Prefix: s}``, ``{Suffix: s}``, ``{Presence: ...}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    Exact: str | None = None
+    Prefix: str | None = None
+    Suffix: str | None = None
+    Presence: object = None
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> StringMatch:
+        given = [k for k in ("Exact", "Prefix", "Suffix", "Presence") if k in self.model_fields_set]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of Exact, Prefix, Suffix, Presence")
+        return self
+
+
+class ServiceAccountMatch(Model):
+    namespace: str
+    service_account: str
+
+
+class RbacMatch(Model):
+    namespaces: list[StringMatch] = []
+    not_namespaces: list[StringMatch] = []
+    service_accounts: list[ServiceAccountMatch] = []
+    not_service_accounts: list[ServiceAccountMatch] = []
+    principals: list[StringMatch] = []
+    not_principals: list[StringMatch] = []
+    source_ips: list[IPNetwork] = []
+    not_source_ips: list[IPNetwork] = []
+    destination_ips: list[IPNetwork] = []
+    not_destination_ips: list[IPNetwork] = []
+    destination_ports: list[Port] = []
+    not_destination_ports: list[Port] = []
+
+
+class LocalPolicy(Model):
+    name: str = Field(min_length=1)
+    namespace: str
+    scope: Literal["Global", "Namespace", "WorkloadSelector"]
+    action: Literal["Allow", "Deny"]
+    rules: list[list[list[RbacMatch]]]
+    dry_run: StrictBool
+
+
+class LocalConfig(Model):
+    workloads: list[LocalWorkload] = []
+    services: list[LocalService] = []
+    policies: list[LocalPolicy] = []

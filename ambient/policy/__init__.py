@@ -1,0 +1,1 @@
+"""Authorization: the policy model (Istio ztunnel's) and, later, its evaluation."""

@@ -1,0 +1,405 @@
+"""The config layer: what Istio users write becomes the mesh model as istiod would build it; every
+malformed file is refused with the file, document, object and field named."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ambient.config import ConfigError, load_mesh
+from ambient.mesh import HealthStatus, Protocol
+from ambient.policy.model import Action, Scope
+
+ZTUNNEL_EXAMPLE = (
+    Path(__file__).parents[2] / ".." / "shared" / "testdata" / "ztunnel-localhost.yaml"
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "mesh.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+NAMESPACE = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+"""
+
+
+def pod(name: str, ip: str, labels: str = "{app: x}", extra: str = "") -> str:
+    return f"""
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {labels}}}
+spec: {{nodeName: n1, serviceAccountName: {name}-sa{extra}}}
+status: {{podIP: {ip}}}
+"""
+
+
+# --- translation ------------------------------------------------------------------------------
+
+
+def test_istios_own_local_config_is_accepted_as_is():
+    mesh = load_mesh([ZTUNNEL_EXAMPLE.resolve()])
+    local, local_tcp = mesh.workloads
+    assert local.protocol is Protocol.HBONE and local_tcp.protocol is Protocol.TCP
+    assert local.ips == (ipaddress.ip_address("127.0.0.1"),)
+    example = mesh.service_by_hostname("example.com")
+    assert example.vips == (("", ipaddress.ip_address("127.10.0.1")),)
+    assert dict(example.ports) == {80: 8080}
+    assert example.subject_alt_names == ("spiffe://cluster.local/ns/default/sa/local",)
+    assert {e.workload_uid for e in example.endpoints} == {local.uid, local_tcp.uid}
+    (policy,) = mesh.policies
+    assert (policy.key, policy.action, policy.scope, policy.dry_run) == (
+        "default/deny-9999",
+        Action.ALLOW,
+        Scope.NAMESPACE,
+        False,
+    )
+    assert policy.rules[0][0][0].not_destination_ports == (9999,)
+
+
+def test_namespace_and_pod_labels_decide_who_is_in_the_mesh(tmp_path):
+    text = (
+        NAMESPACE
+        + pod("in-by-namespace", "10.0.0.1")
+        + pod("out-by-label", "10.0.0.2", "{app: x, istio.io/dataplane-mode: none}")
+        + """
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: in-by-label, namespace: other, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: n2}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: other}
+spec: {nodeName: n2}
+status: {podIP: 10.0.1.2}
+"""
+    )
+    mesh = load_mesh([write(tmp_path, text)])
+    modes = {w.name: w.protocol for w in mesh.workloads}
+    assert modes == {
+        "in-by-namespace": Protocol.HBONE,  # namespace label
+        "out-by-label": Protocol.TCP,  # the pod's `none` beats its namespace's `ambient`
+        "in-by-label": Protocol.HBONE,  # the pod's own label
+        "plain": Protocol.TCP,  # neither
+    }
+    w = mesh.workload_by_ip(ipaddress.ip_address("10.0.0.1"))
+    assert str(w.identity) == "spiffe://cluster.local/ns/default/sa/in-by-namespace-sa"
+    assert w.node == "n1"
+    assert str(mesh.workload_by_ip(ipaddress.ip_address("10.0.1.2")).identity).endswith(
+        "sa/default"
+    )
+
+
+def test_service_endpoints_come_from_the_selector_and_named_ports(tmp_path):
+    text = (
+        NAMESPACE
+        + pod(
+            "a",
+            "10.0.0.1",
+            "{app: web}",
+            ", containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]",
+        )
+        + pod(
+            "b",
+            "10.0.0.2",
+            "{app: web}",
+            ", containers: [{name: c, ports: [{name: http, containerPort: 9090}]}]",
+        )
+        + pod("c", "10.0.0.3", "{app: db}")
+        + """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: admin, port: 81, targetPort: 9901}
+  - {name: same, port: 82}
+"""
+    )
+    mesh = load_mesh([write(tmp_path, text)])
+    web = mesh.service_by_vip(ipaddress.ip_address("10.96.0.10"))
+    assert web.hostname == "web.default.svc.cluster.local"
+    by_pod = {mesh.workload_by_uid(e.workload_uid).name: dict(e.ports) for e in web.endpoints}
+    assert by_pod == {"a": {80: 8080, 81: 9901, 82: 82}, "b": {80: 9090, 81: 9901, 82: 82}}
+
+
+def test_unready_pods_are_unhealthy_and_pods_without_ip_are_not_workloads_yet(tmp_path):
+    text = (
+        NAMESPACE
+        + """
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: starting, namespace: default}
+status: {conditions: [{type: Ready, status: "False"}], podIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: default}
+"""
+    )
+    mesh = load_mesh([write(tmp_path, text)])
+    (w,) = mesh.workloads
+    assert w.status is HealthStatus.UNHEALTHY
+    assert any("pending" in warning and "no status.podIP" in warning for warning in mesh.warnings)
+
+
+def test_kinds_ambient_does_not_use_are_ignored_with_a_warning(tmp_path):
+    text = (
+        NAMESPACE
+        + """
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec: {replicas: 3}
+"""
+    )
+    mesh = load_mesh([write(tmp_path, text)])
+    assert any("kind Deployment" in w and "ignored" in w for w in mesh.warnings)
+
+
+def test_real_manifests_with_fields_ambient_ignores_load(tmp_path):
+    text = (
+        NAMESPACE
+        + """
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: full
+  namespace: default
+  uid: 0f3c
+  ownerReferences: [{kind: ReplicaSet, name: full-abc}]
+spec:
+  nodeName: n1
+  restartPolicy: Always
+  volumes: [{name: data, emptyDir: {}}]
+  containers:
+  - name: app
+    image: nginx
+    resources: {limits: {cpu: 100m}}
+    ports: [{containerPort: 80, protocol: TCP}]
+status:
+  phase: Running
+  podIP: 10.0.0.7
+  podIPs: [{ip: 10.0.0.7}, {ip: "fd00::7"}]
+"""
+    )
+    mesh = load_mesh([write(tmp_path, text)])
+    assert mesh.workloads[0].ips == (
+        ipaddress.ip_address("10.0.0.7"),
+        ipaddress.ip_address("fd00::7"),
+    )
+
+
+# --- refusals: at least ten kinds of malformed input, each naming the field --------------------
+
+MALFORMED = [
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.300"),
+        ["document 2", "Pod default/a", "status.podIP", "10.0.0.300"],
+        id="bad pod IP",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1").replace("nodeName: n1", "nodeName: [n1]"),
+        ["Pod default/a", "spec.nodeName", "string"],
+        id="wrong type",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1").replace("metadata:", "metdata: {}\nmetadata:"),
+        ["Pod default/a", "metdata", "unknown field"],
+        id="unknown top-level field",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1").replace("labels:", "lables:"),
+        ["metadata.lables", "unknown field"],
+        id="unknown metadata field",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1").replace(", namespace: default", ""),
+        ["Pod a", "metadata.namespace", "required field is missing"],
+        id="missing namespace",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1") + pod("b", "10.0.0.1"),
+        ["Pod default/b", "duplicate workload IP '/10.0.0.1'", "first at"],
+        id="duplicate pod IP",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1") + pod("a", "10.0.0.2"),
+        ["document 3", "duplicate object 'Pod default/a'"],
+        id="duplicate pod",
+    ),
+    pytest.param(
+        NAMESPACE
+        + """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 70000}]}
+""",
+        ["Service default/web", "spec.ports[0].port", "less than or equal to 65535"],
+        id="port out of range",
+    ),
+    pytest.param(
+        NAMESPACE
+        + """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80, targetPort: Not_A_Name}]}
+""",
+        ["spec.ports[0].targetPort"],
+        id="bad named targetPort",
+    ),
+    pytest.param(
+        """
+workloads:
+- uid: w1
+  namespace: default
+  workloadIps: [10.0.0.1]
+- uid: w1
+  namespace: default
+  workloadIps: [10.0.0.2]
+""",
+        ["ztunnel local config", "duplicate workload uid 'w1'"],
+        id="duplicate uid (local config)",
+    ),
+    pytest.param(
+        """
+workloads:
+- namespace: default
+  workloadIps: [10.0.0.1]
+  protocol: HBONE
+  serviceAcount: typo
+""",
+        ["workloads[0].serviceAcount", "unknown field"],
+        id="unknown field (local config)",
+    ),
+    pytest.param(
+        """
+workloads:
+- workloadIps: [10.0.0.1]
+""",
+        ["workloads[0].namespace", "required field is missing"],
+        id="missing namespace (local config)",
+    ),
+    pytest.param(
+        """
+workloads:
+- namespace: default
+  workloadIps: [10.0.0.1]
+  protocol: QUIC
+""",
+        ["workloads[0].protocol", "'HBONE' or 'TCP'"],
+        id="bad protocol (local config)",
+    ),
+    pytest.param(
+        """
+services:
+- name: s
+  namespace: default
+  hostname: s.default.svc.cluster.local
+  vips: [10.96.0.1]
+  ports: {80: 8080}
+""",
+        ["services[0].vips[0]", "expected 'network/ip'"],
+        id="VIP without network (local config)",
+    ),
+    pytest.param(
+        """
+policies:
+- name: p
+  namespace: default
+  scope: Namespace
+  action: Allow
+  dryRun: false
+  rules: [[[{principals: [{Exact: a, Prefix: b}]}]]]
+""",
+        ["policies[0].rules[0][0][0].principals[0]", "exactly one of Exact"],
+        id="ambiguous string match (local config)",
+    ),
+    pytest.param(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: default\n",
+        ["line", "invalid YAML"],
+        id="YAML syntax error",
+    ),
+    pytest.param(
+        "hello: world\n",
+        ["expected a Kubernetes object", "ztunnel's local config"],
+        id="neither format",
+    ),
+    pytest.param(
+        NAMESPACE
+        + """
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: a
+  namespace: default
+  annotations: {ambient.dev/app-address: not-an-ip}
+status: {podIP: 10.0.0.1}
+""",
+        ["ambient.dev/app-address", "not-an-ip"],
+        id="bad app address annotation",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), MALFORMED)
+def test_malformed_config_is_refused_naming_the_field(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as refused:
+        load_mesh([path])
+    message = str(refused.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message, f"{part!r} not in:\n{message}"
+
+
+def test_every_error_of_every_file_is_reported_at_once(tmp_path):
+    first = write(tmp_path, NAMESPACE + pod("a", "10.0.0.300"), "first.yaml")
+    second = write(tmp_path, "workloads: [{workloadIps: [nope]}]\n", "second.yaml")
+    with pytest.raises(ConfigError) as refused:
+        load_mesh([first, second, tmp_path / "missing.yaml"])
+    text = str(refused.value)
+    assert "first.yaml" in text and "second.yaml" in text and "missing.yaml: cannot read" in text
+    assert len(refused.value.issues) >= 4
+
+
+def test_config_check_command_summarises_or_lists_errors(tmp_path, capsys):
+    from ambient.cli import main
+
+    good = tmp_path / "good.yaml"
+    shutil.copy(ZTUNNEL_EXAMPLE.resolve(), good)
+    assert main(["config", "check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "1 in the mesh (HBONE), 1 outside (TCP)" in out
+    bad = write(tmp_path, NAMESPACE + pod("a", "10.0.0.300") + pod("b", "10.0.0.1000"), "bad.yaml")
+    assert main(["config", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 2 and "2 error(s)" in err
