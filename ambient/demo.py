@@ -1,46 +1,79 @@
-"""``ambient demo``: the data plane doing its job on an embedded default, with no root and no files.
+"""``ambient demo``: the seed's figure running on one machine, no root, no files to write.
 
-Two workloads of namespace ``default`` (client ``c1``, server ``s1`` with an echo app), one of
-namespace ``other`` (``c2``) and one from a foreign trust domain. Each flow goes through the
-compiled core over HBONE (mutual TLS 1.3, HTTP/2 CONNECT) and prints what happened; the demo exits
-0 only when every flow ended as the mesh's rules say it must.
+Nodes W1 and W2, pods C1 and C2 on W1, C3 and S1 on W2, one ztunnel per node (real
+``ambient ztunnel`` processes), and a pod outside the mesh — the embedded mesh file
+``ambient/examples/demo-mesh.yaml``, or any other given with ``--config``. Every client pod talks to
+every server pod (a pod with an app address): an in-mesh client through its ztunnel (SOCKS5, as
+loopback mode has no capture) to the server's Service, a client outside the mesh straight to the
+server pod's IP. For each flow the demo prints the path, the transport, the identity the server's
+ztunnel saw (from its access log) and the bytes each way, and exits 0 only when every flow took
+the path the mesh's rules say it must.
 """
 
 from __future__ import annotations
 
-import logging
+import ipaddress
+import signal
 import socket
+import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
-from . import _core
-from .hbone import Allow, DataPlane, Deny, HboneTarget, StreamRequest, TunnelError
+import orjson
+
+from . import examples, routing
+from .config import ConfigError, load_mesh
 from .identity import CertificateAuthority
+from .mesh import Mesh, Service, Workload
+from .ztunnel.proxy import inbound_app_ports
 
-TRUST_DOMAIN = "cluster.local"
-PAYLOAD = b"hello through the mesh\n" * 2048  # 47 KiB, several DATA frames each way
+PAYLOAD = b"hello through the mesh\n" * 2048  # 47 KiB: several frames each way
+READY_TIMEOUT = 20.0
+LOG_TIMEOUT = 5.0
 
 
 @dataclass
 class Flow:
-    name: str
-    expected: str  # "ok" or the start of the refusal text
-    outcome: str = ""
-    detail: str = ""
+    client: Workload
+    server: Workload
+    service: Service | None
+    target: tuple[str, int]  # what the client dials (through SOCKS5 when in the mesh)
+    expected_transport: str  # "HBONE" or "TCP"
+    result: str = ""
+    seen_identity: str | None = None
+    sent: int = 0
+    received: int = 0
+    ok: bool = False
 
     @property
-    def as_expected(self) -> bool:
-        return self.outcome == self.expected
+    def label(self) -> str:
+        via = f"Service {self.service.name}" if self.service else "pod IP"
+        return (
+            f"{self.client.name} -> {self.server.name} via {via} {self.target[0]}:{self.target[1]}"
+        )
+
+    def hops(self) -> str:
+        client, server = self.client, self.server
+        arrival = f"ztunnel {server.node} -> {server.name}"
+        if not client.in_mesh:
+            return f"{client.name} -> (outside the mesh: no ztunnel) -> plaintext -> {arrival}"
+        tunnel = "HBONE mTLS" if self.expected_transport == "HBONE" else "plain TCP"
+        local = " (same node)" if client.node == server.node else ""
+        return f"{client.name} -> ztunnel {client.node} -> {tunnel}{local} -> {arrival}"
 
 
 class EchoApp:
-    """The server workload's application: echoes bytes, half-closes when the client does."""
+    """A server pod's application: echoes, half-closes after the client did."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+    def __init__(self, address: str, port: int) -> None:
+        self.sock = socket.create_server((address, port))
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -62,89 +95,265 @@ class EchoApp:
         self.sock.close()
 
 
+def plan_flows(mesh: Mesh) -> list[Flow]:
+    servers = [w for w in mesh.workloads if w.app_address is not None and w.ips]
+    clients = [w for w in mesh.workloads if w.app_address is None and w.ips and w.node]
+    flows = []
+    for server in servers:
+        ports = sorted(inbound_app_ports(mesh, server))
+        if not ports:
+            continue
+        service = next(
+            (s for s in mesh.services for e in s.endpoints if e.workload_uid == server.uid), None
+        )
+        for client in clients:
+            if client.in_mesh and service is not None and service.vips:
+                # Requests to a Service go to one of its endpoints, through the client's ztunnel.
+                target = (str(service.vips[0][1]), next(iter(service.ports)))
+                flows.append(
+                    Flow(client, server, service, target, "HBONE" if server.in_mesh else "TCP")
+                )
+            else:
+                # No kube-proxy in loopback mode: a client outside the mesh dials the pod itself.
+                target = (str(server.ips[0]), ports[0])
+                flows.append(
+                    Flow(
+                        client,
+                        server,
+                        None,
+                        target,
+                        "HBONE" if client.in_mesh and server.in_mesh else "TCP",
+                    )
+                )
+    return flows
+
+
+def _socks5(client_ip: str, host: str, port: int) -> socket.socket:
+    """Connect through the client pod's ztunnel (SOCKS5 on its own IP, port 15080)."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((client_ip, 0))
+    sock.connect((client_ip, routing.SOCKS5_PORT))
+    sock.sendall(b"\x05\x01\x00")
+    if sock.recv(2) != b"\x05\x00":
+        raise ConnectionError("ztunnel refused the SOCKS5 greeting")
+    packed = b"\x01" + ipaddress.IPv4Address(host).packed
+    sock.sendall(b"\x05\x01\x00" + packed + struct.pack("!H", port))
+    reply = sock.recv(10)
+    if len(reply) < 2 or reply[1] != 0:
+        raise ConnectionError(f"ztunnel refused the connection (SOCKS5 reply {reply[1:2].hex()})")
+    return sock
+
+
+def _send_all_and_finish(sock: socket.socket) -> None:
+    sock.sendall(PAYLOAD)
+    sock.shutdown(socket.SHUT_WR)
+
+
 def _exchange(sock: socket.socket) -> int:
     with sock:
-        sock.sendall(PAYLOAD)
-        sock.shutdown(socket.SHUT_WR)
+        sender = threading.Thread(target=_send_all_and_finish, args=(sock,))
+        sender.start()
         received = 0
         while data := sock.recv(65536):
             received += len(data)
+        sender.join()
         return received
 
 
-def run(out: Callable[[str], None] = print) -> int:
-    started = time.monotonic()
-    # The refusals below are the point of the demo; the core's warnings about them would only
-    # repeat what the flow lines say (raise --log-level to see them anyway).
-    core_log = logging.getLogger("_core")
-    if core_log.getEffectiveLevel() >= logging.WARNING:
-        core_log.setLevel(logging.ERROR)
-    ca = CertificateAuthority.create(TRUST_DOMAIN)
-    s1 = ca.issue(f"spiffe://{TRUST_DOMAIN}/ns/default/sa/s1")
-    c1 = ca.issue(f"spiffe://{TRUST_DOMAIN}/ns/default/sa/c1")
-    c2 = ca.issue(f"spiffe://{TRUST_DOMAIN}/ns/other/sa/c2")
-    # Signed by our own CA, so its chain verifies: only the trust-domain check can stop it.
-    intruder = ca.issue("spiffe://evil.example/ns/default/sa/c1")
-    app = EchoApp()
-    seen: list[str | None] = []
+class NodeProxy:
+    """One ``ambient ztunnel`` process and its access log."""
 
-    def s1_policy(request: StreamRequest) -> Allow | Deny:
-        seen.append(request.peer_identity)
-        peer = request.peer
-        if peer is not None and peer.namespace == "default":
-            return Allow(app.address)
-        return Deny("only namespace default may reach s1")
+    def __init__(self, node: str, mesh_file: Path, ca_dir: Path, workdir: Path) -> None:
+        self.node = node
+        self.log_path = workdir / f"ztunnel-{node}.log"
+        self.log_path.touch()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "ambient",
+                "ztunnel",
+                "--config",
+                str(mesh_file),
+                "--node",
+                node,
+                "--ca-dir",
+                str(ca_dir),
+                "--admin-address",
+                "127.0.0.1:0",
+                "--access-log",
+                str(self.log_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.admin = ""
+        self._offset = 0
 
-    flows = [
-        Flow("default/c1 -> default/s1", "ok"),
-        Flow("other/c2 -> default/s1", "refused: 401"),
-        Flow("default/c1 -> s1, expecting another identity", "refused: server identity mismatch"),
-        Flow("evil.example/c1 -> default/s1", "refused: TLS handshake"),
-    ]
-    with DataPlane(2) as dp:
-        for cert in (s1, c1, c2, intruder):
-            dp.load_identity(cert)
-        server = dp.serve("127.0.0.1:0", s1.identity, s1_policy)
-        hbone = server.local_address
-        targets = [
-            HboneTarget(hbone, app.address, [s1.identity], c1.identity),
-            HboneTarget(hbone, app.address, [s1.identity], c2.identity),
-            HboneTarget(
-                hbone, app.address, [f"spiffe://{TRUST_DOMAIN}/ns/default/sa/s2"], c1.identity
-            ),
-            HboneTarget(hbone, app.address, [s1.identity], intruder.identity),
-        ]
-        for flow, target in zip(flows, targets, strict=True):
-            before = len(seen)
+    def wait_ready(self) -> None:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("ready "):
+            err = self.process.stderr.read() if self.process.stderr else ""
+            raise RuntimeError(f"ztunnel {self.node} did not start: {line.strip()} {err.strip()}")
+        self.admin = dict(p.split("=", 1) for p in line.split()[1:])["admin"]
+
+    def new_entries(self) -> list[dict[str, Any]]:
+        with open(self.log_path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [orjson.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
             try:
-                received = _exchange(dp.connect(target, timeout=10))
-            except TunnelError as e:
-                flow.outcome, flow.detail = _classify(str(e)), str(e)
-            else:
-                flow.outcome = "ok" if received == len(PAYLOAD) else "short"
-                flow.detail = (
-                    f"{len(PAYLOAD)} B sent, {received} B echoed; s1 saw peer {seen[before]}"
-                )
-        stats = dp.stats()
-    app.close()
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
-    out(f"ambient demo: HBONE on the compiled core ({_core.build_profile()} build)")
-    for flow in flows:
-        mark = "ok " if flow.as_expected else "BAD"
-        out(f"  [{mark}] {flow.name}: {flow.outcome} — {flow.detail}")
-    out(
-        f"  core: {stats['tls_handshakes']} handshakes, {stats['tls_handshake_failures']} refused; "
-        f"{stats['hbone_requests_received']} CONNECTs, {stats['hbone_requests_refused']} refused; "
-        f"{time.monotonic() - started:.2f} s"
+
+def _inbound_entry(proxy: NodeProxy, flow: Flow) -> dict[str, Any] | None:
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while time.monotonic() < deadline:
+        for entry in proxy.new_entries():
+            if (
+                entry.get("direction") == "inbound"
+                and entry.get("dst.workload") == flow.server.name
+            ):
+                return entry
+        time.sleep(0.02)
+    return None
+
+
+def run_flow(flow: Flow, proxies: dict[str, NodeProxy]) -> None:
+    client_ip = str(flow.client.ips[0])
+    try:
+        if flow.client.in_mesh:
+            sock = _socks5(client_ip, *flow.target)
+        else:
+            sock = socket.socket()
+            sock.settimeout(10)
+            sock.bind((client_ip, 0))
+            sock.connect(flow.target)
+        flow.received = _exchange(sock)
+        flow.sent = len(PAYLOAD)
+    except OSError as e:
+        flow.result = f"failed: {e}"
+        return
+    server_proxy = proxies.get(flow.server.node)
+    entry = _inbound_entry(server_proxy, flow) if server_proxy else None
+    if entry is None:
+        flow.result = f"{flow.server.name}'s ztunnel logged no inbound connection"
+        return
+    transport = entry["transport"]
+    flow.seen_identity = entry.get("src.identity")
+    expected_identity = str(flow.client.identity) if flow.client.in_mesh else None
+    flow.ok = (
+        transport == flow.expected_transport
+        and flow.seen_identity == expected_identity
+        and flow.received == flow.sent
+        and entry.get("bytes_sent") == flow.sent
     )
-    return 0 if all(f.as_expected for f in flows) else 1
+    security = "HBONE/mTLS" if transport == "HBONE" else "plaintext"
+    flow.result = security
 
 
-def _classify(error: str) -> str:
-    if "answered the CONNECT with 401" in error:
-        return "refused: 401"
-    if "server identity mismatch" in error:
-        return "refused: server identity mismatch"
-    if "TLS handshake" in error:
-        return "refused: TLS handshake"
-    return "refused: " + error
+def run(
+    config: Path | None = None, *, keep: bool = False, out: Callable[[str], None] = print
+) -> int:
+    started = time.monotonic()
+    text = config.read_text() if config else examples.read("demo-mesh.yaml")
+    with tempfile.TemporaryDirectory(prefix="ambient-demo-") as tmp:
+        workdir = Path(tmp)
+        mesh_file = workdir / "mesh.yaml"
+        mesh_file.write_text(text)
+        try:
+            mesh = load_mesh([mesh_file])
+        except ConfigError as e:
+            for issue in e.issues:
+                out(f"error: {str(issue).replace(str(mesh_file), str(config or 'demo-mesh.yaml'))}")
+            return 2
+        CertificateAuthority.create().save(workdir / "ca")
+        nodes = sorted({w.node for w in mesh.workloads if w.in_mesh and w.node})
+        apps = [
+            EchoApp(str(w.app_address), port)
+            for w in mesh.workloads
+            if w.app_address is not None
+            for port in inbound_app_ports(mesh, w)
+        ]
+        proxies = {node: NodeProxy(node, mesh_file, workdir / "ca", workdir) for node in nodes}
+        try:
+            for proxy in proxies.values():
+                proxy.wait_ready()
+            flows = plan_flows(mesh)
+            for flow in flows:
+                run_flow(flow, proxies)
+            _print(out, mesh, flows, proxies, config, time.monotonic() - started)
+            if keep:
+                _keep_running(out, proxies, mesh_file, config)
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+            for app in apps:
+                app.close()
+    return 0 if flows and all(f.ok for f in flows) else 1
+
+
+def _print(
+    out: Callable[[str], None],
+    mesh: Mesh,
+    flows: list[Flow],
+    proxies: dict[str, NodeProxy],
+    config: Path | None,
+    seconds: float,
+) -> None:
+    source = config or "embedded demo-mesh.yaml (ambient demo --show-config)"
+    out(
+        f"ambient demo: {len(mesh.workloads)} pods on {len(proxies)} nodes, "
+        f"one ztunnel per node ({source})"
+    )
+    for flow in flows:
+        mark = "ok " if flow.ok else "BAD"
+        identity = flow.seen_identity or "none (no identity)"
+        out(f"  [{mark}] {flow.label}")
+        out(f"        path: {flow.hops()}")
+        out(
+            f"        {flow.result}; {flow.server.name}'s ztunnel saw peer: {identity}; "
+            f"{flow.sent} B sent, {flow.received} B back"
+        )
+    good = sum(f.ok for f in flows)
+    out(f"  {good}/{len(flows)} flows took the expected path ({seconds:.1f} s)")
+
+
+def _keep_running(
+    out: Callable[[str], None], proxies: dict[str, NodeProxy], mesh_file: Path, config: Path | None
+) -> None:
+    kept = Path.cwd() / "ambient-demo-mesh.yaml" if config is None else config
+    if config is None and not kept.exists():
+        kept.write_text(mesh_file.read_text())
+    out("the mesh keeps running (Ctrl-C to stop):")
+    for node, proxy in proxies.items():
+        out(
+            f"  ztunnel {node}: admin http://{proxy.admin}/config_dump, access log {proxy.log_path}"
+        )
+    out("  send your own traffic: an in-mesh pod's ztunnel takes SOCKS5 on <pod IP>:15080, e.g.")
+    out("    curl --socks5 127.10.1.1:15080 telnet://127.10.100.1:80   (as C1, to Service s1)")
+    out(f"  mesh file: {kept} (edit it and run `ambient demo --config {kept.name}`)")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(1.0) and all(p.process.poll() is None for p in proxies.values()):
+        pass
+
+
+def show_config(stream: IO[str]) -> None:
+    stream.write(examples.read("demo-mesh.yaml"))
+
+
+__all__ = ["plan_flows", "run", "show_config"]

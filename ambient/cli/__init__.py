@@ -2,7 +2,9 @@
 
 ambient demo                     the main job on its embedded default
 ambient ca init --dir DIR        create a root CA for standalone use
+ambient config check FILE...     validate mesh files and summarise them
 ambient hbone serve|forward|probe   HBONE endpoints and checks from the command line
+ambient ztunnel --config F --node N --ca-dir D   the node proxy for one node
 ambient version                  versions and build profile
 """
 
@@ -13,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import ca, config, demo, hbone
+from . import ca, config, demo, hbone, ztunnel
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.register(commands)
     config.register(commands)
     hbone.register(commands)
+    ztunnel.register(commands)
     version = commands.add_parser("version", help="print versions and the core's build profile")
     version.set_defaults(run=_version)
     return parser

@@ -43,15 +43,19 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def issue_certificate(args: argparse.Namespace) -> WorkloadCertificate:
-    """The process's own certificate, issued from ``--ca-dir`` for ``--identity``."""
+def load_ca(directory: Path) -> CertificateAuthority:
+    """The CA of ``--ca-dir``; exits naming the missing file if there is none."""
     try:
-        ca = CertificateAuthority.load(args.ca_dir)
+        return CertificateAuthority.load(directory)
     except FileNotFoundError as e:
         raise SystemExit(
-            f"ambient: --ca-dir {args.ca_dir}: {e.filename} not found (run `ambient ca init`)"
+            f"ambient: --ca-dir {directory}: {e.filename} not found (run `ambient ca init`)"
         ) from None
-    return ca.issue(args.identity)
+
+
+def issue_certificate(args: argparse.Namespace) -> WorkloadCertificate:
+    """The process's own certificate, issued from ``--ca-dir`` for ``--identity``."""
+    return load_ca(args.ca_dir).issue(args.identity)
 
 
 def wait_for_termination() -> str:

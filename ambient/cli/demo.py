@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -10,10 +12,27 @@ def register(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="run the data plane on its embedded default and show every flow"
     )
+    demo.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="run on this mesh file instead of the embedded one",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the mesh running (until Ctrl-C) to send your own traffic",
+    )
+    demo.add_argument(
+        "--show-config", action="store_true", help="print the embedded mesh file and exit"
+    )
     demo.set_defaults(run=run)
 
 
-def run(_args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from .. import demo
 
-    return demo.run()
+    if args.show_config:
+        demo.show_config(sys.stdout)
+        return 0
+    return demo.run(args.config, keep=args.keep)

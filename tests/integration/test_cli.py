@@ -55,7 +55,9 @@ def test_demo_shows_every_flow_and_exits_0():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("[ok ]") == 4
     assert "BAD" not in result.stdout
-    assert "s1 saw peer spiffe://cluster.local/ns/default/sa/c1" in result.stdout
+    assert "s1's ztunnel saw peer: spiffe://cluster.local/ns/default/sa/c1" in result.stdout
+    assert "s1's ztunnel saw peer: none (no identity)" in result.stdout  # from outside the mesh
+    assert "c3 -> ztunnel w2 -> HBONE mTLS (same node)" in result.stdout
     assert time.monotonic() - started < 30
 
 

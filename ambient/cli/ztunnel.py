@@ -1,0 +1,122 @@
+"""``ambient ztunnel``: the node proxy for one node of a mesh file, in loopback mode."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, load_mesh
+from ..hbone import DataPlane
+from ..identity.manager import CertificateManager
+from ..ztunnel import Ztunnel
+from ..ztunnel.admin import AdminServer
+from ..ztunnel.connection import AccessLog
+from ..ztunnel.dump import config_dump
+from ..ztunnel.reload import ConfigWatcher
+from .common import load_ca, socket_address
+
+log = logging.getLogger(__name__)
+
+
+def register(commands: Any) -> None:
+    z = commands.add_parser(
+        "ztunnel",
+        help="run the node proxy for one node of a mesh file",
+        description="Serve every in-mesh pod of NODE: HBONE in (15008), plaintext in (15006), "
+        "captured outbound (15001) and SOCKS5 outbound (15080) on each pod's IP. Reloads the "
+        "config on SIGHUP and when a file changes; drains on SIGTERM.",
+    )
+    z.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="mesh file (repeatable)",
+    )
+    z.add_argument("--node", required=True, help="the node this proxy serves (spec.nodeName)")
+    z.add_argument(
+        "--ca-dir",
+        required=True,
+        type=Path,
+        help="CA made by `ambient ca init`; certificates of the node's pods are issued from it",
+    )
+    z.add_argument(
+        "--admin-address",
+        type=socket_address,
+        default="127.0.0.1:15000",
+        help="readiness and config dump (default 127.0.0.1:15000; port 0 picks one)",
+    )
+    z.add_argument(
+        "--access-log",
+        default="-",
+        help="where to write one JSON line per connection: a file, '-' for stdout, 'off' for none",
+    )
+    z.add_argument("--access-log-format", choices=["json", "text"], default="json")
+    z.add_argument("--workers", type=int, default=None, help="core worker threads")
+    z.add_argument(
+        "--drain-deadline",
+        type=float,
+        default=5.0,
+        help="seconds live connections get to finish on SIGTERM (default 5)",
+    )
+    z.add_argument(
+        "--watch-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the config files for changes (default 1)",
+    )
+    z.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        mesh = load_mesh(args.config)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    for warning in mesh.warnings:
+        log.warning("%s", warning)
+    ca = load_ca(args.ca_dir)
+    stream = None
+    if args.access_log == "-":
+        stream = sys.stdout
+    elif args.access_log != "off":
+        stream = open(args.access_log, "a", buffering=1)  # noqa: SIM115 (lives as long as we do)
+    access_log = AccessLog(stream, text=args.access_log_format == "text") if stream else None
+
+    with DataPlane(args.workers) as dp:
+        certificates = CertificateManager(ca, dp.load_identity)
+        ztunnel = Ztunnel(args.node, dp, certificates, access_log=access_log)
+        ztunnel.apply(mesh)
+        if not ztunnel.pods:
+            log.warning("no in-mesh pod has node %r: nothing to serve yet", args.node)
+        host, port = args.admin_address.rsplit(":", 1)
+        admin = AdminServer(
+            (host.strip("[]"), int(port)),
+            pending=lambda: ztunnel.pending,
+            config_dump=lambda: config_dump(ztunnel),
+        )
+        admin.start()
+        watcher = ConfigWatcher(args.config, ztunnel.apply, interval=args.watch_interval)
+        watcher.start()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload).start())
+        # Always the first line on stdout (access log lines only come with connections).
+        print(f"ready node={args.node} admin={admin.address} pods={len(ztunnel.pods)}", flush=True)
+        while not stop.wait(1.0):
+            pass
+        log.info("draining for up to %s s", args.drain_deadline)
+        watcher.stop()
+        ztunnel.close(args.drain_deadline)
+        admin.stop()
+        certificates.stop()
+    return 0

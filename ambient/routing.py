@@ -1,0 +1,213 @@
+"""Where a connection goes: the routing decisions of ztunnel, as pure functions over a snapshot.
+
+These are the semantics, written once; the proxy calls them per connection, ``ambient explain``
+calls them without sending anything, and tests call them without sockets. Nothing here does I/O;
+randomness (endpoint choice) is passed in.
+
+Outbound, in order (Istio's ztunnel):
+1. a connection aimed at one of the proxy's own ports on an address it serves is refused, so
+   nothing loops;
+2. to a Service VIP: an endpoint of that Service — unhealthy ones and ones without the port
+   skipped, weighted random by capacity; none left → refused (no fallback);
+3. to a known workload's IP: that workload;
+4. to anything else: plain TCP passthrough to the original destination;
+5. a destination in the mesh is reached over HBONE at ``podIP:15008`` with authority
+   ``podIP:targetPort``, expecting its identity; one outside the mesh over plain TCP.
+
+Inbound: an HBONE stream must name this pod (``authority`` IP) and not one of the proxy's ports;
+plaintext arrives with no peer identity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+from enum import Enum
+
+from .mesh import HealthStatus, IPAddress, Mesh, Service, Workload
+
+HBONE_PORT = 15008
+INBOUND_PLAINTEXT_PORT = 15006
+OUTBOUND_CAPTURE_PORT = 15001
+SOCKS5_PORT = 15080
+# A request for one of these on the proxy itself would loop back into it.
+PROXY_PORTS = frozenset({OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, SOCKS5_PORT})
+
+
+class Transport(Enum):
+    HBONE = "HBONE"  # mutual TLS + HTTP/2 CONNECT
+    TCP = "TCP"  # plain TCP
+    DENY = "DENY"
+
+
+def format_address(ip: IPAddress, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRoute:
+    """The plan for one outbound connection, and why."""
+
+    transport: Transport
+    address: tuple[IPAddress, int] | None = None  # what to dial: podIP:15008, or ip:port
+    authority: str | None = None  # the HBONE CONNECT authority
+    identities: tuple[str, ...] = ()  # identities the HBONE server must hold
+    destination: Workload | None = None
+    service: Service | None = None
+    reason: str = ""
+
+    @property
+    def dial(self) -> str:
+        assert self.address is not None
+        return format_address(*self.address)
+
+
+def _family_ip(workload: Workload, like: IPAddress) -> IPAddress | None:
+    for ip in workload.ips:
+        if ip.version == like.version:
+            return ip
+    return workload.ips[0] if workload.ips else None
+
+
+def pick_endpoint(
+    mesh: Mesh, service: Service, port: int, rng: random.Random
+) -> tuple[Workload, int] | None:
+    """A healthy endpoint of ``service`` serving ``port``, weighted by capacity."""
+    candidates: list[tuple[Workload, int]] = []
+    weights: list[int] = []
+    for workload, endpoint in mesh.endpoints_of(service):
+        target = endpoint.ports.get(port)
+        if not target or workload.status is not HealthStatus.HEALTHY or workload.capacity <= 0:
+            continue
+        candidates.append((workload, target))
+        weights.append(workload.capacity)
+    if not candidates:
+        return None
+    return rng.choices(candidates, weights=weights)[0]
+
+
+def _to_workload(
+    destination: Workload, target_port: int, like: IPAddress, service: Service | None
+) -> OutboundRoute:
+    ip = _family_ip(destination, like)
+    if ip is None:
+        return OutboundRoute(Transport.DENY, destination=destination, reason="workload has no IP")
+    if destination.in_mesh:
+        identities: tuple[str, ...] = (str(destination.identity),)
+        if service is not None:
+            identities += tuple(s for s in service.subject_alt_names if s not in identities)
+        return OutboundRoute(
+            Transport.HBONE,
+            address=(ip, HBONE_PORT),
+            authority=format_address(ip, target_port),
+            identities=identities,
+            destination=destination,
+            service=service,
+            reason="destination is in the mesh",
+        )
+    return OutboundRoute(
+        Transport.TCP,
+        address=(ip, target_port),
+        destination=destination,
+        service=service,
+        reason="destination is outside the mesh",
+    )
+
+
+def outbound(
+    mesh: Mesh,
+    source: Workload,
+    dst_ip: IPAddress,
+    dst_port: int,
+    *,
+    rng: random.Random,
+    proxy_addresses: Collection[IPAddress] = (),
+) -> OutboundRoute:
+    """Route a connection from ``source`` to ``dst_ip:dst_port``."""
+    if dst_port in PROXY_PORTS and dst_ip in proxy_addresses:
+        return OutboundRoute(
+            Transport.DENY, reason=f"port {dst_port} is the proxy's own: refusing to loop"
+        )
+    service = mesh.service_by_vip(dst_ip)
+    if service is not None:
+        if dst_port not in service.ports:
+            return OutboundRoute(
+                Transport.DENY, service=service, reason=f"{service.hostname} has no port {dst_port}"
+            )
+        picked = pick_endpoint(mesh, service, dst_port, rng)
+        if picked is None:
+            return OutboundRoute(
+                Transport.DENY,
+                service=service,
+                reason=f"{service.hostname}:{dst_port} has no healthy endpoint",
+            )
+        chosen, target_port = picked
+        return _to_workload(chosen, target_port, dst_ip, service)
+    workload = mesh.workload_by_ip(dst_ip)
+    if workload is not None:
+        return _to_workload(workload, dst_port, dst_ip, None)
+    return OutboundRoute(
+        Transport.TCP, address=(dst_ip, dst_port), reason="unknown destination: passthrough"
+    )
+
+
+def resolve(mesh: Mesh, destination: str) -> tuple[IPAddress, int]:
+    """``ip:port``, ``[ip6]:port`` or ``service-hostname:port`` → (ip, port). A hostname may be
+    a Service's full name or ``name.namespace``/``name.namespace.svc``. ValueError otherwise."""
+    host, sep, port_text = destination.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{destination!r}: expected host:port")
+    port = int(port_text)
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host), port
+    except ValueError:
+        pass
+    for candidate in (host, f"{host}.svc.cluster.local", f"{host}.cluster.local"):
+        service = mesh.service_by_hostname(candidate)
+        if service is not None and service.vips:
+            return service.vips[0][1], port
+    raise ValueError(f"{destination!r}: {host!r} is neither an IP nor a known Service hostname")
+
+
+@dataclass(frozen=True, slots=True)
+class InboundCheck:
+    """Whether an inbound connection may reach the local workload, and where its app is."""
+
+    allowed: bool
+    status: int = 200  # the HBONE status when refused
+    reason: str = ""
+    upstream: tuple[IPAddress, int] | None = None
+
+
+def app_address(workload: Workload, ip: IPAddress, port: int) -> tuple[IPAddress, int]:
+    """Where the workload's application listens for ``ip:port``: its app address in loopback
+    mode (an ambient extension), else the address itself."""
+    return (workload.app_address or ip, port)
+
+
+def inbound_hbone(workload: Workload, authority: str) -> InboundCheck:
+    """An HBONE CONNECT arriving at ``workload``'s 15008: it must name this pod, and not one of
+    the proxy's ports."""
+    host, _, port_text = authority.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        port = int(port_text)
+    except ValueError:
+        return InboundCheck(False, 400, f"authority {authority!r} is not ip:port")
+    if ip not in workload.ips:
+        return InboundCheck(False, 400, f"authority {authority} is not this pod ({workload.key})")
+    if port in PROXY_PORTS:
+        return InboundCheck(False, 400, f"port {port} is the proxy's own: refusing to loop")
+    return InboundCheck(True, upstream=app_address(workload, ip, port))
+
+
+def inbound_plaintext(workload: Workload, dst_ip: IPAddress, dst_port: int) -> InboundCheck:
+    """A plaintext connection captured for ``workload`` (15006, or an app port in loopback mode)."""
+    if dst_port in PROXY_PORTS:
+        return InboundCheck(False, 400, f"port {dst_port} is the proxy's own: refusing to loop")
+    if dst_ip not in workload.ips:
+        return InboundCheck(False, 400, f"{dst_ip} is not this pod ({workload.key})")
+    return InboundCheck(True, upstream=app_address(workload, dst_ip, dst_port))

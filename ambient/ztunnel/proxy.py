@@ -1,0 +1,353 @@
+"""ztunnel, the node proxy: listeners for every in-mesh pod of its node, per-connection decisions
+from the routing functions over the current mesh snapshot, and the compiled core moving the bytes.
+
+Per in-mesh pod, on the pod's IP (Istio's ports):
+
+- 15008: HBONE in (mutual TLS as the pod's identity, CONNECT per connection);
+- 15006: plaintext in (after in-pod redirection; the original destination via SO_ORIGINAL_DST);
+- 15001: captured outbound (same);
+- 15080: SOCKS5 outbound, the entry of loopback mode where nothing captures.
+
+In loopback mode a pod with an app address (``ambient.dev/app-address``) also has its app ports
+on its pod IP owned by ztunnel, as the capture would: a client outside the mesh reaches them in
+plaintext, and ztunnel forwards to the app address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import routing
+from ..hbone import Allow, DataPlane, Deny, HboneTarget, Listener, StreamRequest, TcpTarget
+from ..identity.manager import CertificateManager
+from ..mesh import IPAddress, Mesh, Workload
+from ..routing import Transport
+from .connection import ConnectionInfo, access_log_entry
+
+log = logging.getLogger(__name__)
+
+# Istio's ztunnel marks its own sockets with 0x539 so the in-pod rules let them through.
+PROXY_MARK = 0x539
+
+Plan = HboneTarget | TcpTarget | Deny
+
+
+def baggage(workload: Workload) -> str:
+    """The W3C baggage Istio's ztunnel sends with a CONNECT: who the source is."""
+    items = {
+        "k8s.cluster.name": workload.cluster_id or "Kubernetes",
+        "k8s.namespace.name": workload.namespace,
+        "k8s.deployment.name": workload.workload_name or workload.name,
+        "service.name": workload.canonical_name or workload.name,
+        "service.version": workload.canonical_revision or "latest",
+    }
+    return ",".join(f"{k}={v}" for k, v in items.items() if v)
+
+
+def inbound_app_ports(mesh: Mesh, workload: Workload) -> set[int]:
+    """The ports the workload's application serves: its Services' target ports and its named
+    container ports."""
+    ports = set(workload.named_ports.values())
+    for service in mesh.services:
+        for endpoint in service.endpoints:
+            if endpoint.workload_uid == workload.uid:
+                ports.update(p for p in endpoint.ports.values() if p)
+    return ports - routing.PROXY_PORTS
+
+
+@dataclass
+class PodProxy:
+    """The listeners ztunnel runs for one pod."""
+
+    workload: Workload
+    listeners: list[Listener] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Ztunnel:
+    """The node proxy for ``node``: call :meth:`apply` with each new snapshot."""
+
+    def __init__(
+        self,
+        node: str,
+        dataplane: DataPlane,
+        certificates: CertificateManager,
+        *,
+        loopback: bool = True,
+        access_log: Callable[[dict[str, Any]], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node = node
+        self.dataplane = dataplane
+        self.certificates = certificates
+        self.loopback = loopback
+        self.access_log = access_log
+        self.rng = rng or random.Random()
+        self.mesh = Mesh()
+        self.pods: dict[str, PodProxy] = {}
+        self._apply_lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def local_workloads(self, mesh: Mesh) -> dict[str, Workload]:
+        return {w.uid: w for w in mesh.workloads_on(self.node) if w.in_mesh and w.ips}
+
+    def apply(self, mesh: Mesh) -> None:
+        """Serve ``mesh`` from now on: new connections decide on it; pods that left the node or
+        the mesh lose their listeners; new pods get theirs; live connections continue."""
+        with self._apply_lock:
+            desired = self.local_workloads(mesh)
+            for uid in list(self.pods):
+                current = self.pods[uid].workload
+                wanted = desired.get(uid)
+                if wanted is None or _listener_shape(wanted, mesh) != _listener_shape(
+                    current, self.mesh
+                ):
+                    self._stop_pod(uid)
+            self.mesh = mesh  # decisions read this on every connection
+            for uid, workload in desired.items():
+                if uid not in self.pods:
+                    self.pods[uid] = self._start_pod(workload)
+                else:
+                    self.pods[uid].workload = workload
+
+    def _stop_pod(self, uid: str) -> None:
+        pod = self.pods.pop(uid)
+        for listener in pod.listeners:
+            listener.close(0.0)
+        log.info("pod %s removed from ztunnel %s", pod.workload.key, self.node)
+
+    def _start_pod(self, workload: Workload) -> PodProxy:
+        pod = PodProxy(workload)
+        identity = str(workload.identity)
+        self.certificates.ensure(identity)
+        ip = workload.ips[0]
+        at = routing.format_address
+        self._listen(
+            pod,
+            lambda: self.dataplane.serve(
+                at(ip, routing.HBONE_PORT),
+                identity,
+                self._inbound_hbone(workload.uid),
+                report=self._report,
+            ),
+        )
+        self._listen(
+            pod,
+            lambda: self.dataplane.forward(
+                at(ip, routing.INBOUND_PLAINTEXT_PORT),
+                self._inbound_plaintext(workload.uid),
+                mode="original_dst",
+                report=self._report,
+            ),
+        )
+        self._listen(
+            pod,
+            lambda: self.dataplane.forward(
+                at(ip, routing.OUTBOUND_CAPTURE_PORT),
+                self._outbound(workload.uid),
+                mode="original_dst",
+                report=self._report,
+            ),
+        )
+        self._listen(
+            pod,
+            lambda: self.dataplane.forward(
+                at(ip, routing.SOCKS5_PORT),
+                self._outbound(workload.uid),
+                mode="socks5",
+                report=self._report,
+            ),
+        )
+        if self.loopback and workload.app_address is not None:
+            for port in sorted(inbound_app_ports(self.mesh, workload)):
+                self._listen(pod, self._app_port_opener(workload, at(ip, port)))
+        log.info("pod %s served by ztunnel %s on %s", workload.key, self.node, ip)
+        return pod
+
+    def _app_port_opener(self, workload: Workload, address: str) -> Callable[[], Listener]:
+        """Loopback mode: own one of the pod's app ports, as the in-pod capture would."""
+        return lambda: self.dataplane.forward(
+            address, self._inbound_plaintext(workload.uid), report=self._report
+        )
+
+    @staticmethod
+    def _listen(pod: PodProxy, open_listener: Callable[[], Listener]) -> None:
+        try:
+            pod.listeners.append(open_listener())
+        except OSError as e:
+            # One pod's unusable address must not stop the others being served.
+            pod.errors.append(str(e))
+            log.error("pod %s: %s", pod.workload.key, e)
+
+    def close(self, deadline: float = 0.0) -> bool:
+        """Drain every listener (GOAWAY, let connections finish until ``deadline``)."""
+        with self._apply_lock:
+            pods, self.pods = self.pods, {}
+        finished = True
+        for pod in pods.values():
+            for listener in pod.listeners:
+                finished &= listener.close(deadline)
+        return finished
+
+    @property
+    def pending(self) -> list[str]:
+        """What keeps this proxy from being ready (empty when ready)."""
+        return [f"{p.workload.key}: {e}" for p in self.pods.values() for e in p.errors]
+
+    # --- decisions ---------------------------------------------------------------------------
+
+    def _workload(self, uid: str) -> Workload | None:
+        return self.mesh.workload_by_uid(uid)
+
+    def _source_ip(self, workload: Workload) -> str | None:
+        # In loopback mode connections leave from the pod's own IP, as they would from its netns.
+        return str(workload.ips[0]) if self.loopback else None
+
+    def _outbound(self, uid: str) -> Callable[[str, str], Plan]:
+        def route(source: str, destination: str) -> Plan:
+            mesh = self.mesh
+            workload = mesh.workload_by_uid(uid)
+            if workload is None:
+                return Deny("source pod is no longer served by this ztunnel")
+            try:
+                dst_ip, dst_port = routing.resolve(mesh, destination)
+            except ValueError as e:
+                return Deny(str(e), tag=ConnectionInfo("outbound", "DENY", workload, reason=str(e)))
+            proxy_ips = [ip for p in self.pods.values() for ip in p.workload.ips]
+            decision = routing.outbound(
+                mesh, workload, dst_ip, dst_port, rng=self.rng, proxy_addresses=proxy_ips
+            )
+            return self._plan(workload, decision)
+
+        return route
+
+    def _plan(self, source: Workload, route: routing.OutboundRoute) -> Plan:
+        info = ConnectionInfo(
+            direction="outbound",
+            transport=route.transport.value,
+            source_workload=source,
+            source_identity=str(source.identity),
+            destination_workload=route.destination,
+            destination_service=route.service,
+            destination_identity=route.identities[0] if route.identities else None,
+            hbone_address=route.dial if route.transport is Transport.HBONE else None,
+            reason=route.reason,
+        )
+        if route.transport is Transport.HBONE:
+            assert route.authority is not None
+            return HboneTarget(
+                route.dial,
+                route.authority,
+                list(route.identities),
+                str(source.identity),
+                source_ip=self._source_ip(source),
+                headers=[("baggage", baggage(source))],
+                tag=info,
+            )
+        if route.transport is Transport.TCP:
+            return TcpTarget(route.dial, source_ip=self._source_ip(source), tag=info)
+        return Deny(route.reason, tag=info)
+
+    def _client_source_ip(self, address: str) -> str | None:
+        """Connect to the app from the client's IP where the platform allows it (loopback mode:
+        every 127/8 address is local)."""
+        if not self.loopback:
+            return None
+        ip = ipaddress.ip_address(address.rpartition(":")[0].strip("[]"))
+        return str(ip) if ip.is_loopback else None
+
+    def _inbound_hbone(self, uid: str) -> Callable[[StreamRequest], Allow | Deny]:
+        def decide(request: StreamRequest) -> Allow | Deny:
+            mesh = self.mesh
+            workload = mesh.workload_by_uid(uid)
+            if workload is None:
+                return Deny("pod is no longer served by this ztunnel", status=503)
+            peer_ip = _ip_of(request.peer_address)
+            source = mesh.workload_by_ip(peer_ip) if peer_ip is not None else None
+            check = routing.inbound_hbone(workload, request.authority)
+            info = ConnectionInfo(
+                direction="inbound",
+                transport="HBONE",
+                source_workload=source,
+                source_identity=request.peer_identity,
+                destination_workload=workload,
+                destination_identity=str(workload.identity),
+                hbone_address=routing.format_address(workload.ips[0], routing.HBONE_PORT),
+                reason=check.reason,
+            )
+            if not check.allowed or check.upstream is None:
+                return Deny(check.reason, status=check.status, tag=info)
+            return Allow(
+                routing.format_address(*check.upstream),
+                source_ip=self._client_source_ip(request.peer_address),
+                tag=info,
+            )
+
+        return decide
+
+    def _inbound_plaintext(self, uid: str) -> Callable[[str, str], Plan]:
+        def route(source: str, destination: str) -> Plan:
+            mesh = self.mesh
+            workload = mesh.workload_by_uid(uid)
+            if workload is None:
+                return Deny("pod is no longer served by this ztunnel")
+            dst_ip, dst_port = routing.resolve(mesh, destination)
+            src_ip = _ip_of(source)
+            info = ConnectionInfo(
+                direction="inbound",
+                transport="TCP",
+                source_workload=mesh.workload_by_ip(src_ip) if src_ip is not None else None,
+                source_identity=None,  # plaintext carries no identity
+                destination_workload=workload,
+                destination_identity=str(workload.identity),
+            )
+            check = routing.inbound_plaintext(workload, dst_ip, dst_port)
+            if not check.allowed or check.upstream is None:
+                return Deny(check.reason, tag=info)
+            return TcpTarget(
+                routing.format_address(*check.upstream),
+                source_ip=self._client_source_ip(source),
+                tag=info,
+            )
+
+        return route
+
+    def _report(
+        self,
+        subject: Any,
+        source: str,
+        destination: str,
+        sent: int,
+        received: int,
+        seconds: float,
+        error: str | None,
+    ) -> None:
+        info = subject.tag
+        if self.access_log is not None and isinstance(info, ConnectionInfo):
+            self.access_log(
+                access_log_entry(info, source, destination, sent, received, seconds, error)
+            )
+
+
+def _listener_shape(workload: Workload, mesh: Mesh) -> tuple[object, ...]:
+    """What a pod's listeners depend on: a change here means they must be re-created."""
+    return (
+        workload.ips,
+        str(workload.identity),
+        workload.app_address,
+        tuple(sorted(inbound_app_ports(mesh, workload))),
+    )
+
+
+def _ip_of(address: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(address.rpartition(":")[0].strip("[]"))
+    except ValueError:
+        return None

@@ -1,0 +1,79 @@
+"""Config reload: on SIGHUP and when a mesh file changes. A valid new config becomes the snapshot
+for new connections; an invalid one is refused with every error, and the old one stays."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..config import ConfigError, load_mesh
+from ..mesh import Mesh
+
+log = logging.getLogger(__name__)
+
+
+class ConfigWatcher:
+    """Polls the files' modification times (portable, no inotify needed) every ``interval``
+    seconds; :meth:`reload` forces a reload (SIGHUP)."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        apply: Callable[[Mesh], None],
+        *,
+        interval: float = 1.0,
+        on_error: Callable[[ConfigError], None] | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self._apply = apply
+        self._on_error = on_error
+        self._interval = interval
+        self._stamps = self._read_stamps()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.reloads = 0
+        self.refusals = 0
+        self._thread = threading.Thread(target=self._poll, name="config-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _read_stamps(self) -> list[tuple[int, int] | None]:
+        stamps: list[tuple[int, int] | None] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamps.append(None)
+        return stamps
+
+    def reload(self) -> bool:
+        """Load the files now; apply them if valid. True when applied."""
+        with self._lock:
+            self._stamps = self._read_stamps()
+            try:
+                mesh = load_mesh(self.paths)
+            except ConfigError as e:
+                self.refusals += 1
+                log.error("new configuration refused; keeping the current one:\n%s", e)
+                if self._on_error is not None:
+                    self._on_error(e)
+                return False
+            self._apply(mesh)
+            self.reloads += 1
+            log.info("configuration reloaded from %s", ", ".join(map(str, self.paths)))
+            return True
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            if self._read_stamps() != self._stamps:
+                self.reload()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
