@@ -12,12 +12,9 @@ the path the mesh's rules say it must.
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
 import signal
 import socket
-import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
-
-from . import examples, routing
+from . import examples, routing, socks5
 from .config import ConfigError, load_mesh
 from .identity import CertificateAuthority
 from .mesh import Mesh, Service, Workload
+from .ztunnel.process import ZtunnelProcess
 from .ztunnel.proxy import inbound_app_ports
 
 PAYLOAD = b"hello through the mesh\n" * 2048  # 47 KiB: several frames each way
@@ -92,6 +88,9 @@ class EchoApp:
             conn.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would not free the port.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 
@@ -128,23 +127,6 @@ def plan_flows(mesh: Mesh) -> list[Flow]:
     return flows
 
 
-def _socks5(client_ip: str, host: str, port: int) -> socket.socket:
-    """Connect through the client pod's ztunnel (SOCKS5 on its own IP, port 15080)."""
-    sock = socket.socket()
-    sock.settimeout(10)
-    sock.bind((client_ip, 0))
-    sock.connect((client_ip, routing.SOCKS5_PORT))
-    sock.sendall(b"\x05\x01\x00")
-    if sock.recv(2) != b"\x05\x00":
-        raise ConnectionError("ztunnel refused the SOCKS5 greeting")
-    packed = b"\x01" + ipaddress.IPv4Address(host).packed
-    sock.sendall(b"\x05\x01\x00" + packed + struct.pack("!H", port))
-    reply = sock.recv(10)
-    if len(reply) < 2 or reply[1] != 0:
-        raise ConnectionError(f"ztunnel refused the connection (SOCKS5 reply {reply[1:2].hex()})")
-    return sock
-
-
 def _send_all_and_finish(sock: socket.socket) -> None:
     sock.sendall(PAYLOAD)
     sock.shutdown(socket.SHUT_WR)
@@ -161,64 +143,7 @@ def _exchange(sock: socket.socket) -> int:
         return received
 
 
-class NodeProxy:
-    """One ``ambient ztunnel`` process and its access log."""
-
-    def __init__(self, node: str, mesh_file: Path, ca_dir: Path, workdir: Path) -> None:
-        self.node = node
-        self.log_path = workdir / f"ztunnel-{node}.log"
-        self.log_path.touch()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-P",
-                "-m",
-                "ambient",
-                "ztunnel",
-                "--config",
-                str(mesh_file),
-                "--node",
-                node,
-                "--ca-dir",
-                str(ca_dir),
-                "--admin-address",
-                "127.0.0.1:0",
-                "--access-log",
-                str(self.log_path),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.admin = ""
-        self._offset = 0
-
-    def wait_ready(self) -> None:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("ready "):
-            err = self.process.stderr.read() if self.process.stderr else ""
-            raise RuntimeError(f"ztunnel {self.node} did not start: {line.strip()} {err.strip()}")
-        self.admin = dict(p.split("=", 1) for p in line.split()[1:])["admin"]
-
-    def new_entries(self) -> list[dict[str, Any]]:
-        with open(self.log_path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        self._offset += len(complete)
-        return [orjson.loads(line) for line in complete.splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def _inbound_entry(proxy: NodeProxy, flow: Flow) -> dict[str, Any] | None:
+def _inbound_entry(proxy: ZtunnelProcess, flow: Flow) -> dict[str, Any] | None:
     deadline = time.monotonic() + LOG_TIMEOUT
     while time.monotonic() < deadline:
         for entry in proxy.new_entries():
@@ -231,11 +156,12 @@ def _inbound_entry(proxy: NodeProxy, flow: Flow) -> dict[str, Any] | None:
     return None
 
 
-def run_flow(flow: Flow, proxies: dict[str, NodeProxy]) -> None:
+def run_flow(flow: Flow, proxies: dict[str, ZtunnelProcess]) -> None:
     client_ip = str(flow.client.ips[0])
     try:
         if flow.client.in_mesh:
-            sock = _socks5(client_ip, *flow.target)
+            proxy = (client_ip, routing.SOCKS5_PORT)
+            sock = socks5.connect(proxy, flow.target, source=client_ip)
         else:
             sock = socket.socket()
             sock.settimeout(10)
@@ -287,7 +213,9 @@ def run(
             if w.app_address is not None
             for port in inbound_app_ports(mesh, w)
         ]
-        proxies = {node: NodeProxy(node, mesh_file, workdir / "ca", workdir) for node in nodes}
+        proxies = {
+            node: ZtunnelProcess(node, [mesh_file], workdir / "ca", workdir) for node in nodes
+        }
         try:
             for proxy in proxies.values():
                 proxy.wait_ready()
@@ -309,7 +237,7 @@ def _print(
     out: Callable[[str], None],
     mesh: Mesh,
     flows: list[Flow],
-    proxies: dict[str, NodeProxy],
+    proxies: dict[str, ZtunnelProcess],
     config: Path | None,
     seconds: float,
 ) -> None:
@@ -332,7 +260,10 @@ def _print(
 
 
 def _keep_running(
-    out: Callable[[str], None], proxies: dict[str, NodeProxy], mesh_file: Path, config: Path | None
+    out: Callable[[str], None],
+    proxies: dict[str, ZtunnelProcess],
+    mesh_file: Path,
+    config: Path | None,
 ) -> None:
     kept = Path.cwd() / "ambient-demo-mesh.yaml" if config is None else config
     if config is None and not kept.exists():

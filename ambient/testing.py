@@ -3,6 +3,7 @@ conditions instead of sleeping. ambient's own tests use them; so can tests of co
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -14,12 +15,13 @@ class App:
 
     ``mode``: "echo" echoes and half-closes after the client did; "count" reads to EOF then
     answers with the byte count; "greet" sends a greeting and half-closes at once, then reads
-    to EOF (so the server side finishes first).
+    to EOF (so the server side finishes first); "name:<text>" sends ``<text>\n`` first, then
+    echoes (so a client learns which replica answered).
     """
 
-    def __init__(self, mode: str = "echo") -> None:
+    def __init__(self, mode: str = "echo", address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.mode = mode
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.sock = socket.create_server(address, backlog=512)
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.peers: list[tuple[str, int]] = []
         self.received: list[int] = []
@@ -45,9 +47,11 @@ class App:
                 if self.mode == "greet":
                     conn.sendall(b"hello from the app\n")
                     conn.shutdown(socket.SHUT_WR)
+                elif self.mode.startswith("name:"):
+                    conn.sendall(self.mode[5:].encode() + b"\n")
                 while data := conn.recv(1 << 18):
                     total += len(data)
-                    if self.mode == "echo":
+                    if self.mode == "echo" or self.mode.startswith("name:"):
                         conn.sendall(data)
                 if self.mode == "count":
                     conn.sendall(str(total).encode())
@@ -61,6 +65,10 @@ class App:
                 self.connections_ended += 1
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave the socket
+        # listening until that accept returns, and the address busy.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 

@@ -103,22 +103,22 @@ class Ztunnel:
         the mesh lose their listeners; new pods get theirs; live connections continue."""
         with self._apply_lock:
             desired = self.local_workloads(mesh)
-            for uid in list(self.pods):
-                current = self.pods[uid].workload
+            pods = dict(self.pods)
+            for uid in list(pods):
                 wanted = desired.get(uid)
                 if wanted is None or _listener_shape(wanted, mesh) != _listener_shape(
-                    current, self.mesh
+                    pods[uid].workload, self.mesh
                 ):
-                    self._stop_pod(uid)
+                    self._stop_pod(pods.pop(uid))
             self.mesh = mesh  # decisions read this on every connection
             for uid, workload in desired.items():
-                if uid not in self.pods:
-                    self.pods[uid] = self._start_pod(workload)
+                if uid not in pods:
+                    pods[uid] = self._start_pod(workload)
                 else:
-                    self.pods[uid].workload = workload
+                    pods[uid].workload = workload
+            self.pods = pods  # readers (admin, readiness) see the old set or the new one
 
-    def _stop_pod(self, uid: str) -> None:
-        pod = self.pods.pop(uid)
+    def _stop_pod(self, pod: PodProxy) -> None:
         for listener in pod.listeners:
             listener.close(0.0)
         log.info("pod %s removed from ztunnel %s", pod.workload.key, self.node)

@@ -70,8 +70,19 @@ class ConfigWatcher:
 
     def _poll(self) -> None:
         while not self._stop.wait(self._interval):
-            if self._read_stamps() != self._stamps:
-                self.reload()
+            seen = self._read_stamps()
+            if seen == self._stamps:
+                continue
+            # A file being written is read only once it has stopped changing for one interval,
+            # so a half-written file is never taken for the new config.
+            while not self._stop.wait(self._interval):
+                again = self._read_stamps()
+                if again == seen:
+                    break
+                seen = again
+            else:
+                return
+            self.reload()
 
     def stop(self) -> None:
         self._stop.set()

@@ -257,6 +257,15 @@ pub fn describe_handshake_error(peer: &str, err: &std::io::Error) -> String {
     let detail = match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
         // Our own SPIFFE refusals carry a full sentence; show it instead of rustls' Debug form.
         Some(Error::InvalidCertificate(CertificateError::Other(other))) => other.0.to_string(),
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => "the peer's certificate has expired".into(),
+        Some(Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        )) => "the peer's certificate is not valid yet (clock skew?)".into(),
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            "the peer's certificate is not signed by a trusted root".into()
+        }
         Some(Error::InvalidCertificate(reason)) => format!("invalid peer certificate: {reason:?}"),
         Some(Error::AlertReceived(alert)) => format!("the peer refused it with alert {alert:?}"),
         Some(Error::InvalidMessage(what)) => format!("the peer does not speak TLS ({what:?})"),
