@@ -98,13 +98,13 @@ def run(args: argparse.Namespace) -> int:
         if not ztunnel.pods:
             log.warning("no in-mesh pod has node %r: nothing to serve yet", args.node)
         host, port = args.admin_address.rsplit(":", 1)
+        watcher = ConfigWatcher(args.config, ztunnel.apply, interval=args.watch_interval)
         admin = AdminServer(
             (host.strip("[]"), int(port)),
             pending=lambda: ztunnel.pending,
-            config_dump=lambda: config_dump(ztunnel),
+            config_dump=lambda: config_dump(ztunnel, watcher.status()),
         )
         admin.start()
-        watcher = ConfigWatcher(args.config, ztunnel.apply, interval=args.watch_interval)
         watcher.start()
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -57,6 +57,10 @@ def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
         out.issues.append(ConfigIssue(Location(str(path)), "", f"cannot read: {e.strerror}"))
         return []
     docs: list[tuple[Any, Location]] = []
+    if not text.strip():
+        # An empty file is more likely one being written than a mesh with nothing in it.
+        out.issues.append(ConfigIssue(Location(str(path)), "", "the file is empty"))
+        return docs
     try:
         for n, doc in enumerate(yaml.safe_load_all(text), start=1):
             docs.append((doc, Location(str(path), n)))

@@ -34,9 +34,10 @@ def _service(s: Service) -> dict[str, Any]:
     }
 
 
-def config_dump(ztunnel: Ztunnel) -> dict[str, Any]:
+def config_dump(ztunnel: Ztunnel, reload: dict[str, object] | None = None) -> dict[str, Any]:
     mesh: Mesh = ztunnel.mesh
     return {
+        "reload": reload or {},
         "node": ztunnel.node,
         "workloads": [_workload(w) for w in mesh.workloads],
         "services": [_service(s) for s in mesh.services],

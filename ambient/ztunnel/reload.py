@@ -36,6 +36,7 @@ class ConfigWatcher:
         self._lock = threading.Lock()
         self.reloads = 0
         self.refusals = 0
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._poll, name="config-watch", daemon=True)
 
     def start(self) -> None:
@@ -59,12 +60,14 @@ class ConfigWatcher:
                 mesh = load_mesh(self.paths)
             except ConfigError as e:
                 self.refusals += 1
+                self.last_error = str(e)
                 log.error("new configuration refused; keeping the current one:\n%s", e)
                 if self._on_error is not None:
                     self._on_error(e)
                 return False
             self._apply(mesh)
             self.reloads += 1
+            self.last_error = None
             log.info("configuration reloaded from %s", ", ".join(map(str, self.paths)))
             return True
 
@@ -83,6 +86,14 @@ class ConfigWatcher:
             else:
                 return
             self.reload()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "files": [str(p) for p in self.paths],
+            "reloads": self.reloads,
+            "refusals": self.refusals,
+            "lastError": self.last_error,
+        }
 
     def stop(self) -> None:
         self._stop.set()

@@ -50,9 +50,13 @@ status: {podIP: 127.22.1.3}
 """
 
 
-def served_pods(node: ZtunnelProcess) -> list[str]:
+def dump(node: ZtunnelProcess) -> dict:
     with urllib.request.urlopen(f"http://{node.admin}/config_dump", timeout=5) as r:
-        return sorted(orjson.loads(r.read())["servedPods"])
+        return orjson.loads(r.read())
+
+
+def served_pods(node: ZtunnelProcess) -> list[str]:
+    return sorted(dump(node)["servedPods"])
 
 
 @pytest.fixture
@@ -102,7 +106,11 @@ def test_an_invalid_config_on_sighup_is_refused_and_the_old_one_stays(node):
     live = open_live()
     mesh_file.write_text(textwrap.dedent(BASE).replace("127.22.1.2}", "127.22.1.999}"))
     proc.signal(signal.SIGHUP)
-    mesh_file.write_text(mesh_file.read_text())  # and the watcher sees a change too
+    wait_until(lambda: dump(proc)["reload"]["refusals"] >= 1, what="the refusal")
+    assert "127.22.1.999" in dump(proc)["reload"]["lastError"]
+    mesh_file.write_text("")  # a truncated file (an editor mid-write) is refused as well
+    wait_until(lambda: dump(proc)["reload"]["refusals"] >= 2, what="the second refusal")
+    assert "the file is empty" in dump(proc)["reload"]["lastError"]
     # Still serving the old config: both pods, new connections, the live one.
     assert served_pods(proc) == ["default/client", "default/server"]
     assert (

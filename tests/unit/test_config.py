@@ -347,6 +347,7 @@ policies:
         ["line", "invalid YAML"],
         id="YAML syntax error",
     ),
+    pytest.param("\n\n", ["the file is empty"], id="empty file (half-written?)"),
     pytest.param(
         "hello: world\n",
         ["expected a Kubernetes object", "ztunnel's local config"],
