@@ -14,9 +14,9 @@ import (
 )
 
 func main() {
-	port := flag.Int("port", 0, "port to listen on (0: any)")
+	address := flag.String("address", "127.0.0.1:0", "ip:port to listen on (port 0: any)")
 	flag.Parse()
-	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port))
+	ln, err := net.Listen("tcp", *address)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)

@@ -20,7 +20,7 @@ use crate::outbound::{self, ListenMode, OutboundContext};
 use crate::plan::HboneTarget;
 use crate::pool::Pool;
 use crate::probe;
-use crate::report::Reporter;
+use crate::report::{ReportQueue, Reporter};
 use crate::socket::SocketFactory;
 use crate::stats::Stats;
 
@@ -43,6 +43,8 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Tunnels handed over by Python (`tunnel_fd`), which belong to no listener.
     pub tunnels: TaskTracker,
+    /// Connection reports on their way to Python.
+    pub reports: Arc<ReportQueue>,
 }
 
 /// The lifetime of one listener's connections: drained together, cut together.
@@ -207,6 +209,7 @@ impl Core {
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
+            reports: ReportQueue::start(),
         });
         let sweeper = shared.clone();
         runtime.spawn(async move {
@@ -260,7 +263,8 @@ impl Core {
         decide: &Bound<'_, PyAny>,
         report: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Listener> {
-        let reporter = Reporter::from_py(report).map_err(PyValueError::new_err)?;
+        let reporter =
+            Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
         if self.shared.identities.get(identity).is_none() {
             return Err(PyValueError::new_err(format!(
                 "serve_hbone: no certificate loaded for {identity} (call set_identity first)"
@@ -299,7 +303,8 @@ impl Core {
     ) -> PyResult<Listener> {
         let decider = OutboundDecider::from_py(route).map_err(PyValueError::new_err)?;
         let mode = ListenMode::parse(mode).map_err(PyValueError::new_err)?;
-        let reporter = Reporter::from_py(report).map_err(PyValueError::new_err)?;
+        let reporter =
+            Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
         let tcp = self.bind(address)?;
         let local = tcp
             .local_addr()
@@ -451,6 +456,7 @@ impl Core {
         if let Some(runtime) = runtime {
             py.detach(move || runtime.shutdown_timeout(Duration::from_secs(1)));
         }
+        self.shared.reports.close();
         Ok(finished)
     }
 
@@ -462,6 +468,7 @@ impl Core {
 
 impl Drop for Core {
     fn drop(&mut self) {
+        self.shared.reports.close();
         self.shared.draining.cancel();
         self.shared.hard_stop.cancel();
         if let Some(runtime) = self.runtime.lock().unwrap().take() {

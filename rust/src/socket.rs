@@ -51,12 +51,38 @@ impl SocketFactory {
     pub async fn connect(&self, dest: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
         let socket = self.new_socket(&dest)?;
         if let Some(ip) = source {
+            // Choose the source port at connect time, knowing the destination: a port bound
+            // before connect cannot be shared across destinations nor reuse TIME_WAIT ones, and
+            // a busy proxy connecting from one IP would run out of them.
+            #[cfg(target_os = "linux")]
+            set_bind_address_no_port(&socket)?;
             socket.bind(&SocketAddr::new(ip, 0).into())?;
         }
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         let stream = socket.connect(dest).await?;
         tune_stream(&stream)?;
         Ok(stream)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a c_int option value of the declared size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
