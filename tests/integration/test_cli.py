@@ -191,3 +191,51 @@ def test_bad_arguments_are_refused_with_what_was_expected(args, message):
     result = ambient(*args)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+
+
+def test_demo_keep_leaves_the_mesh_running_for_your_own_traffic(tmp_path):
+    from ambient import socks5
+
+    proc = subprocess.Popen(
+        [sys.executable, *PYTHON_FLAGS, "-m", "ambient", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        lines = []
+        while not any("mesh file:" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"demo exited early: {''.join(lines)} {proc.stderr.read()}"
+            lines.append(line)
+        text = "".join(lines)
+        assert "the mesh keeps running" in text and "/config_dump" in text
+        # Our own traffic, as C1 through its ztunnel to Service s1.
+        sock = socks5.connect(("127.10.1.1", 15080), ("127.10.100.1", 80), source="127.10.1.1")
+        assert exchange(sock, b"my own bytes") == b"my own bytes"
+        assert (tmp_path / "ambient-demo-mesh.yaml").read_text().startswith("# The seed's figure")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
+def test_demo_runs_an_edited_mesh_file_and_refuses_a_broken_one(tmp_path):
+    shown = ambient("demo", "--show-config")
+    assert shown.returncode == 0 and "kind: Service" in shown.stdout
+    edited = tmp_path / "mesh.yaml"
+    # Move C3 to node w1: it now crosses nodes too.
+    edited.write_text(
+        shown.stdout.replace(
+            "  name: c3\n  namespace: default\n  labels: {app: c3}\nspec:\n  nodeName: w2",
+            "  name: c3\n  namespace: default\n  labels: {app: c3}\nspec:\n  nodeName: w1",
+        )
+    )
+    result = ambient("demo", "--config", str(edited))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "c3 -> ztunnel w1 -> HBONE mTLS -> ztunnel w2 -> s1" in result.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(shown.stdout.replace("podIP: 127.10.2.1", "podIP: 127.10.2.1000"))
+    result = ambient("demo", "--config", str(broken))
+    assert result.returncode == 2
+    assert "broken.yaml" in result.stdout and "status.podIP" in result.stdout
