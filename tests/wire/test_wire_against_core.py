@@ -9,6 +9,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -320,3 +321,32 @@ def test_rust_client_speaks_istio_settings_without_sni(
     connect = seen["connect"]
     assert connect[b":method"] == b"CONNECT" and connect[b":authority"] == b"10.0.0.7:8080"
     assert b":scheme" not in connect and b":path" not in connect
+
+
+def test_rust_client_keeps_an_idle_connection_alive_with_pings(
+    loop, h2_server, dataplane_factory, client_cert, echo
+):
+    """Istio's keepalive: a PING every 10 s on an HBONE connection, answered by the peer."""
+    _, hbone_address = h2_server
+    pings: list[float] = []
+    import h2.connection as h2conn  # count PINGs where the independent peer parses frames
+
+    real_receive = h2conn.H2Connection.receive_data
+
+    def counting_receive(self, data):
+        events = real_receive(self, data)
+        pings.extend(time.monotonic() for e in events if isinstance(e, h2.events.PingReceived))
+        return events
+
+    h2conn.H2Connection.receive_data = counting_receive
+    try:
+        client = dataplane_factory(1)
+        client.load_identity(client_cert)
+        target = HboneTarget(hbone_address, echo.address, [SERVER], CLIENT)
+        started = time.monotonic()
+        assert exchange(client.connect(target), b"x") == b"x"
+        wait_until(lambda: pings, timeout=15, what="a keepalive PING")
+        assert 9 <= pings[0] - started <= 12
+        assert client.stats()["pool_connections"] == 1  # answered, so the connection lives on
+    finally:
+        h2conn.H2Connection.receive_data = real_receive
