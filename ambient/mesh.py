@@ -57,6 +57,8 @@ class Workload:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Named container ports, so a Service's `targetPort: http` resolves per endpoint.
     named_ports: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # Every TCP port its containers declare (named or not).
+    container_ports: tuple[int, ...] = ()
     # Which policies select this workload ("ns/name"), as ztunnel's config lists them.
     authorization_policies: tuple[str, ...] = ()
     # Loopback mode only (an ambient extension, annotation `ambient.dev/app-address`): where the

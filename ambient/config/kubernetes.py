@@ -169,3 +169,83 @@ MODELS: dict[str, type[Resource]] = {
     "Pod": Pod,
     "Service": Service,
 }
+
+
+# --- AuthorizationPolicy (security.istio.io) ------------------------------------------------
+
+
+class Source(Closed):
+    principals: list[str] = []
+    notPrincipals: list[str] = []
+    requestPrincipals: list[str] = []
+    notRequestPrincipals: list[str] = []
+    namespaces: list[str] = []
+    notNamespaces: list[str] = []
+    serviceAccounts: list[str] = []
+    notServiceAccounts: list[str] = []
+    ipBlocks: list[str] = []
+    notIpBlocks: list[str] = []
+    remoteIpBlocks: list[str] = []
+    notRemoteIpBlocks: list[str] = []
+
+
+class From(Closed):
+    source: Source
+
+
+class Operation(Closed):
+    hosts: list[str] = []
+    notHosts: list[str] = []
+    ports: list[str] = []
+    notPorts: list[str] = []
+    methods: list[str] = []
+    notMethods: list[str] = []
+    paths: list[str] = []
+    notPaths: list[str] = []
+
+
+class To(Closed):
+    operation: Operation
+
+
+class Condition(Closed):
+    key: str
+    values: list[str] = []
+    notValues: list[str] = []
+
+
+class Rule(Closed):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    from_: list[From] = Field(default=[], alias="from")
+    to: list[To] = []
+    when: list[Condition] = []
+
+
+class WorkloadSelector(Closed):
+    matchLabels: dict[str, str] = {}
+
+
+class PolicyTargetReference(Closed):
+    group: str = ""
+    kind: str
+    name: str
+    namespace: str | None = None
+
+
+class AuthorizationPolicySpec(Closed):
+    selector: WorkloadSelector | None = None
+    targetRef: PolicyTargetReference | None = None
+    targetRefs: list[PolicyTargetReference] = []
+    action: Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"] = "ALLOW"
+    provider: dict[str, object] | None = None
+    rules: list[Rule] = []
+
+
+class AuthorizationPolicy(Resource):
+    apiVersion: Literal["security.istio.io/v1", "security.istio.io/v1beta1"]
+    kind: Literal["AuthorizationPolicy"]
+    metadata: NamespacedMeta
+    spec: AuthorizationPolicySpec = AuthorizationPolicySpec()
+
+
+MODELS["AuthorizationPolicy"] = AuthorizationPolicy

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Workload
 from ..policy.model import Policy
+from . import authorization, translate
 from . import kubernetes as k8s
-from . import translate
 from . import ztunnel_local as local
 from .errors import ConfigError, ConfigIssue, Location, issues_from_validation
 
@@ -36,6 +36,9 @@ class _Collected:
     namespaces: list[tuple[k8s.Namespace, Location]] = field(default_factory=list)
     pods: list[tuple[k8s.Pod, Location]] = field(default_factory=list)
     services: list[tuple[k8s.Service, Location]] = field(default_factory=list)
+    authorization_policies: list[tuple[k8s.AuthorizationPolicy, Location]] = field(
+        default_factory=list
+    )
     local_configs: list[tuple[local.LocalConfig, Location]] = field(default_factory=list)
     issues: list[ConfigIssue] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -123,6 +126,8 @@ def _kubernetes_object(doc: dict[str, Any], location: Location, out: _Collected)
         out.pods.append((resource, location))
     elif isinstance(resource, k8s.Service):
         out.services.append((resource, location))
+    elif isinstance(resource, k8s.AuthorizationPolicy):
+        out.authorization_policies.append((resource, location))
 
 
 def _check_unique(
@@ -181,7 +186,11 @@ def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_
     _check_unique(
         (
             (f"{kind} {r.metadata.namespace}/{r.metadata.name}", loc)
-            for kind, group in (("Pod", out.pods), ("Service", out.services))
+            for kind, group in (
+                ("Pod", out.pods),
+                ("Service", out.services),
+                ("AuthorizationPolicy", out.authorization_policies),
+            )
             for r, loc in group
         ),
         "object",
@@ -216,6 +225,15 @@ def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_
         for svc, loc in out.services
     ]
     policies: list[Policy] = []
+    for resource, loc in out.authorization_policies:
+        try:
+            converted = authorization.convert(resource)
+        except authorization.PolicyError as e:
+            out.issues.append(ConfigIssue(loc, e.field, str(e)))
+            continue
+        out.warnings.extend(f"{loc}: {w}" for w in converted.warnings)
+        if converted.policy is not None:
+            policies.append(converted.policy)
     for config, loc in out.local_configs:
         workloads.extend((translate.workload_from_local(w), loc) for w in config.workloads)
         services.extend(

@@ -92,6 +92,16 @@ def workload_from_pod(
         named_ports=MappingProxyType(
             {p.name: p.containerPort for c in pod.spec.containers for p in c.ports if p.name}
         ),
+        container_ports=tuple(
+            sorted(
+                {
+                    p.containerPort
+                    for c in pod.spec.containers
+                    for p in c.ports
+                    if p.protocol == "TCP"
+                }
+            )
+        ),
         app_address=ipaddress.ip_address(app_address) if app_address else None,
     )
 

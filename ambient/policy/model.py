@@ -24,6 +24,7 @@ class Scope(Enum):
 class Action(Enum):
     ALLOW = "Allow"
     DENY = "Deny"
+    AUDIT = "Audit"  # matches are only logged (from AuthorizationPolicy; ztunnel's file has none)
 
 
 class MatchKind(Enum):

@@ -28,6 +28,7 @@ class ConnectionInfo:
     destination_identity: str | None = None
     hbone_address: str | None = None
     reason: str = ""
+    policy: str | None = None  # the authorization policy that decided, ``namespace/name``
 
 
 def _workload_fields(prefix: str, w: Workload | None) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def access_log_entry(
         "dst.service": info.destination_service.hostname if info.destination_service else None,
         **_workload_fields("dst", info.destination_workload),
         "dst.identity": info.destination_identity,
+        "policy": info.policy,
         "bytes_sent": sent,
         "bytes_recv": received,
         "duration_ms": round(seconds * 1000, 3),

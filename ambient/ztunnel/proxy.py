@@ -15,6 +15,7 @@ plaintext, and ztunnel forwards to the app address.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -26,7 +27,9 @@ from typing import Any
 from .. import routing
 from ..hbone import Allow, DataPlane, Deny, HboneTarget, Listener, StreamRequest, TcpTarget
 from ..identity.manager import CertificateManager
+from ..identity.spiffe import SpiffeId
 from ..mesh import IPAddress, Mesh, Workload
+from ..policy.engine import Authorizer, Connection, Decision
 from ..routing import Transport
 from .connection import ConnectionInfo, access_log_entry
 
@@ -51,9 +54,9 @@ def baggage(workload: Workload) -> str:
 
 
 def inbound_app_ports(mesh: Mesh, workload: Workload) -> set[int]:
-    """The ports the workload's application serves: its Services' target ports and its named
+    """The ports the workload's application serves: its Services' target ports and its
     container ports."""
-    ports = set(workload.named_ports.values())
+    ports = set(workload.container_ports)
     for service in mesh.services:
         for endpoint in service.endpoints:
             if endpoint.workload_uid == workload.uid:
@@ -89,9 +92,14 @@ class Ztunnel:
         self.loopback = loopback
         self.access_log = access_log
         self.rng = rng or random.Random()
-        self.mesh = Mesh()
+        # The snapshot and its compiled policies, swapped together: decisions read it once.
+        self.authorizer = Authorizer(Mesh())
         self.pods: dict[str, PodProxy] = {}
         self._apply_lock = threading.Lock()
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.authorizer.mesh
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -110,13 +118,14 @@ class Ztunnel:
                     pods[uid].workload, self.mesh
                 ):
                     self._stop_pod(pods.pop(uid))
-            self.mesh = mesh  # decisions read this on every connection
+            self.authorizer = Authorizer(mesh)  # decisions read this on every connection
             for uid, workload in desired.items():
                 if uid not in pods:
                     pods[uid] = self._start_pod(workload)
                 else:
                     pods[uid].workload = workload
             self.pods = pods  # readers (admin, readiness) see the old set or the new one
+        self.recheck_live_connections()
 
     def _stop_pod(self, pod: PodProxy) -> None:
         for listener in pod.listeners:
@@ -265,7 +274,8 @@ class Ztunnel:
 
     def _inbound_hbone(self, uid: str) -> Callable[[StreamRequest], Allow | Deny]:
         def decide(request: StreamRequest) -> Allow | Deny:
-            mesh = self.mesh
+            authorizer = self.authorizer
+            mesh = authorizer.mesh
             workload = mesh.workload_by_uid(uid)
             if workload is None:
                 return Deny("pod is no longer served by this ztunnel", status=503)
@@ -282,19 +292,25 @@ class Ztunnel:
                 hbone_address=routing.format_address(workload.ips[0], routing.HBONE_PORT),
                 reason=check.reason,
             )
-            if not check.allowed or check.upstream is None:
+            if not check.allowed or check.upstream is None or peer_ip is None:
                 return Deny(check.reason, status=check.status, tag=info)
+            decision = self._authorize(
+                authorizer, workload, peer_ip, request.authority, request.peer_identity
+            )
+            if not decision.allowed:
+                return Deny(decision.reason, status=401, tag=_with_policy(info, decision))
             return Allow(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(request.peer_address),
-                tag=info,
+                tag=_with_policy(info, decision),
             )
 
         return decide
 
     def _inbound_plaintext(self, uid: str) -> Callable[[str, str], Plan]:
         def route(source: str, destination: str) -> Plan:
-            mesh = self.mesh
+            authorizer = self.authorizer
+            mesh = authorizer.mesh
             workload = mesh.workload_by_uid(uid)
             if workload is None:
                 return Deny("pod is no longer served by this ztunnel")
@@ -309,8 +325,12 @@ class Ztunnel:
                 destination_identity=str(workload.identity),
             )
             check = routing.inbound_plaintext(workload, dst_ip, dst_port)
-            if not check.allowed or check.upstream is None:
+            if not check.allowed or check.upstream is None or src_ip is None:
                 return Deny(check.reason, tag=info)
+            decision = self._authorize(authorizer, workload, src_ip, destination, None)
+            info = _with_policy(info, decision)
+            if not decision.allowed:
+                return Deny(decision.reason, tag=info)
             return TcpTarget(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(source),
@@ -318,6 +338,52 @@ class Ztunnel:
             )
 
         return route
+
+    def _authorize(
+        self,
+        authorizer: Authorizer,
+        workload: Workload,
+        source_ip: IPAddress,
+        destination: str,
+        peer_identity: str | None,
+    ) -> Decision:
+        dst_ip, dst_port = routing.resolve(authorizer.mesh, destination)
+        identity = SpiffeId.parse(peer_identity) if peer_identity else None
+        decision = authorizer.authorize(workload, Connection(source_ip, dst_ip, dst_port, identity))
+        for note in decision.logged:
+            log.info("%s -> %s (%s): %s", source_ip, destination, workload.key, note)
+        if not decision.allowed:
+            log.info(
+                "%s -> %s (%s) refused: %s",
+                peer_identity or source_ip,
+                destination,
+                workload.key,
+                decision.reason,
+            )
+        return decision
+
+    def recheck_live_connections(self) -> int:
+        """Authorize every live inbound connection again under the current policies and close
+        those no longer allowed; returns how many were closed."""
+        authorizer = self.authorizer
+        closed = 0
+        for conn_id, subject, source, destination in self.dataplane.core.connections():
+            info = getattr(subject, "tag", None)
+            if not isinstance(info, ConnectionInfo) or info.direction != "inbound":
+                continue
+            workload = info.destination_workload
+            current = authorizer.mesh.workload_by_uid(workload.uid) if workload else None
+            source_ip = _ip_of(source)
+            if current is None or source_ip is None:
+                continue
+            decision = self._authorize(
+                authorizer, current, source_ip, destination, info.source_identity
+            )
+            if not decision.allowed and self.dataplane.core.close_connection(
+                conn_id, f"no longer allowed: {decision.reason}"
+            ):
+                closed += 1
+        return closed
 
     def _report(
         self,
@@ -334,6 +400,12 @@ class Ztunnel:
             self.access_log(
                 access_log_entry(info, source, destination, sent, received, seconds, error)
             )
+
+
+def _with_policy(info: ConnectionInfo, decision: Decision) -> ConnectionInfo:
+    if decision.policy is None:
+        return info
+    return dataclasses.replace(info, policy=decision.policy)
 
 
 def _listener_shape(workload: Workload, mesh: Mesh) -> tuple[object, ...]:

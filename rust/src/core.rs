@@ -20,6 +20,7 @@ use crate::outbound::{self, ListenMode, OutboundContext};
 use crate::plan::HboneTarget;
 use crate::pool::Pool;
 use crate::probe;
+use crate::registry::ConnectionRegistry;
 use crate::report::{ReportQueue, Reporter};
 use crate::socket::SocketFactory;
 use crate::stats::Stats;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub tunnels: TaskTracker,
     /// Connection reports on their way to Python.
     pub reports: Arc<ReportQueue>,
+    /// Connections carrying bytes, which decisions may revisit.
+    pub connections: ConnectionRegistry,
 }
 
 /// The lifetime of one listener's connections: drained together, cut together.
@@ -210,6 +213,7 @@ impl Core {
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             reports: ReportQueue::start(),
+            connections: ConnectionRegistry::default(),
         });
         let sweeper = shared.clone();
         runtime.spawn(async move {
@@ -400,6 +404,27 @@ impl Core {
         out.set_item("bytes_received", report.bytes_received)?;
         out.set_item("first_error", report.first_error)?;
         Ok(out)
+    }
+
+    /// Connections carrying bytes now: `(id, subject, source, destination)`, where `subject` is the
+    /// plan or verdict they were given (with its `tag`).
+    fn connections<'py>(&self, py: Python<'py>) -> Vec<(u64, Py<PyAny>, String, String)> {
+        let mut out = Vec::new();
+        self.shared.connections.for_each(|id, conn| {
+            out.push((
+                id,
+                conn.subject.to_py(py),
+                conn.source.to_string(),
+                conn.destination.clone(),
+            ));
+        });
+        out
+    }
+
+    /// Close a live connection (both sides); `reason` is reported as its error. False if it had
+    /// already ended.
+    fn close_connection(&self, id: u64, reason: String) -> bool {
+        self.shared.connections.close(id, reason)
     }
 
     /// Counters, read without stopping traffic.

@@ -13,6 +13,7 @@ mod outbound;
 mod plan;
 mod pool;
 mod probe;
+mod registry;
 mod report;
 mod socket;
 mod socks5;

@@ -272,7 +272,15 @@ async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundCo
             if socks && socks5::reply(&mut tcp, Reply::Succeeded).await.is_err() {
                 return;
             }
-            carry(tcp, far, shared, &transferred)
+            let carrying = carry(tcp, far, shared, &transferred);
+            shared
+                .connections
+                .run(
+                    Subject::Plan(plan.clone()),
+                    source,
+                    destination.clone(),
+                    carrying,
+                )
                 .await
                 .err()
                 .map(|e| e.to_string())

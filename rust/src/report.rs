@@ -13,13 +13,14 @@ use crate::copy::Transferred;
 use crate::decision::{Plan, Verdict};
 
 /// What the connection was decided to be.
+#[derive(Clone)]
 pub enum Subject {
     Plan(Plan),
     Verdict(Verdict),
 }
 
 impl Subject {
-    fn to_py(&self, py: Python<'_>) -> Py<PyAny> {
+    pub fn to_py(&self, py: Python<'_>) -> Py<PyAny> {
         match self {
             Subject::Plan(Plan::Hbone(t)) => t.clone_ref(py).into_any(),
             Subject::Plan(Plan::Tcp(t)) => t.clone_ref(py).into_any(),

@@ -334,13 +334,22 @@ async fn carry_stream(
     };
     let _active = ActiveGuard::new(&stats.active_tunnels);
     let (up_read, up_write) = upstream.into_split();
-    let result = copy::bidirectional(
+    let copying = copy::bidirectional(
         (H2Reader(request.into_body()), H2Writer(send)),
         (StreamReader::new(up_read), StreamWriter(up_write)),
         stats,
         transferred,
-    )
-    .await;
+    );
+    let result = ctx
+        .shared
+        .connections
+        .run(
+            Subject::Verdict(verdict.clone()),
+            peer,
+            authority.to_string(),
+            copying,
+        )
+        .await;
     result.err().map(|e| {
         log::debug!(
             "HBONE stream {peer} -> {} ended with error after {}/{} bytes: {e}",
