@@ -40,17 +40,15 @@ ROOT_NAMESPACE = "istio-system"
 
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """What L4 authorization sees of a connection."""
+    """What L4 authorization sees of a connection. Build it with :func:`connection`, which
+    derives ``principal`` and ``namespace`` once rather than on every rule."""
 
     source_ip: IPAddress
     destination_ip: IPAddress
     destination_port: int
     identity: SpiffeId | None = None  # the peer's, proven by mutual TLS; None for plaintext
-
-    @property
-    def principal(self) -> str:
-        """The identity as policies write it: without ``spiffe://``; "" without identity."""
-        return self.identity.principal if self.identity else ""
+    principal: str = ""  # the identity as policies write it, without "spiffe://"; "" if none
+    namespace: str = ""  # the identity's namespace; "" if none
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +89,9 @@ def match_matches(m: Match, conn: Connection) -> bool:
     if m == _EMPTY:
         return False
     identity = conn.identity
-    namespace = identity.namespace if identity else ""
     if not _strings(m.principals, m.not_principals, conn.principal):
         return False
-    if not _strings(m.namespaces, m.not_namespaces, namespace):
+    if not _strings(m.namespaces, m.not_namespaces, conn.namespace):
         return False
     if m.service_accounts or m.not_service_accounts:
         account = (identity.namespace, identity.service_account) if identity else None
@@ -181,9 +178,12 @@ class _Index:
     """Rules of one action, each filed under the one constraint it cannot match without."""
 
     by_principal: dict[str, list[tuple[int, Rule]]] = field(default_factory=dict)
+    # Principal prefixes and suffixes, by length: principal[:n] / principal[-n:] -> rules.
+    by_principal_prefix: dict[int, dict[str, list[tuple[int, Rule]]]] = field(default_factory=dict)
+    by_principal_suffix: dict[int, dict[str, list[tuple[int, Rule]]]] = field(default_factory=dict)
     by_namespace: dict[str, list[tuple[int, Rule]]] = field(default_factory=dict)
     by_port: dict[int, list[tuple[int, Rule]]] = field(default_factory=dict)
-    # (ip version, prefix length) -> network address as int -> rules
+    # (ip version, netmask as int) -> network address as int -> rules
     by_network: dict[tuple[int, int], dict[int, list[tuple[int, Rule]]]] = field(
         default_factory=dict
     )
@@ -196,6 +196,17 @@ class _Index:
             if keys is not None:
                 for k in keys:
                     self.by_principal.setdefault(k, []).append(entry)
+                return
+        for clause in rule:
+            affixes = _affix_keys(clause)
+            if affixes is not None:
+                for kind, value in affixes:
+                    table = (
+                        self.by_principal_prefix
+                        if kind is MatchKind.PREFIX
+                        else self.by_principal_suffix
+                    )
+                    table.setdefault(len(value), {}).setdefault(value, []).append(entry)
                 return
         for clause in rule:
             keys = _exact_keys(clause, "namespaces")
@@ -211,24 +222,48 @@ class _Index:
         for clause in rule:
             if clause and all(m.source_ips for m in clause):
                 for net in {n for m in clause for n in m.source_ips}:
-                    bucket = self.by_network.setdefault((net.version, net.prefixlen), {})
+                    bucket = self.by_network.setdefault((net.version, int(net.netmask)), {})
                     bucket.setdefault(int(net.network_address), []).append(entry)
                 return
         self.rest.append(entry)
 
-    def candidates(self, conn: Connection) -> Iterable[tuple[int, Rule]]:
-        yield from self.by_principal.get(conn.principal, ())
-        if conn.identity is not None:
-            yield from self.by_namespace.get(conn.identity.namespace, ())
-        yield from self.by_port.get(conn.destination_port, ())
+    def candidates(self, conn: Connection) -> list[tuple[int, Rule]]:
+        """The rules that could match ``conn``; every other rule certainly does not."""
+        found: list[tuple[int, Rule]] = []
+        principal = conn.principal
+        if principal:
+            found += self.by_principal.get(principal, ())
+            for length, table in self.by_principal_prefix.items():
+                found += table.get(principal[:length], ())
+            for length, table in self.by_principal_suffix.items():
+                found += table.get(principal[-length:], ())
+            found += self.by_namespace.get(conn.namespace, ())
+        found += self.by_port.get(conn.destination_port, ())
         if self.by_network:
             ip = int(conn.source_ip)
-            bits = 32 if conn.source_ip.version == 4 else 128
-            for (version, prefix), bucket in self.by_network.items():
-                if version == conn.source_ip.version:
-                    mask = ((1 << prefix) - 1) << (bits - prefix) if prefix else 0
-                    yield from bucket.get(ip & mask, ())
-        yield from self.rest
+            version = conn.source_ip.version
+            for (net_version, mask), bucket in self.by_network.items():
+                if net_version == version:
+                    found += bucket.get(ip & mask, ())
+        found += self.rest
+        return found
+
+
+def _affix_keys(clause: Clause) -> set[tuple[MatchKind, str]] | None:
+    """The principal prefixes/suffixes a clause requires, if every match requires one (and
+    exact values count as both: they are filed as prefixes of their full length)."""
+    if not clause:
+        return None
+    keys: set[tuple[MatchKind, str]] = set()
+    for m in clause:
+        if not m.principals:
+            return None
+        for v in m.principals:
+            if v.kind is MatchKind.PRESENCE or not v.value:
+                return None
+            kind = MatchKind.SUFFIX if v.kind is MatchKind.SUFFIX else MatchKind.PREFIX
+            keys.add((kind, v.value))
+    return keys
 
 
 def _exact_keys(clause: Clause, field_name: str) -> set[str] | None:
@@ -251,14 +286,16 @@ class PolicySet:
         self.policies = [_normalise(p) for p in policies]
         self._deny = _Index()
         self._allow = _Index()
-        self._logged: list[Policy] = []
+        self._logged = _Index()  # dry-run and AUDIT: evaluated only to be logged
         self.has_allow = False
+        self.has_logged = False
         for n, p in enumerate(self.policies):
             if p.dry_run or p.action is Action.AUDIT:
-                self._logged.append(p)
-                continue
-            index = self._deny if p.action is Action.DENY else self._allow
-            self.has_allow |= p.action is Action.ALLOW
+                index = self._logged
+                self.has_logged = True
+            else:
+                index = self._deny if p.action is Action.DENY else self._allow
+                self.has_allow |= p.action is Action.ALLOW
             for rule in p.rules:
                 index.add(n, rule)
 
@@ -270,7 +307,7 @@ class PolicySet:
         return None if best is None else self.policies[best]
 
     def evaluate(self, conn: Connection) -> Decision:
-        logged = tuple(self._log(conn)) if self._logged else ()
+        logged = tuple(self._log(conn)) if self.has_logged else ()
         denied = self._first_match(self._deny, conn)
         if denied is not None:
             return Decision(False, f"denied by policy {denied.key}", denied.key, logged)
@@ -282,10 +319,13 @@ class PolicySet:
         return Decision(False, "no ALLOW policy matched", None, logged)
 
     def _log(self, conn: Connection) -> Iterable[str]:
-        for p in self._logged:
-            if policy_matches(p, conn):
-                kind = "dry-run" if p.dry_run else "audit"
-                yield f"{kind} {p.action.value} policy {p.key} matched"
+        matched = sorted(
+            {n for n, rule in self._logged.candidates(conn) if rule_matches(rule, conn)}
+        )
+        for n in matched:
+            p = self.policies[n]
+            kind = "dry-run" if p.dry_run else "audit"
+            yield f"{kind} {p.action.value} policy {p.key} matched"
 
     def explain(self, conn: Connection) -> list[tuple[str, str]]:
         """Every applicable policy's verdict on ``conn``, for ``ambient explain``."""
@@ -340,4 +380,6 @@ def connection(
         ipaddress.ip_address(destination_ip) if isinstance(destination_ip, str) else destination_ip,
         destination_port,
         identity,
+        identity.principal if identity else "",
+        identity.namespace if identity else "",
     )

@@ -27,9 +27,8 @@ from typing import Any
 from .. import routing
 from ..hbone import Allow, DataPlane, Deny, HboneTarget, Listener, StreamRequest, TcpTarget
 from ..identity.manager import CertificateManager
-from ..identity.spiffe import SpiffeId
 from ..mesh import IPAddress, Mesh, Workload
-from ..policy.engine import Authorizer, Connection, Decision
+from ..policy.engine import Authorizer, Decision, connection
 from ..routing import Transport
 from .connection import ConnectionInfo, access_log_entry
 
@@ -348,8 +347,9 @@ class Ztunnel:
         peer_identity: str | None,
     ) -> Decision:
         dst_ip, dst_port = routing.resolve(authorizer.mesh, destination)
-        identity = SpiffeId.parse(peer_identity) if peer_identity else None
-        decision = authorizer.authorize(workload, Connection(source_ip, dst_ip, dst_port, identity))
+        decision = authorizer.authorize(
+            workload, connection(source_ip, dst_ip, dst_port, peer_identity)
+        )
         for note in decision.logged:
             log.info("%s -> %s (%s): %s", source_ip, destination, workload.key, note)
         if not decision.allowed:
