@@ -64,6 +64,11 @@ class Workload:
     # Loopback mode only (an ambient extension, annotation `ambient.dev/app-address`): where the
     # pod's application listens, so ztunnel can own the pod IP's ports as a capture would.
     app_address: IPAddress | None = None
+    # The waypoint its traffic goes through when addressed to the pod ("ns/name"), if any.
+    waypoint: str | None = None
+    # An ambient extension (annotation `ambient.dev/waypoint-only`): refuse inbound traffic that
+    # did not come through one of its waypoints.
+    waypoint_only: bool = False
 
     @property
     def identity(self) -> SpiffeId:
@@ -96,11 +101,30 @@ class Service:
     ports: Mapping[int, int]  # service port -> target port (0: resolved per endpoint)
     endpoints: tuple[Endpoint, ...] = ()
     subject_alt_names: tuple[str, ...] = ()
+    waypoint: str | None = None  # the waypoint its traffic goes through ("ns/name"), if any
 
     @property
     def key(self) -> str:
         """``namespace/hostname``: how ztunnel's config refers to a service."""
         return f"{self.namespace}/{self.hostname}"
+
+
+@dataclass(frozen=True, slots=True)
+class Waypoint:
+    """An L7 proxy for Services and/or pods: a Gateway of class istio-waypoint and its pods."""
+
+    name: str
+    namespace: str
+    traffic: str  # istio.io/waypoint-for: "service" | "workload" | "all" | "none"
+    workload_uids: tuple[str, ...]  # the waypoint's own pods, which serve HBONE on 15008
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def serves(self, kind: str) -> bool:
+        """Whether it takes ``kind`` ("service" or "workload") traffic."""
+        return self.traffic in (kind, "all")
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,7 @@ class Mesh:
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
     policies: tuple[Policy, ...] = ()
+    waypoints: tuple[Waypoint, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -133,6 +158,13 @@ class Mesh:
     @cached_property
     def _by_hostname(self) -> Mapping[str, Service]:
         return MappingProxyType({s.hostname: s for s in self.services})
+
+    @cached_property
+    def _waypoints(self) -> Mapping[str, Waypoint]:
+        return MappingProxyType({w.key: w for w in self.waypoints})
+
+    def waypoint(self, key: str | None) -> Waypoint | None:
+        return self._waypoints.get(key) if key else None
 
     def workload_by_ip(self, ip: IPAddress) -> Workload | None:
         return self._by_ip.get(ip)

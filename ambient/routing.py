@@ -7,12 +7,15 @@ randomness (endpoint choice) is passed in.
 Outbound, in order (Istio's ztunnel):
 1. a connection aimed at one of the proxy's own ports on an address it serves is refused, so
    nothing loops;
-2. to a Service VIP: an endpoint of that Service — unhealthy ones and ones without the port
+2. to a Service VIP whose Service has a waypoint: HBONE to the waypoint, authority ``VIP:port``;
+3. to a Service VIP: an endpoint of that Service — unhealthy ones and ones without the port
    skipped, weighted random by capacity; none left → refused (no fallback);
-3. to a known workload's IP: that workload;
-4. to anything else: plain TCP passthrough to the original destination;
-5. a destination in the mesh is reached over HBONE at ``podIP:15008`` with authority
+4. to a known workload's IP: that workload — through its waypoint if it has one (authority the
+   original ``ip:port``); a Service's waypoint wins, since Service traffic skips the pod's;
+5. to anything else: plain TCP passthrough to the original destination;
+6. a destination in the mesh is reached over HBONE at ``podIP:15008`` with authority
    ``podIP:targetPort``, expecting its identity; one outside the mesh over plain TCP.
+Traffic from a waypoint itself is never sent back to that waypoint.
 
 Inbound: an HBONE stream must name this pod (``authority`` IP) and not one of the proxy's ports;
 plaintext arrives with no peer identity.
@@ -26,7 +29,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 
-from .mesh import HealthStatus, IPAddress, Mesh, Service, Workload
+from .mesh import HealthStatus, IPAddress, Mesh, Service, Waypoint, Workload
 
 HBONE_PORT = 15008
 INBOUND_PLAINTEXT_PORT = 15006
@@ -57,6 +60,7 @@ class OutboundRoute:
     destination: Workload | None = None
     service: Service | None = None
     reason: str = ""
+    waypoint: Waypoint | None = None  # when the connection goes through one
 
     @property
     def dial(self) -> str:
@@ -116,6 +120,49 @@ def _to_workload(
     )
 
 
+def _via_waypoint(
+    mesh: Mesh,
+    key: str | None,
+    source: Workload,
+    authority: str,
+    rng: random.Random,
+    *,
+    service: Service | None = None,
+    destination: Workload | None = None,
+) -> OutboundRoute | None:
+    """The route through waypoint ``key``, or None when there is none to take."""
+    waypoint = mesh.waypoint(key)
+    if waypoint is None or source.uid in waypoint.workload_uids:
+        return None  # no waypoint, or the traffic comes from the waypoint itself
+    instances = [
+        w
+        for uid in waypoint.workload_uids
+        if (w := mesh.workload_by_uid(uid)) is not None
+        and w.ips
+        and w.status is HealthStatus.HEALTHY
+        and w.capacity > 0
+    ]
+    if not instances:
+        return OutboundRoute(
+            Transport.DENY,
+            service=service,
+            destination=destination,
+            waypoint=waypoint,
+            reason=f"waypoint {waypoint.key} has no ready instance",
+        )
+    chosen = rng.choices(instances, weights=[w.capacity for w in instances])[0]
+    return OutboundRoute(
+        Transport.HBONE,
+        address=(chosen.ips[0], HBONE_PORT),
+        authority=authority,
+        identities=(str(chosen.identity),),
+        destination=destination,
+        service=service,
+        waypoint=waypoint,
+        reason=f"through waypoint {waypoint.key}",
+    )
+
+
 def outbound(
     mesh: Mesh,
     source: Workload,
@@ -136,6 +183,11 @@ def outbound(
             return OutboundRoute(
                 Transport.DENY, service=service, reason=f"{service.hostname} has no port {dst_port}"
             )
+        via = _via_waypoint(
+            mesh, service.waypoint, source, format_address(dst_ip, dst_port), rng, service=service
+        )
+        if via is not None:
+            return via
         picked = pick_endpoint(mesh, service, dst_port, rng)
         if picked is None:
             return OutboundRoute(
@@ -147,7 +199,15 @@ def outbound(
         return _to_workload(chosen, target_port, dst_ip, service)
     workload = mesh.workload_by_ip(dst_ip)
     if workload is not None:
-        return _to_workload(workload, dst_port, dst_ip, None)
+        via = _via_waypoint(
+            mesh,
+            workload.waypoint,
+            source,
+            format_address(dst_ip, dst_port),
+            rng,
+            destination=workload,
+        )
+        return via if via is not None else _to_workload(workload, dst_port, dst_ip, None)
     return OutboundRoute(
         Transport.TCP, address=(dst_ip, dst_port), reason="unknown destination: passthrough"
     )
@@ -202,6 +262,24 @@ def inbound_hbone(workload: Workload, authority: str) -> InboundCheck:
     if port in PROXY_PORTS:
         return InboundCheck(False, 400, f"port {port} is the proxy's own: refusing to loop")
     return InboundCheck(True, upstream=app_address(workload, ip, port))
+
+
+def waypoint_identities(mesh: Mesh, workload: Workload) -> set[str]:
+    """The identities of the waypoints traffic to ``workload`` may come through: its own, and
+    those of the Services it backs."""
+    keys = {workload.waypoint} | {
+        s.waypoint
+        for s in mesh.services
+        if s.waypoint and any(e.workload_uid == workload.uid for e in s.endpoints)
+    }
+    identities = set()
+    for key in keys:
+        waypoint = mesh.waypoint(key)
+        for uid in waypoint.workload_uids if waypoint else ():
+            instance = mesh.workload_by_uid(uid)
+            if instance is not None:
+                identities.add(str(instance.identity))
+    return identities
 
 
 def inbound_plaintext(workload: Workload, dst_ip: IPAddress, dst_port: int) -> InboundCheck:

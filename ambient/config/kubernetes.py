@@ -249,3 +249,37 @@ class AuthorizationPolicy(Resource):
 
 
 MODELS["AuthorizationPolicy"] = AuthorizationPolicy
+
+
+# --- Gateway (gateway.networking.k8s.io): a waypoint when its class is istio-waypoint --------
+
+
+class GatewayListener(Open):
+    name: str
+    port: PortNumber
+    protocol: str
+
+
+class GatewaySpec(Open):
+    gatewayClassName: str
+    listeners: list[GatewayListener] = []
+
+
+class GatewayAddress(Open):
+    type: str = "IPAddress"
+    value: str
+
+
+class GatewayStatus(Open):
+    addresses: list[GatewayAddress] = []
+
+
+class Gateway(Resource):
+    apiVersion: Literal["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"]
+    kind: Literal["Gateway"]
+    metadata: NamespacedMeta
+    spec: GatewaySpec
+    status: GatewayStatus = GatewayStatus()
+
+
+MODELS["Gateway"] = Gateway

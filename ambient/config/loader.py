@@ -8,6 +8,7 @@ any, no snapshot is built, so nothing ever starts from a half-read config.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ import yaml
 from pydantic import ValidationError
 
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
-from ..mesh import Mesh, Service, Workload
+from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from . import authorization, translate
+from . import authorization, translate, waypoints
 from . import kubernetes as k8s
 from . import ztunnel_local as local
 from .errors import ConfigError, ConfigIssue, Location, issues_from_validation
@@ -39,6 +40,7 @@ class _Collected:
     authorization_policies: list[tuple[k8s.AuthorizationPolicy, Location]] = field(
         default_factory=list
     )
+    gateways: list[tuple[k8s.Gateway, Location]] = field(default_factory=list)
     local_configs: list[tuple[local.LocalConfig, Location]] = field(default_factory=list)
     issues: list[ConfigIssue] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -128,6 +130,8 @@ def _kubernetes_object(doc: dict[str, Any], location: Location, out: _Collected)
         out.services.append((resource, location))
     elif isinstance(resource, k8s.AuthorizationPolicy):
         out.authorization_policies.append((resource, location))
+    elif isinstance(resource, k8s.Gateway):
+        out.gateways.append((resource, location))
 
 
 def _check_unique(
@@ -173,6 +177,54 @@ def _cross_checks(
                         loc, "VIPs", f"VIP {ip} is also a workload IP ({pod_ips[f'{net}/{ip}']})"
                     )
                 )
+
+
+def _bind_waypoints(
+    out: _Collected,
+    workloads: list[tuple[Workload, Location]],
+    services: list[tuple[Service, Location]],
+) -> list[Waypoint]:
+    """Declare the waypoints and keep only valid bindings (workloads and services in place)."""
+    found = waypoints.waypoints_from_gateways(
+        [g for g, _ in out.gateways], [w for w, _ in workloads]
+    )
+    gateway_locations = {id(g): loc for g, loc in out.gateways}
+    for gw, field_name, message in found.errors:
+        out.issues.append(ConfigIssue(gateway_locations[id(gw)], field_name, message))
+    by_key = {w.key: w for w in found.waypoints}
+    local_workloads = [w for w, _ in workloads]
+    local_services = [s for s, _ in services]
+    for config, _ in out.local_configs:  # ztunnel's file names waypoints by address
+        for lw in config.workloads:
+            if lw.waypoint is None:
+                continue
+            wp = waypoints.local_waypoint(lw.waypoint.destination, local_workloads, local_services)
+            if wp is not None:
+                by_key.setdefault(wp.key, wp)
+                uid = translate.workload_from_local(lw).uid
+                for i, (w, loc) in enumerate(workloads):
+                    if w.uid == uid:
+                        workloads[i] = (dataclasses.replace(w, waypoint=wp.key), loc)
+        for ls in config.services:
+            if ls.waypoint is None:
+                continue
+            wp = waypoints.local_waypoint(ls.waypoint.destination, local_workloads, local_services)
+            if wp is not None:
+                by_key.setdefault(wp.key, wp)
+                for i, (s, loc) in enumerate(services):
+                    if s.namespace == ls.namespace and s.hostname == ls.hostname:
+                        services[i] = (dataclasses.replace(s, waypoint=wp.key), loc)
+    local_keys = {k for k in by_key if k not in {w.key for w in found.waypoints}}
+    for i, (w, loc) in enumerate(workloads):
+        if w.waypoint is not None and w.waypoint not in local_keys:
+            bound = waypoints.bind(w.waypoint, "workload", f"{loc}", by_key, found)
+            workloads[i] = (dataclasses.replace(w, waypoint=bound), loc)
+    for i, (s, loc) in enumerate(services):
+        if s.waypoint is not None and s.waypoint not in local_keys:
+            bound = waypoints.bind(s.waypoint, "service", f"{loc}", by_key, found)
+            services[i] = (dataclasses.replace(s, waypoint=bound), loc)
+    out.warnings.extend(found.warnings)
+    return list(by_key.values())
 
 
 def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Mesh:
@@ -221,7 +273,14 @@ def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_
                 )
             )
     services: list[tuple[Service, Location]] = [
-        (translate.service_from_k8s(svc, (w for w, _ in workloads)), loc)
+        (
+            translate.service_from_k8s(
+                svc,
+                (w for w, _ in workloads),
+                namespace_labels.get(svc.metadata.namespace or "default", {}),
+            ),
+            loc,
+        )
         for svc, loc in out.services
     ]
     policies: list[Policy] = []
@@ -240,6 +299,7 @@ def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_
             (s, loc) for s in translate.services_from_local(config.services, config.workloads)
         )
         policies.extend(translate.policy_from_local(p) for p in config.policies)
+    all_waypoints = _bind_waypoints(out, workloads, services)
     _cross_checks(workloads, services, out)
 
     if out.issues:
@@ -251,6 +311,7 @@ def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_
         workloads=tuple(w for w, _ in workloads),
         services=tuple(s for s, _ in services),
         policies=tuple(policies),
+        waypoints=tuple(all_waypoints),
         namespaces=MappingProxyType(
             {k: MappingProxyType(v) for k, v in sorted(namespaces.items())}
         ),

@@ -24,6 +24,7 @@ from ..policy.model import (
     StringMatch,
 )
 from . import kubernetes as k8s
+from . import waypoints
 from . import ztunnel_local as local
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
@@ -103,6 +104,9 @@ def workload_from_pod(
             )
         ),
         app_address=ipaddress.ip_address(app_address) if app_address else None,
+        waypoint=waypoints.binding(meta.labels, namespace_labels, meta.namespace or "default"),
+        waypoint_only=meta.annotations.get(waypoints.WAYPOINT_ONLY_ANNOTATION, "").lower()
+        == "true",
     )
 
 
@@ -110,7 +114,9 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def service_from_k8s(svc: k8s.Service, workloads: Iterable[Workload]) -> Service:
+def service_from_k8s(
+    svc: k8s.Service, workloads: Iterable[Workload], namespace_labels: Mapping[str, str]
+) -> Service:
     meta, spec = svc.metadata, svc.spec
     namespace = meta.namespace or "default"
     vips: list[IPAddress] = []
@@ -147,6 +153,7 @@ def service_from_k8s(svc: k8s.Service, workloads: Iterable[Workload]) -> Service
         vips=tuple(("", ip) for ip in vips),
         ports=MappingProxyType(ports),
         endpoints=tuple(endpoints),
+        waypoint=waypoints.binding(meta.labels, namespace_labels, namespace),
     )
 
 

@@ -29,6 +29,7 @@ class ConnectionInfo:
     hbone_address: str | None = None
     reason: str = ""
     policy: str | None = None  # the authorization policy that decided, ``namespace/name``
+    waypoint: str | None = None  # the waypoint the connection was sent through
 
 
 def _workload_fields(prefix: str, w: Workload | None) -> dict[str, Any]:
@@ -57,6 +58,7 @@ def access_log_entry(
         "dst.service": info.destination_service.hostname if info.destination_service else None,
         **_workload_fields("dst", info.destination_workload),
         "dst.identity": info.destination_identity,
+        "dst.waypoint": info.waypoint,
         "policy": info.policy,
         "bytes_sent": sent,
         "bytes_recv": received,

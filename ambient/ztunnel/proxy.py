@@ -247,6 +247,7 @@ class Ztunnel:
             destination_identity=route.identities[0] if route.identities else None,
             hbone_address=route.dial if route.transport is Transport.HBONE else None,
             reason=route.reason,
+            waypoint=route.waypoint.key if route.waypoint else None,
         )
         if route.transport is Transport.HBONE:
             assert route.authority is not None
@@ -293,6 +294,9 @@ class Ztunnel:
             )
             if not check.allowed or check.upstream is None or peer_ip is None:
                 return Deny(check.reason, status=check.status, tag=info)
+            refusal = _waypoint_only_refusal(mesh, workload, request.peer_identity)
+            if refusal:
+                return Deny(refusal, status=401, tag=info)
             decision = self._authorize(
                 authorizer, workload, peer_ip, request.authority, request.peer_identity
             )
@@ -326,6 +330,9 @@ class Ztunnel:
             check = routing.inbound_plaintext(workload, dst_ip, dst_port)
             if not check.allowed or check.upstream is None or src_ip is None:
                 return Deny(check.reason, tag=info)
+            refusal = _waypoint_only_refusal(mesh, workload, None)
+            if refusal:
+                return Deny(refusal, tag=info)
             decision = self._authorize(authorizer, workload, src_ip, destination, None)
             info = _with_policy(info, decision)
             if not decision.allowed:
@@ -400,6 +407,20 @@ class Ztunnel:
             self.access_log(
                 access_log_entry(info, source, destination, sent, received, seconds, error)
             )
+
+
+def _waypoint_only_refusal(mesh: Mesh, workload: Workload, peer: str | None) -> str | None:
+    """The ``ambient.dev/waypoint-only`` extension: traffic must come from one of the pod's
+    waypoints (Istio itself leaves this to hand-written ALLOW policies)."""
+    if not workload.waypoint_only:
+        return None
+    expected = routing.waypoint_identities(mesh, workload)
+    if peer in expected:
+        return None
+    return (
+        f"{workload.key} accepts traffic only through its waypoint "
+        f"(peer {peer or 'without identity'}, expected one of {sorted(expected) or 'none'})"
+    )
 
 
 def _with_policy(info: ConnectionInfo, decision: Decision) -> ConnectionInfo:
