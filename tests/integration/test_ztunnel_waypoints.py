@@ -3,6 +3,7 @@ that records what arrives (the waypoint proxy itself is built later)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import textwrap
 import threading
@@ -53,7 +54,10 @@ metadata:
   namespace: app
   labels: {app: web, istio.io/use-waypoint: wp}
   annotations: {ambient.dev/app-address: 127.27.2.1}
-spec: {nodeName: n2, serviceAccountName: web, containers: [{name: c, ports: [{containerPort: 8080}]}]}
+spec:
+  nodeName: n2
+  serviceAccountName: web
+  containers: [{name: c, ports: [{containerPort: 8080}]}]
 status: {podIP: 127.26.2.1}
 ---
 apiVersion: v1
@@ -63,7 +67,10 @@ metadata:
   namespace: app
   labels: {app: strict, istio.io/use-waypoint: wp}
   annotations: {ambient.dev/app-address: 127.27.2.2, ambient.dev/waypoint-only: "true"}
-spec: {nodeName: n2, serviceAccountName: strict, containers: [{name: c, ports: [{containerPort: 8080}]}]}
+spec:
+  nodeName: n2
+  serviceAccountName: strict
+  containers: [{name: c, ports: [{containerPort: 8080}]}]
 status: {podIP: 127.26.2.2}
 ---
 apiVersion: v1
@@ -185,10 +192,8 @@ def test_waypoint_only_pod_refuses_plaintext(env):
     sock = socket.create_connection(
         ("127.26.2.2", 8080), timeout=5, source_address=("127.26.1.9", 0)
     )
-    try:
+    with contextlib.suppress(ConnectionResetError):  # or reset, our bytes unread: refused
         assert exchange(sock, b"hi") == b""
-    except ConnectionResetError:
-        pass  # closed with our bytes unread: refused either way
 
 
 def test_the_outbound_access_log_names_the_waypoint(env):
