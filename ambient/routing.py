@@ -92,7 +92,7 @@ def pick_endpoint(
     return rng.choices(candidates, weights=weights)[0]
 
 
-def _to_workload(
+def to_workload(
     destination: Workload, target_port: int, like: IPAddress, service: Service | None
 ) -> OutboundRoute:
     ip = _family_ip(destination, like)
@@ -196,7 +196,7 @@ def outbound(
                 reason=f"{service.hostname}:{dst_port} has no healthy endpoint",
             )
         chosen, target_port = picked
-        return _to_workload(chosen, target_port, dst_ip, service)
+        return to_workload(chosen, target_port, dst_ip, service)
     workload = mesh.workload_by_ip(dst_ip)
     if workload is not None:
         via = _via_waypoint(
@@ -207,7 +207,7 @@ def outbound(
             rng,
             destination=workload,
         )
-        return via if via is not None else _to_workload(workload, dst_port, dst_ip, None)
+        return via if via is not None else to_workload(workload, dst_port, dst_ip, None)
     return OutboundRoute(
         Transport.TCP, address=(dst_ip, dst_port), reason="unknown destination: passthrough"
     )

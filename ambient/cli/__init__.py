@@ -3,6 +3,7 @@
 ambient demo                     the main job on its embedded default
 ambient ca init --dir DIR        create a root CA for standalone use
 ambient config check FILE...     validate mesh files and summarise them
+ambient explain --config F SRC DST:PORT   the path and policy verdicts of a connection
 ambient hbone serve|forward|probe   HBONE endpoints and checks from the command line
 ambient ztunnel --config F --node N --ca-dir D   the node proxy for one node
 ambient version                  versions and build profile
@@ -15,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import ca, config, demo, hbone, ztunnel
+from . import ca, config, demo, explain, hbone, ztunnel
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(commands)
     ca.register(commands)
     config.register(commands)
+    explain.register(commands)
     hbone.register(commands)
     ztunnel.register(commands)
     version = commands.add_parser("version", help="print versions and the core's build profile")

@@ -1,0 +1,46 @@
+"""``ambient explain``: the path a connection would take and each policy's verdict, without
+sending traffic. Exit 0 when it would be allowed, 1 when denied, 2 on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..config import ConfigError, load_mesh
+from ..explain import ExplainError, explain, render
+
+
+def register(commands: Any) -> None:
+    e = commands.add_parser(
+        "explain",
+        help="show the path and policy verdicts of a connection, without sending it",
+        description="SOURCE is a pod (namespace/name) or an IP; DEST is IP:PORT or a Service "
+        "hostname:PORT. Exit status: 0 allowed, 1 denied, 2 bad input.",
+    )
+    e.add_argument("--config", required=True, action="append", type=Path, metavar="FILE")
+    e.add_argument("source", metavar="SOURCE")
+    e.add_argument("destination", metavar="DEST:PORT")
+    e.add_argument("--json", action="store_true", help="print JSON (allowed, hops, policies...)")
+    e.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        mesh = load_mesh(args.config)
+        result = explain(mesh, args.source, args.destination)
+    except ConfigError as err:
+        for issue in err.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except ExplainError as err:
+        print(f"ambient explain: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print("\n".join(render(result)))
+    return 0 if result.allowed else 1

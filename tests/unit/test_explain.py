@@ -1,0 +1,169 @@
+"""``ambient explain``: path and verdicts without sending traffic, from the proxy's own functions;
+exit status 0 allowed, 1 denied, 2 bad input; --json for scripts."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from ambient.cli import main
+
+MESH = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: dev, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sleep, namespace: prod}
+spec: {nodeName: n1, serviceAccountName: sleep}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: intruder, namespace: dev}
+spec: {nodeName: n1, serviceAccountName: intruder}
+status: {podIP: 10.0.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: prod, labels: {app: web}}
+spec: {nodeName: n2, serviceAccountName: web}
+status: {podIP: 10.0.2.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: prod, labels: {app: web}}
+spec: {nodeName: n2, serviceAccountName: web}
+status: {podIP: 10.0.2.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-prod, namespace: prod}
+spec:
+  rules: [{from: [{source: {namespaces: [prod]}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: prod}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: wp-1
+  namespace: prod
+  labels: {gateway.networking.k8s.io/gateway-name: wp, istio.io/dataplane-mode: none}
+spec: {nodeName: n3, serviceAccountName: wp}
+status: {podIP: 10.0.3.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: prod, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.2, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+"""
+
+
+@pytest.fixture
+def mesh_file(tmp_path):
+    path = tmp_path / "mesh.yaml"
+    path.write_text(textwrap.dedent(MESH))
+    return str(path)
+
+
+def run(capsys, *args):
+    code = main(["explain", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_an_allowed_connection_to_a_service_explains_every_endpoint(capsys, mesh_file):
+    code, out, _ = run(capsys, "--config", mesh_file, "prod/sleep", "web.prod:80", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["allowed"] is True
+    assert result["transport"] == "HBONE"
+    assert result["expected_identities"] == ["spiffe://cluster.local/ns/prod/sa/web"]
+    assert {e["workload"] for e in result["endpoints"]} == {"prod/web-1", "prod/web-2"}
+    assert {"name": "prod/only-prod", "verdict": "allow", "workload": "prod/web-1"} in result[
+        "policies"
+    ]
+    assert any(
+        "HBONE (mTLS) to 10.0.2.1:15008, authority 10.0.2.1:8080" in h
+        for e in result["endpoints"]
+        for h in e["hops"]
+    )
+
+
+def test_a_denied_connection_exits_1_and_names_the_policy_verdicts(capsys, mesh_file):
+    code, out, _ = run(capsys, "--config", mesh_file, "dev/intruder", "10.0.2.1:8080")
+    assert code == 1
+    assert "prod/only-prod: no match" in out
+    assert "verdict: DENIED (no ALLOW policy matched)" in out
+
+
+def test_plaintext_from_an_unknown_source_has_no_identity(capsys, mesh_file):
+    code, out, _ = run(capsys, "--config", mesh_file, "192.0.2.7", "10.0.2.1:8080", "--json")
+    result = json.loads(out)
+    assert code == 1 and result["allowed"] is False  # only-prod needs a prod identity
+    assert any("no identity (plaintext)" in h for h in result["hops"])
+
+
+def test_a_service_with_a_waypoint_goes_through_it(capsys, mesh_file):
+    code, out, _ = run(capsys, "--config", mesh_file, "prod/sleep", "10.96.0.2:80", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["waypoint"] == "prod/wp"
+    assert result["expected_identities"] == ["spiffe://cluster.local/ns/prod/sa/wp"]
+    assert any("authority 10.96.0.2:80" in h for h in result["hops"])
+
+
+def test_refusals_by_routing_are_explained(capsys, mesh_file):
+    code, out, _ = run(capsys, "--config", mesh_file, "prod/sleep", "10.0.1.1:15008")
+    assert code == 1 and "refusing to loop" in out
+
+
+def test_explain_agrees_with_the_authorizer_the_proxy_uses(mesh_file):
+    from ambient.config import load_mesh
+    from ambient.explain import explain
+    from ambient.policy.engine import Authorizer, connection
+
+    mesh = load_mesh([mesh_file])
+    web = next(w for w in mesh.workloads if w.name == "web-1")
+    for source, identity in (
+        ("prod/sleep", "spiffe://cluster.local/ns/prod/sa/sleep"),
+        ("dev/intruder", "spiffe://cluster.local/ns/dev/sa/intruder"),
+    ):
+        src_ip = next(w for w in mesh.workloads if w.key == source).ips[0]
+        direct = Authorizer(mesh).authorize(web, connection(src_ip, "10.0.2.1", 8080, identity))
+        assert explain(mesh, source, "10.0.2.1:8080").allowed is direct.allowed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prod/nobody", "10.0.2.1:8080"], "no pod prod/nobody"),
+        (["not-an-ip", "10.0.2.1:8080"], "expected a pod as namespace/name, or an IP"),
+        (["prod/sleep", "10.0.2.1"], "expected host:port"),
+        (["prod/sleep", "unknown.svc:80"], "neither an IP nor a known Service"),
+    ],
+)
+def test_bad_input_exits_2_with_what_was_expected(capsys, mesh_file, args, message):
+    code, _, err = run(capsys, "--config", mesh_file, *args)
+    assert code == 2 and message in err
+
+
+def test_a_bad_config_exits_2(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n")
+    code, _, err = run(capsys, "--config", str(bad), "1.2.3.4", "1.2.3.5:80")
+    assert code == 2 and "metadata.namespace" in err
