@@ -7,12 +7,23 @@ __version__: str
 def build_profile() -> str:
     """'release' or 'debug'."""
 
+def reset_log_cache() -> None:
+    """Make the core see Python logging levels changed after it first logged."""
+
+class Counters:
+    """Connection and byte counters for one set of metric labels, updated by the core."""
+
+    def __init__(self) -> None: ...
+    def snapshot(self) -> tuple[int, int, int, int, int]:
+        """(opened, closed, failed, sent, received)."""
+
 class HboneTarget:
     """Carry a connection through an HBONE tunnel to `address` (peer:15008), CONNECT to
     `authority`, accepting only a server holding one of `identities`, presenting
     `source_identity`."""
 
     tag: object
+    counters: Counters | None
 
     def __init__(
         self,
@@ -24,6 +35,7 @@ class HboneTarget:
         source_ip: str | None = None,
         headers: list[tuple[str, str]] | None = None,
         tag: object = None,
+        counters: Counters | None = None,
     ) -> None: ...
     @property
     def address(self) -> str: ...
@@ -42,9 +54,15 @@ class TcpTarget:
     """Carry a connection as plain TCP to `address`."""
 
     tag: object
+    counters: Counters | None
 
     def __init__(
-        self, address: str, *, source_ip: str | None = None, tag: object = None
+        self,
+        address: str,
+        *,
+        source_ip: str | None = None,
+        tag: object = None,
+        counters: Counters | None = None,
     ) -> None: ...
     @property
     def address(self) -> str: ...
@@ -55,9 +73,15 @@ class Allow:
     """Let an inbound HBONE stream through to `upstream`."""
 
     tag: object
+    counters: Counters | None
 
     def __init__(
-        self, upstream: str, *, source_ip: str | None = None, tag: object = None
+        self,
+        upstream: str,
+        *,
+        source_ip: str | None = None,
+        tag: object = None,
+        counters: Counters | None = None,
     ) -> None: ...
     @property
     def upstream(self) -> str: ...
@@ -68,8 +92,16 @@ class Deny:
     """Refuse: HBONE streams get `status` (400-599), plain connections are closed."""
 
     tag: object
+    counters: Counters | None
 
-    def __init__(self, reason: str, *, status: int = 401, tag: object = None) -> None: ...
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status: int = 401,
+        tag: object = None,
+        counters: Counters | None = None,
+    ) -> None: ...
     @property
     def status(self) -> int: ...
     @property

@@ -13,8 +13,9 @@ from typing import Any
 from ..config import ConfigError, load_mesh
 from ..hbone import DataPlane
 from ..identity.manager import CertificateManager
-from ..ztunnel import Ztunnel
-from ..ztunnel.admin import AdminServer
+from ..telemetry.metrics import ConnectionMetrics, registry
+from ..ztunnel import Ztunnel, admin
+from ..ztunnel.admin import Endpoint
 from ..ztunnel.connection import AccessLog
 from ..ztunnel.dump import config_dump
 from ..ztunnel.reload import ConfigWatcher
@@ -50,7 +51,20 @@ def register(commands: Any) -> None:
         "--admin-address",
         type=socket_address,
         default="127.0.0.1:15000",
-        help="readiness and config dump (default 127.0.0.1:15000; port 0 picks one)",
+        help="admin endpoint, localhost only: /config_dump, /logging, /quitquitquit "
+        "(default 127.0.0.1:15000; port 0 picks one)",
+    )
+    z.add_argument(
+        "--metrics-address",
+        type=socket_address,
+        default="127.0.0.1:15020",
+        help="Prometheus metrics: /metrics and /stats/prometheus (default 127.0.0.1:15020)",
+    )
+    z.add_argument(
+        "--readiness-address",
+        type=socket_address,
+        default="127.0.0.1:15021",
+        help="readiness: /healthz/ready (default 127.0.0.1:15021)",
     )
     z.add_argument(
         "--access-log",
@@ -74,6 +88,11 @@ def register(commands: Any) -> None:
     z.set_defaults(run=run)
 
 
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         mesh = load_mesh(args.config)
@@ -91,32 +110,55 @@ def run(args: argparse.Namespace) -> int:
         stream = open(args.access_log, "a", buffering=1)  # noqa: SIM115 (lives as long as we do)
     access_log = AccessLog(stream, text=args.access_log_format == "text") if stream else None
 
+    stop = threading.Event()
     with DataPlane(args.workers) as dp:
         certificates = CertificateManager(ca, dp.load_identity)
-        ztunnel = Ztunnel(args.node, dp, certificates, access_log=access_log)
+        connection_metrics = ConnectionMetrics()
+        ztunnel = Ztunnel(
+            args.node, dp, certificates, access_log=access_log, metrics=connection_metrics
+        )
         ztunnel.apply(mesh)
         if not ztunnel.pods:
             log.warning("no in-mesh pod has node %r: nothing to serve yet", args.node)
-        host, port = args.admin_address.rsplit(":", 1)
         watcher = ConfigWatcher(args.config, ztunnel.apply, interval=args.watch_interval)
-        admin = AdminServer(
-            (host.strip("[]"), int(port)),
-            pending=lambda: ztunnel.pending,
-            config_dump=lambda: config_dump(ztunnel, watcher.status()),
-        )
-        admin.start()
+        try:
+            endpoints = [
+                Endpoint(
+                    _address(args.admin_address),
+                    admin.admin(lambda: config_dump(ztunnel, watcher.status()), stop.set),
+                    localhost_only=True,
+                ),
+                Endpoint(
+                    _address(args.metrics_address), admin.metrics(registry(connection_metrics))
+                ),
+                Endpoint(
+                    _address(args.readiness_address), admin.readiness(lambda: ztunnel.pending)
+                ),
+            ]
+        except (OSError, ValueError) as e:
+            print(f"ambient ztunnel: {e}", file=sys.stderr)
+            certificates.stop()
+            return 2
+        for endpoint in endpoints:
+            endpoint.start()
         watcher.start()
-        stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload).start())
         # Always the first line on stdout (access log lines only come with connections).
-        print(f"ready node={args.node} admin={admin.address} pods={len(ztunnel.pods)}", flush=True)
+        print(
+            f"ready node={args.node} admin={endpoints[0].address} "
+            f"metrics={endpoints[1].address} readiness={endpoints[2].address} "
+            f"pods={len(ztunnel.pods)}",
+            flush=True,
+        )
         while not stop.wait(1.0):
             pass
         log.info("draining for up to %s s", args.drain_deadline)
         watcher.stop()
-        ztunnel.close(args.drain_deadline)
-        admin.stop()
+        finished = ztunnel.close(args.drain_deadline)
+        log.info("drained%s", "" if finished else " (connections past the deadline were cut)")
+        for endpoint in endpoints:
+            endpoint.stop()
         certificates.stop()
     return 0

@@ -33,6 +33,10 @@ class ZtunnelProcess:
             str(ca_dir),
             "--admin-address",
             "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--readiness-address",
+            "127.0.0.1:0",
             "--access-log",
             str(self.log_path),
             *extra,
@@ -43,6 +47,8 @@ class ZtunnelProcess:
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         self.admin = ""
+        self.metrics = ""
+        self.readiness = ""
         self._offset = 0
 
     def wait_ready(self) -> ZtunnelProcess:
@@ -55,6 +61,8 @@ class ZtunnelProcess:
             raise RuntimeError(f"ztunnel {self.node} did not start: {line.strip()} {err.strip()}")
         fields = dict(part.split("=", 1) for part in line.split()[1:])
         self.admin = fields["admin"]
+        self.metrics = fields["metrics"]
+        self.readiness = fields["readiness"]
         return self
 
     def new_entries(self) -> list[dict[str, Any]]:

@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import routing
+from .._core import Counters
 from ..hbone import Allow, DataPlane, Deny, HboneTarget, Listener, StreamRequest, TcpTarget
 from ..identity.manager import CertificateManager
 from ..mesh import IPAddress, Mesh, Workload
 from ..policy.engine import Authorizer, Decision, connection
 from ..routing import Transport
+from ..telemetry.metrics import ConnectionMetrics, Labels
 from .connection import ConnectionInfo, access_log_entry
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class Ztunnel:
         *,
         loopback: bool = True,
         access_log: Callable[[dict[str, Any]], None] | None = None,
+        metrics: ConnectionMetrics | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.node = node
@@ -90,6 +93,7 @@ class Ztunnel:
         self.certificates = certificates
         self.loopback = loopback
         self.access_log = access_log
+        self.metrics = metrics or ConnectionMetrics()
         self.rng = rng or random.Random()
         # The snapshot and its compiled policies, swapped together: decisions read it once.
         self.authorizer = Authorizer(Mesh())
@@ -195,14 +199,12 @@ class Ztunnel:
             log.error("pod %s: %s", pod.workload.key, e)
 
     def close(self, deadline: float = 0.0) -> bool:
-        """Drain every listener (GOAWAY, let connections finish until ``deadline``)."""
+        """Drain: every listener stops accepting at once (HBONE connections get GOAWAY), live
+        connections get until ``deadline`` seconds to finish, then are closed. True when
+        nothing had to be cut."""
         with self._apply_lock:
-            pods, self.pods = self.pods, {}
-        finished = True
-        for pod in pods.values():
-            for listener in pod.listeners:
-                finished &= listener.close(deadline)
-        return finished
+            self.pods = {}
+        return self.dataplane.drain(deadline)
 
     @property
     def pending(self) -> list[str]:
@@ -249,6 +251,18 @@ class Ztunnel:
             reason=route.reason,
             waypoint=route.waypoint.key if route.waypoint else None,
         )
+        counters = self.metrics.counters(
+            Labels.of(
+                reporter="source",
+                source=source,
+                source_principal=str(source.identity),
+                destination=route.destination,
+                destination_principal=route.identities[0] if route.identities else None,
+                service=route.service,
+                mutual_tls=route.transport is Transport.HBONE,
+                response_flags="DENY" if route.transport is Transport.DENY else "-",
+            )
+        )
         if route.transport is Transport.HBONE:
             assert route.authority is not None
             return HboneTarget(
@@ -259,10 +273,13 @@ class Ztunnel:
                 source_ip=self._source_ip(source),
                 headers=[("baggage", baggage(source))],
                 tag=info,
+                counters=counters,
             )
         if route.transport is Transport.TCP:
-            return TcpTarget(route.dial, source_ip=self._source_ip(source), tag=info)
-        return Deny(route.reason, tag=info)
+            return TcpTarget(
+                route.dial, source_ip=self._source_ip(source), tag=info, counters=counters
+            )
+        return Deny(route.reason, tag=info, counters=counters)
 
     def _client_source_ip(self, address: str) -> str | None:
         """Connect to the app from the client's IP where the platform allows it (loopback mode:
@@ -292,20 +309,30 @@ class Ztunnel:
                 hbone_address=routing.format_address(workload.ips[0], routing.HBONE_PORT),
                 reason=check.reason,
             )
+
+            def counted(flags: str) -> Counters:
+                return self._inbound_counters(source, request.peer_identity, workload, flags)
+
             if not check.allowed or check.upstream is None or peer_ip is None:
-                return Deny(check.reason, status=check.status, tag=info)
+                return Deny(check.reason, status=check.status, tag=info, counters=counted("-"))
             refusal = _waypoint_only_refusal(mesh, workload, request.peer_identity)
             if refusal:
-                return Deny(refusal, status=401, tag=info)
+                return Deny(refusal, status=401, tag=info, counters=counted("DENY"))
             decision = self._authorize(
                 authorizer, workload, peer_ip, request.authority, request.peer_identity
             )
             if not decision.allowed:
-                return Deny(decision.reason, status=401, tag=_with_policy(info, decision))
+                return Deny(
+                    decision.reason,
+                    status=401,
+                    tag=_with_policy(info, decision),
+                    counters=counted("DENY"),
+                )
             return Allow(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(request.peer_address),
                 tag=_with_policy(info, decision),
+                counters=counted("-"),
             )
 
         return decide
@@ -328,22 +355,66 @@ class Ztunnel:
                 destination_identity=str(workload.identity),
             )
             check = routing.inbound_plaintext(workload, dst_ip, dst_port)
+            source_workload = info.source_workload
             if not check.allowed or check.upstream is None or src_ip is None:
-                return Deny(check.reason, tag=info)
+                return Deny(
+                    check.reason,
+                    tag=info,
+                    counters=self._inbound_counters(
+                        source_workload, None, workload, "-", mutual_tls=False
+                    ),
+                )
             refusal = _waypoint_only_refusal(mesh, workload, None)
             if refusal:
-                return Deny(refusal, tag=info)
+                return Deny(
+                    refusal,
+                    tag=info,
+                    counters=self._inbound_counters(
+                        source_workload, None, workload, "DENY", mutual_tls=False
+                    ),
+                )
             decision = self._authorize(authorizer, workload, src_ip, destination, None)
             info = _with_policy(info, decision)
             if not decision.allowed:
-                return Deny(decision.reason, tag=info)
+                return Deny(
+                    decision.reason,
+                    tag=info,
+                    counters=self._inbound_counters(
+                        source_workload, None, workload, "DENY", mutual_tls=False
+                    ),
+                )
             return TcpTarget(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(source),
                 tag=info,
+                counters=self._inbound_counters(
+                    source_workload, None, workload, "-", mutual_tls=False
+                ),
             )
 
         return route
+
+    def _inbound_counters(
+        self,
+        source: Workload | None,
+        peer: str | None,
+        workload: Workload,
+        flags: str,
+        *,
+        mutual_tls: bool = True,
+    ) -> Counters:
+        return self.metrics.counters(
+            Labels.of(
+                reporter="destination",
+                source=source,
+                source_principal=peer,
+                destination=workload,
+                destination_principal=str(workload.identity),
+                service=None,
+                mutual_tls=mutual_tls,
+                response_flags=flags,
+            )
+        )
 
     def _authorize(
         self,

@@ -16,6 +16,7 @@ use futures_util::future::poll_fn;
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::metrics::Counters;
 use crate::stats::Stats;
 
 /// Read buffers start small (most connections are short request/response exchanges) and grow
@@ -178,38 +179,46 @@ impl Transferred {
 async fn one_way(
     reader: &mut impl Reader,
     writer: &mut impl Writer,
-    this_connection: &AtomicU64,
-    all_connections: &AtomicU64,
+    counters: [Option<&AtomicU64>; 3],
 ) -> io::Result<()> {
     while let Some(chunk) = reader.read_chunk().await? {
         let n = chunk.len() as u64;
         writer.write_chunk(chunk).await?;
-        this_connection.fetch_add(n, Ordering::Relaxed);
-        all_connections.fetch_add(n, Ordering::Relaxed);
+        for counter in counters.iter().flatten() {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
     }
     writer.finish().await
 }
 
 /// Copy `a` → `b` and `b` → `a` until both directions have finished, keeping half-close.
-/// `stats` receives the global byte counts as they flow; `transferred` this connection's.
+/// Bytes are counted as they flow: globally (`stats`), for this connection (`transferred`) and
+/// for its metric labels (`labelled`), each with one relaxed atomic add per chunk.
 pub async fn bidirectional(
     (mut a_read, mut a_write): (impl Reader, impl Writer),
     (mut b_read, mut b_write): (impl Reader, impl Writer),
     stats: &Stats,
     transferred: &Transferred,
+    labelled: Option<&Counters>,
 ) -> io::Result<()> {
     tokio::try_join!(
         one_way(
             &mut a_read,
             &mut b_write,
-            &transferred.sent,
-            &stats.bytes_sent
+            [
+                Some(&transferred.sent),
+                Some(&stats.bytes_sent),
+                labelled.map(|c| &c.sent)
+            ]
         ),
         one_way(
             &mut b_read,
             &mut a_write,
-            &transferred.received,
-            &stats.bytes_received
+            [
+                Some(&transferred.received),
+                Some(&stats.bytes_received),
+                labelled.map(|c| &c.received)
+            ]
         ),
     )?;
     Ok(())

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use crate::metrics::Counters;
 use crate::plan::{Allow, Deny, HboneTarget, TcpTarget};
 
 // Plans hold `Arc<Py<..>>` so a fixed plan is shared by every connection with a reference-count
@@ -32,6 +33,15 @@ pub enum Verdict {
 }
 
 impl Plan {
+    /// The metric counters the decision attached, if any.
+    pub fn counters(&self) -> Option<&Counters> {
+        match self {
+            Plan::Hbone(t) => t.get().counters.as_ref().map(|c| c.get()),
+            Plan::Tcp(t) => t.get().counters.as_ref().map(|c| c.get()),
+            Plan::Deny(d) => d.get().counters.as_ref().map(|c| c.get()),
+        }
+    }
+
     pub fn from_py(obj: &Bound<'_, PyAny>) -> Result<Self, String> {
         if let Ok(t) = obj.cast::<HboneTarget>() {
             Ok(Plan::Hbone(Arc::new(t.clone().unbind())))
@@ -49,6 +59,14 @@ impl Plan {
 }
 
 impl Verdict {
+    /// The metric counters the decision attached, if any.
+    pub fn counters(&self) -> Option<&Counters> {
+        match self {
+            Verdict::Allow(a) => a.get().counters.as_ref().map(|c| c.get()),
+            Verdict::Deny(d) => d.get().counters.as_ref().map(|c| c.get()),
+        }
+    }
+
     pub fn from_py(obj: &Bound<'_, PyAny>) -> Result<Self, String> {
         if let Ok(a) = obj.cast::<Allow>() {
             Ok(Verdict::Allow(Arc::new(a.clone().unbind())))

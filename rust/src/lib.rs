@@ -9,6 +9,7 @@ mod core;
 mod decision;
 mod hbone;
 mod identity;
+mod metrics;
 mod outbound;
 mod plan;
 mod pool;
@@ -37,14 +38,29 @@ fn build_profile() -> &'static str {
     }
 }
 
+/// pyo3-log caches Python's logger levels; this handle drops that cache.
+static LOG_RESET: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+
+/// Make the core see new Python logging levels (after `logging.getLogger(...).setLevel`).
+#[pyfunction]
+fn reset_log_cache() {
+    if let Some(handle) = LOG_RESET.get() {
+        handle.reset();
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust log records go to Python's `logging` (logger names follow the module paths).
-    let _ = pyo3_log::try_init();
+    if let Ok(handle) = pyo3_log::try_init() {
+        let _ = LOG_RESET.set(handle);
+    }
+    m.add_function(wrap_pyfunction!(reset_log_cache, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<core::Core>()?;
     m.add_class::<core::Listener>()?;
+    m.add_class::<metrics::Counters>()?;
     m.add_class::<plan::HboneTarget>()?;
     m.add_class::<plan::TcpTarget>()?;
     m.add_class::<plan::Allow>()?;

@@ -14,6 +14,7 @@ use crate::core::{ListenerScope, Shared};
 use crate::decision::{OutboundDecider, Plan};
 use crate::hbone::client::HboneError;
 use crate::hbone::CONNECT_TIMEOUT;
+use crate::metrics::Counters;
 use crate::plan::{HboneTarget, TcpTarget};
 use crate::pool::PoolKey;
 use crate::report::{Reporter, Subject};
@@ -150,6 +151,7 @@ async fn carry<S: LocalStream>(
     far: Established,
     shared: &Shared,
     transferred: &Transferred,
+    labelled: Option<&Counters>,
 ) -> io::Result<()> {
     let _active = ActiveGuard::new(&shared.stats.active_tunnels);
     let (local_read, local_write) = local.halves();
@@ -164,6 +166,7 @@ async fn carry<S: LocalStream>(
                 (H2Reader(recv), H2Writer(send)),
                 &shared.stats,
                 transferred,
+                labelled,
             )
             .await
         }
@@ -174,6 +177,7 @@ async fn carry<S: LocalStream>(
                 (StreamReader::new(r), StreamWriter(w)),
                 &shared.stats,
                 transferred,
+                labelled,
             )
             .await
         }
@@ -267,12 +271,15 @@ async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundCo
         }
     };
     let transferred = Transferred::default();
+    let labelled = plan.counters();
     let error = match establish(&plan, Some(source), shared).await {
         Ok(far) => {
             if socks && socks5::reply(&mut tcp, Reply::Succeeded).await.is_err() {
                 return;
             }
-            let carrying = carry(tcp, far, shared, &transferred);
+            labelled.inspect(|c| Counters::inc(&c.opened));
+            let _closed = CloseCount(labelled);
+            let carrying = carry(tcp, far, shared, &transferred, labelled);
             shared
                 .connections
                 .run(
@@ -286,6 +293,7 @@ async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundCo
                 .map(|e| e.to_string())
         }
         Err(e) => {
+            count_refusal(labelled, &e);
             log::info!("outbound {source} -> {destination} refused: {e}");
             if socks {
                 let _ = socks5::reply(&mut tcp, socks5_reply_for(&e)).await;
@@ -337,6 +345,27 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<OutboundContext>) {
     }
 }
 
+/// Counts the connection closed when it ends, however it ends.
+struct CloseCount<'a>(Option<&'a Counters>);
+
+impl Drop for CloseCount<'_> {
+    fn drop(&mut self) {
+        self.0.inspect(|c| Counters::inc(&c.closed));
+    }
+}
+
+/// A refused connection is counted as opened and closed (policy: the decision's labels say DENY),
+/// a connection that could not be established as failed.
+fn count_refusal(labelled: Option<&Counters>, error: &OutboundError) {
+    let Some(c) = labelled else { return };
+    if matches!(error, OutboundError::Denied(_)) {
+        Counters::inc(&c.opened);
+        Counters::inc(&c.closed);
+    } else {
+        Counters::inc(&c.failed);
+    }
+}
+
 /// Carry a stream handed over by Python: establish first and report the outcome through
 /// `on_ready` (None, or the error text), then copy.
 pub async fn tunnel_stream<S: LocalStream>(
@@ -349,7 +378,9 @@ pub async fn tunnel_stream<S: LocalStream>(
     match establish(&plan, source, &shared).await {
         Ok(far) => {
             on_ready(None);
-            if let Err(e) = carry(local, far, &shared, &Transferred::default()).await {
+            let transferred = Transferred::default();
+            let carrying = carry(local, far, &shared, &transferred, plan.counters());
+            if let Err(e) = carrying.await {
                 log::debug!("tunnel ended with error: {e}");
             }
         }

@@ -10,6 +10,8 @@ use http::{HeaderName, HeaderValue};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::metrics::Counters;
+
 fn parse_address(class: &str, field: &str, text: &str) -> PyResult<SocketAddr> {
     text.parse().map_err(|_| {
         PyValueError::new_err(format!(
@@ -57,12 +59,18 @@ pub struct HboneTarget {
     /// Anything the decision wants back in the connection's report (telemetry, access log).
     #[pyo3(get)]
     pub tag: Option<Py<PyAny>>,
+    /// Where the core counts this connection for metrics (shared by every connection with the
+    /// same labels).
+    #[pyo3(get)]
+    pub counters: Option<Py<Counters>>,
 }
 
 #[pymethods]
 impl HboneTarget {
     #[new]
-    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None, tag=None))]
+    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None, tag=None, counters=None))]
+    // Python keyword arguments, mirrored one to one: a struct would only move the list.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         address: &str,
         authority: &str,
@@ -71,6 +79,7 @@ impl HboneTarget {
         source_ip: Option<&str>,
         headers: Option<Vec<(String, String)>>,
         tag: Option<Py<PyAny>>,
+        counters: Option<Py<Counters>>,
     ) -> PyResult<Self> {
         let address = parse_address("HboneTarget", "address", address)?;
         if authority.is_empty() || http::uri::Authority::try_from(authority).is_err() {
@@ -113,6 +122,7 @@ impl HboneTarget {
             source_ip: parse_ip("HboneTarget", "source_ip", source_ip)?,
             headers,
             tag,
+            counters,
         })
     }
 
@@ -160,17 +170,27 @@ pub struct TcpTarget {
     pub source_ip: Option<IpAddr>,
     #[pyo3(get)]
     pub tag: Option<Py<PyAny>>,
+    /// Where the core counts this connection for metrics (shared by every connection with the
+    /// same labels).
+    #[pyo3(get)]
+    pub counters: Option<Py<Counters>>,
 }
 
 #[pymethods]
 impl TcpTarget {
     #[new]
-    #[pyo3(signature = (address, *, source_ip=None, tag=None))]
-    fn new(address: &str, source_ip: Option<&str>, tag: Option<Py<PyAny>>) -> PyResult<Self> {
+    #[pyo3(signature = (address, *, source_ip=None, tag=None, counters=None))]
+    fn new(
+        address: &str,
+        source_ip: Option<&str>,
+        tag: Option<Py<PyAny>>,
+        counters: Option<Py<Counters>>,
+    ) -> PyResult<Self> {
         Ok(Self {
             address: parse_address("TcpTarget", "address", address)?,
             source_ip: parse_ip("TcpTarget", "source_ip", source_ip)?,
             tag,
+            counters,
         })
     }
 
@@ -197,17 +217,27 @@ pub struct Allow {
     pub source_ip: Option<IpAddr>,
     #[pyo3(get)]
     pub tag: Option<Py<PyAny>>,
+    /// Where the core counts this connection for metrics (shared by every connection with the
+    /// same labels).
+    #[pyo3(get)]
+    pub counters: Option<Py<Counters>>,
 }
 
 #[pymethods]
 impl Allow {
     #[new]
-    #[pyo3(signature = (upstream, *, source_ip=None, tag=None))]
-    fn new(upstream: &str, source_ip: Option<&str>, tag: Option<Py<PyAny>>) -> PyResult<Self> {
+    #[pyo3(signature = (upstream, *, source_ip=None, tag=None, counters=None))]
+    fn new(
+        upstream: &str,
+        source_ip: Option<&str>,
+        tag: Option<Py<PyAny>>,
+        counters: Option<Py<Counters>>,
+    ) -> PyResult<Self> {
         Ok(Self {
             upstream: parse_address("Allow", "upstream", upstream)?,
             source_ip: parse_ip("Allow", "source_ip", source_ip)?,
             tag,
+            counters,
         })
     }
 
@@ -234,13 +264,22 @@ pub struct Deny {
     pub reason: String,
     #[pyo3(get)]
     pub tag: Option<Py<PyAny>>,
+    /// Where the core counts this connection for metrics (shared by every connection with the
+    /// same labels).
+    #[pyo3(get)]
+    pub counters: Option<Py<Counters>>,
 }
 
 #[pymethods]
 impl Deny {
     #[new]
-    #[pyo3(signature = (reason, *, status=401, tag=None))]
-    fn new(reason: String, status: u16, tag: Option<Py<PyAny>>) -> PyResult<Self> {
+    #[pyo3(signature = (reason, *, status=401, tag=None, counters=None))]
+    fn new(
+        reason: String,
+        status: u16,
+        tag: Option<Py<PyAny>>,
+        counters: Option<Py<Counters>>,
+    ) -> PyResult<Self> {
         if !(400..=599).contains(&status) {
             return Err(PyValueError::new_err(format!(
                 "Deny.status: expected an HTTP error status 400-599, got {status}"
@@ -250,6 +289,7 @@ impl Deny {
             status,
             reason,
             tag,
+            counters,
         })
     }
 

@@ -272,7 +272,8 @@ def test_admin_reports_ready_and_dumps_config_without_keys(mesh):
     import urllib.request
 
     admin = mesh.nodes["n2"].admin
-    with urllib.request.urlopen(f"http://{admin}/healthz/ready", timeout=5) as r:
+    readiness = mesh.nodes["n2"].readiness
+    with urllib.request.urlopen(f"http://{readiness}/healthz/ready", timeout=5) as r:
         assert r.status == 200
     with urllib.request.urlopen(f"http://{admin}/config_dump", timeout=5) as r:
         body = r.read()

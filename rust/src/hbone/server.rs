@@ -19,6 +19,7 @@ use super::{
 use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::{ListenerScope, Shared};
 use crate::decision::{InboundDecider, InboundRequest, Verdict};
+use crate::metrics::Counters;
 use crate::report::{Reporter, Subject};
 use crate::socket::tune_stream;
 use crate::stats::{ActiveGuard, Stats};
@@ -282,10 +283,15 @@ async fn carry_stream(
     transferred: &Transferred,
 ) -> Option<String> {
     let stats = &ctx.shared.stats;
+    let labelled = verdict.counters();
     let allow = match verdict {
         Verdict::Allow(allow) => allow.get(),
         Verdict::Deny(deny) => {
             let deny = deny.get();
+            labelled.inspect(|c| {
+                Counters::inc(&c.opened);
+                Counters::inc(&c.closed);
+            });
             Stats::inc(&stats.hbone_requests_refused);
             Stats::inc(&stats.decisions_denied);
             log::info!(
@@ -306,22 +312,24 @@ async fn carry_stream(
     {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
+            labelled.inspect(|c| Counters::inc(&c.failed));
             return Some(upstream_failed(
                 respond,
                 ctx,
                 peer,
                 allow.upstream,
                 &e.to_string(),
-            ))
+            ));
         }
         Err(_) => {
+            labelled.inspect(|c| Counters::inc(&c.failed));
             return Some(upstream_failed(
                 respond,
                 ctx,
                 peer,
                 allow.upstream,
                 "timed out",
-            ))
+            ));
         }
     };
     let response = Response::builder()
@@ -333,12 +341,14 @@ async fn carry_stream(
         Err(e) => return Some(format!("stream gone before 200: {e}")),
     };
     let _active = ActiveGuard::new(&stats.active_tunnels);
+    labelled.inspect(|c| Counters::inc(&c.opened));
     let (up_read, up_write) = upstream.into_split();
     let copying = copy::bidirectional(
         (H2Reader(request.into_body()), H2Writer(send)),
         (StreamReader::new(up_read), StreamWriter(up_write)),
         stats,
         transferred,
+        labelled,
     );
     let result = ctx
         .shared

@@ -1,0 +1,1 @@
+"""Telemetry: Istio's metrics, counted by the core."""
