@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 Response = tuple[HTTPStatus, bytes, str]
 Route = Callable[[dict[str, list[str]]], Response]
 LOG_LEVELS = {"debug", "info", "warning", "error"}
+LOCALHOST = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
 LOGGERS = ("", "ambient", "_core")
 
 
@@ -45,7 +46,8 @@ class Endpoint:
         *,
         localhost_only: bool = False,
     ) -> None:
-        if localhost_only and not ipaddress.ip_address(address[0]).is_loopback:
+        # Only the host's own localhost: in loopback mode pods live on other 127/8 addresses.
+        if localhost_only and ipaddress.ip_address(address[0]) not in LOCALHOST:
             raise ValueError(
                 f"admin address {address[0]}: the admin endpoint answers only on localhost "
                 "(use 127.0.0.1 or ::1)"

@@ -26,6 +26,22 @@ impl Counters {
     }
 }
 
+/// Counts a connection opened now and closed when dropped, however the connection ends.
+pub struct OpenConnection<'a>(Option<&'a Counters>);
+
+impl<'a> OpenConnection<'a> {
+    pub fn count(counters: Option<&'a Counters>) -> Self {
+        counters.inspect(|c| Counters::inc(&c.opened));
+        Self(counters)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.inspect(|c| Counters::inc(&c.closed));
+    }
+}
+
 #[pymethods]
 impl Counters {
     #[new]

@@ -14,7 +14,7 @@ use crate::core::{ListenerScope, Shared};
 use crate::decision::{OutboundDecider, Plan};
 use crate::hbone::client::HboneError;
 use crate::hbone::CONNECT_TIMEOUT;
-use crate::metrics::Counters;
+use crate::metrics::{Counters, OpenConnection};
 use crate::plan::{HboneTarget, TcpTarget};
 use crate::pool::PoolKey;
 use crate::report::{Reporter, Subject};
@@ -277,8 +277,7 @@ async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundCo
             if socks && socks5::reply(&mut tcp, Reply::Succeeded).await.is_err() {
                 return;
             }
-            labelled.inspect(|c| Counters::inc(&c.opened));
-            let _closed = CloseCount(labelled);
+            let _open = OpenConnection::count(labelled);
             let carrying = carry(tcp, far, shared, &transferred, labelled);
             shared
                 .connections
@@ -342,15 +341,6 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<OutboundContext>) {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// Counts the connection closed when it ends, however it ends.
-struct CloseCount<'a>(Option<&'a Counters>);
-
-impl Drop for CloseCount<'_> {
-    fn drop(&mut self) {
-        self.0.inspect(|c| Counters::inc(&c.closed));
     }
 }
 

@@ -19,7 +19,7 @@ use super::{
 use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::{ListenerScope, Shared};
 use crate::decision::{InboundDecider, InboundRequest, Verdict};
-use crate::metrics::Counters;
+use crate::metrics::{Counters, OpenConnection};
 use crate::report::{Reporter, Subject};
 use crate::socket::tune_stream;
 use crate::stats::{ActiveGuard, Stats};
@@ -341,7 +341,7 @@ async fn carry_stream(
         Err(e) => return Some(format!("stream gone before 200: {e}")),
     };
     let _active = ActiveGuard::new(&stats.active_tunnels);
-    labelled.inspect(|c| Counters::inc(&c.opened));
+    let _open = OpenConnection::count(labelled);
     let (up_read, up_write) = upstream.into_split();
     let copying = copy::bidirectional(
         (H2Reader(request.into_body()), H2Writer(send)),
