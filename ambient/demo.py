@@ -271,8 +271,11 @@ def _keep_running(
     out("the mesh keeps running (Ctrl-C to stop):")
     for node, proxy in proxies.items():
         out(
-            f"  ztunnel {node}: admin http://{proxy.admin}/config_dump, access log {proxy.log_path}"
+            f"  ztunnel {node}: admin http://{proxy.admin}/config_dump, "
+            f"metrics http://{proxy.metrics}/metrics, "
+            f"readiness http://{proxy.readiness}/healthz/ready, access log {proxy.log_path}"
         )
+        out(f"    live view: ambient top --admin {proxy.admin} --metrics {proxy.metrics}")
     out("  send your own traffic: an in-mesh pod's ztunnel takes SOCKS5 on <pod IP>:15080, e.g.")
     out("    curl --socks5 127.10.1.1:15080 telnet://127.10.100.1:80   (as C1, to Service s1)")
     out(f"  mesh file: {kept} (edit it and run `ambient demo --config {kept.name}`)")

@@ -211,6 +211,7 @@ def test_demo_keep_leaves_the_mesh_running_for_your_own_traffic(tmp_path):
             lines.append(line)
         text = "".join(lines)
         assert "the mesh keeps running" in text and "/config_dump" in text
+        assert "/metrics" in text and "/healthz/ready" in text
         # Our own traffic, as C1 through its ztunnel to Service s1.
         sock = socks5.connect(("127.10.1.1", 15080), ("127.10.100.1", 80), source="127.10.1.1")
         assert exchange(sock, b"my own bytes") == b"my own bytes"

@@ -250,7 +250,7 @@ def test_readiness_reports_what_is_pending(tmp_path):
 
 
 def test_sigterm_lets_a_transfer_finish_within_the_deadline_and_refuses_new_ones(mesh):
-    n1, n2 = mesh
+    n1, _ = mesh
     sock = socks5.connect(("127.28.1.1", 15080), ("127.28.2.1", 8080), source="127.28.1.1")
     answer: list[bytes] = []
 
