@@ -294,3 +294,35 @@ def test_sigterm_cuts_a_transfer_longer_than_the_deadline(mesh):
     assert n1.process.wait(15) == 0
     t.join(10)
     assert cut and 2.5 <= cut[0] <= 8
+
+
+def test_top_shows_connections_bytes_and_peers_of_a_running_ztunnel(mesh, capsys):
+    from ambient.cli import main
+
+    _, n2 = mesh
+    live = socks5.connect(("127.28.1.1", 15080), ("127.28.2.1", 8080), source="127.28.1.1")
+    live.sendall(b"q" * 4096)
+    wait_until(
+        lambda: (
+            find(scrape(n2.metrics), "istio_tcp_received_bytes_total", reporter="destination")
+            == 4096
+        ),
+        what="the bytes to be counted",
+    )
+    assert (
+        main(["top", "--metrics", n2.metrics, "--admin", n2.admin, "--once", "--interval", "0.2"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "ztunnel n2" in out and "1 pods served" in out
+    assert "shop/frontend" in out and "mTLS" in out
+    row = next(line for line in out.splitlines() if "shop/frontend" in line)
+    assert row.split("│")[4].strip() == "1"  # one connection open right now
+    live.close()
+
+
+def test_top_names_an_unreachable_endpoint(capsys):
+    from ambient.cli import main
+
+    assert main(["top", "--metrics", "127.0.0.1:1", "--once"]) == 1
+    assert "metrics endpoint 127.0.0.1:1" in capsys.readouterr().out
