@@ -25,8 +25,13 @@ def thousand_policies(rng: random.Random) -> list[Policy]:
     for i in range(1000):
         kind = i % 10
         if kind < 4:  # ALLOW a principal on a port
-            match = (Match(principals=(StringMatch(MatchKind.EXACT,
-                                                   f"cluster.local/ns/team{i % 40}/sa/app{i}"),)),)
+            match = (
+                Match(
+                    principals=(
+                        StringMatch(MatchKind.EXACT, f"cluster.local/ns/team{i % 40}/sa/app{i}"),
+                    )
+                ),
+            )
             rules = ((match, (Match(destination_ports=(8080 + i % 5,)),)),)
             action = Action.ALLOW
         elif kind < 6:  # ALLOW a namespace
@@ -42,24 +47,40 @@ def thousand_policies(rng: random.Random) -> list[Policy]:
             rules = (((Match(source_ips=(net,)),),),)
             action = Action.DENY
         else:  # DENY by prefix principal: no exact value to index on
-            rules = (((Match(principals=(StringMatch(MatchKind.PREFIX,
-                                                     f"cluster.local/ns/quarantine{i}/"),)),),),)
+            rules = (
+                (
+                    (
+                        Match(
+                            principals=(
+                                StringMatch(MatchKind.PREFIX, f"cluster.local/ns/quarantine{i}/"),
+                            )
+                        ),
+                    ),
+                ),
+            )
             action = Action.DENY
-        policies.append(Policy(f"p{i}", "prod", Scope.NAMESPACE, action, rules,
-                               dry_run=(i % 97 == 0)))
+        policies.append(
+            Policy(f"p{i}", "prod", Scope.NAMESPACE, action, rules, dry_run=(i % 97 == 0))
+        )
     return policies
 
 
 def connections(rng: random.Random, n: int = 256) -> list:
     out = []
     for _ in range(n):
-        identity = rng.choice([
-            None,
-            f"spiffe://cluster.local/ns/team{rng.randrange(45)}/sa/app{rng.randrange(1000)}",
-            f"spiffe://cluster.local/ns/team{rng.randrange(40)}/sa/app{rng.randrange(40)}",
-        ])
-        src = rng.choice([f"10.1.{rng.randrange(4)}.{rng.randrange(250)}",
-                          f"172.{rng.randrange(32)}.{rng.randrange(250)}.9"])
+        identity = rng.choice(
+            [
+                None,
+                f"spiffe://cluster.local/ns/team{rng.randrange(45)}/sa/app{rng.randrange(1000)}",
+                f"spiffe://cluster.local/ns/team{rng.randrange(40)}/sa/app{rng.randrange(40)}",
+            ]
+        )
+        src = rng.choice(
+            [
+                f"10.1.{rng.randrange(4)}.{rng.randrange(250)}",
+                f"172.{rng.randrange(32)}.{rng.randrange(250)}.9",
+            ]
+        )
         out.append(connection(src, POD_IP, rng.choice([8080, 8081, 9000, 9042, 443]), identity))
     return out
 
@@ -70,8 +91,14 @@ def setup():
     import ipaddress
     import types
 
-    web = Workload("web", "web", "prod", (ipaddress.ip_address(POD_IP),), protocol=Protocol.HBONE,
-                   labels=types.MappingProxyType({"app": "web"}))
+    web = Workload(
+        "web",
+        "web",
+        "prod",
+        (ipaddress.ip_address(POD_IP),),
+        protocol=Protocol.HBONE,
+        labels=types.MappingProxyType({"app": "web"}),
+    )
     mesh = Mesh(workloads=(web,), policies=tuple(thousand_policies(rng)))
     authorizer = Authorizer(mesh)
     authorizer.policy_set(web)  # compiled once per snapshot, as in the proxy
