@@ -213,9 +213,6 @@ class Ztunnel:
 
     # --- decisions ---------------------------------------------------------------------------
 
-    def _workload(self, uid: str) -> Workload | None:
-        return self.mesh.workload_by_uid(uid)
-
     def _source_ip(self, workload: Workload) -> str | None:
         # In loopback mode connections leave from the pod's own IP, as they would from its netns.
         return str(workload.ips[0]) if self.loopback else None
