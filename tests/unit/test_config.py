@@ -14,9 +14,19 @@ from ambient.config import ConfigError, load_mesh
 from ambient.mesh import HealthStatus, Protocol
 from ambient.policy.model import Action, Scope
 
+# Istio ztunnel's own example local config, a compatibility vector kept beside the project (in
+# ../shared, which developers and CI have); it is not copied into this repository.
 ZTUNNEL_EXAMPLE = (
     Path(__file__).parents[2] / ".." / "shared" / "testdata" / "ztunnel-localhost.yaml"
 )
+
+
+@pytest.fixture(autouse=True)
+def _example_is_beside_the_project(request):
+    if "ZTUNNEL_EXAMPLE" in request.function.__code__.co_names:
+        assert ZTUNNEL_EXAMPLE.exists(), (
+            f"compatibility vector missing: {ZTUNNEL_EXAMPLE.resolve()}"
+        )
 
 
 def write(tmp_path: Path, text: str, name: str = "mesh.yaml") -> Path:
