@@ -1,14 +1,17 @@
 //! `Core`: the Python object that owns a tokio runtime and everything running on it — identities,
 //! the HBONE pool, listeners, tunnels and counters — with start (listen/serve), drain and stop.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +32,8 @@ use crate::stats::Stats;
 const DEFAULT_POOL_IDLE_TIMEOUT: f64 = 300.0;
 /// At most this many concurrent streams per pooled connection (or the peer's limit if lower).
 const DEFAULT_POOL_MAX_STREAMS: usize = 100;
+/// Pause after a failed accept (out of file descriptors, usually) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// How often the pool looks for idle connections, at most.
 const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -59,6 +64,47 @@ pub struct ListenerScope {
 }
 
 impl ListenerScope {
+    /// Run `task` as part of this listener: a drain waits for it, a hard stop drops it.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let hard = self.hard.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = task => {}
+                _ = hard.cancelled() => {}
+            }
+        });
+    }
+
+    /// Accept connections until the listener drains, each handled as its own task.
+    pub async fn accept_loop<F, Fut>(
+        &self,
+        listener: TcpListener,
+        accepted: &AtomicU64,
+        what: &str,
+        handle: F,
+    ) where
+        F: Fn(TcpStream, SocketAddr) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            let next = tokio::select! {
+                _ = self.draining.cancelled() => return,
+                next = listener.accept() => next,
+            };
+            match next {
+                Ok((tcp, peer)) => {
+                    Stats::inc(accepted);
+                    self.spawn(handle(tcp, peer));
+                }
+                Err(e) => {
+                    // Usually EMFILE/ENFILE: back off briefly instead of spinning.
+                    log::warn!("{what} accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+
     fn child_of(shared: &Shared) -> Self {
         Self {
             draining: shared.draining.child_token(),

@@ -320,28 +320,13 @@ pub struct OutboundContext {
 }
 
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = ctx.scope.draining.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((tcp, source)) => {
-                Stats::inc(&ctx.shared.stats.connections_accepted);
-                let ctx2 = ctx.clone();
-                ctx.scope.tracker.spawn(async move {
-                    tokio::select! {
-                        _ = proxy_accepted(tcp, source, &ctx2) => {}
-                        _ = ctx2.scope.hard.cancelled() => {}
-                    }
-                });
-            }
-            Err(e) => {
-                log::warn!("outbound accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let accepted = &ctx.shared.stats.connections_accepted;
+    ctx.scope
+        .accept_loop(listener, accepted, "outbound", |tcp, source| {
+            let ctx = ctx.clone();
+            async move { proxy_accepted(tcp, source, &ctx).await }
+        })
+        .await;
 }
 
 /// A refused connection is counted as opened and closed (policy: the decision's labels say DENY),

@@ -44,29 +44,12 @@ pub struct InboundContext {
 }
 
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<InboundContext>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = ctx.scope.draining.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                Stats::inc(&ctx.shared.stats.connections_accepted);
-                let ctx2 = ctx.clone();
-                ctx.scope.tracker.spawn(async move {
-                    tokio::select! {
-                        _ = serve_connection(tcp, peer, ctx2.clone()) => {}
-                        _ = ctx2.scope.hard.cancelled() => {}
-                    }
-                });
-            }
-            Err(e) => {
-                // Usually EMFILE/ENFILE: back off briefly instead of spinning.
-                log::warn!("HBONE accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let accepted = &ctx.shared.stats.connections_accepted;
+    ctx.scope
+        .accept_loop(listener, accepted, "HBONE", |tcp, peer| {
+            serve_connection(tcp, peer, ctx.clone())
+        })
+        .await;
 }
 
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundContext>) {
@@ -130,14 +113,9 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundCont
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    let ctx2 = ctx.clone();
                     let identity = peer_identity.clone();
-                    ctx.scope.tracker.spawn(async move {
-                        tokio::select! {
-                            _ = serve_stream(request, respond, peer, identity, ctx2.clone()) => {}
-                            _ = ctx2.scope.hard.cancelled() => {}
-                        }
-                    });
+                    ctx.scope
+                        .spawn(serve_stream(request, respond, peer, identity, ctx.clone()));
                 }
                 Some(Err(e)) => {
                     log::debug!("HBONE connection from {peer} ended: {e}");
