@@ -12,7 +12,6 @@ the path the mesh's rules say it must.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import tempfile
@@ -27,6 +26,7 @@ from . import examples, routing, socks5
 from .config import ConfigError, load_mesh
 from .identity import CertificateAuthority
 from .mesh import Mesh, Service, Workload
+from .testing import App, exchange
 from .ztunnel.process import ZtunnelProcess
 from .ztunnel.proxy import inbound_app_ports
 
@@ -65,35 +65,6 @@ class Flow:
         return f"{client.name} -> ztunnel {client.node} -> {tunnel}{local} -> {arrival}"
 
 
-class EchoApp:
-    """A server pod's application: echoes, half-closes after the client did."""
-
-    def __init__(self, address: str, port: int) -> None:
-        self.sock = socket.create_server((address, port))
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        # shutdown() wakes the thread blocked in accept(); close() alone would not free the port.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-
 def plan_flows(mesh: Mesh) -> list[Flow]:
     servers = [w for w in mesh.workloads if w.app_address is not None and w.ips]
     clients = [w for w in mesh.workloads if w.app_address is None and w.ips and w.node]
@@ -127,22 +98,6 @@ def plan_flows(mesh: Mesh) -> list[Flow]:
     return flows
 
 
-def _send_all_and_finish(sock: socket.socket) -> None:
-    sock.sendall(PAYLOAD)
-    sock.shutdown(socket.SHUT_WR)
-
-
-def _exchange(sock: socket.socket) -> int:
-    with sock:
-        sender = threading.Thread(target=_send_all_and_finish, args=(sock,))
-        sender.start()
-        received = 0
-        while data := sock.recv(65536):
-            received += len(data)
-        sender.join()
-        return received
-
-
 def _inbound_entry(proxy: ZtunnelProcess, flow: Flow) -> dict[str, Any] | None:
     deadline = time.monotonic() + LOG_TIMEOUT
     while time.monotonic() < deadline:
@@ -167,7 +122,7 @@ def run_flow(flow: Flow, proxies: dict[str, ZtunnelProcess]) -> None:
             sock.settimeout(10)
             sock.bind((client_ip, 0))
             sock.connect(flow.target)
-        flow.received = _exchange(sock)
+        flow.received = len(exchange(sock, PAYLOAD))
         flow.sent = len(PAYLOAD)
     except OSError as e:
         flow.result = f"failed: {e}"
@@ -208,7 +163,7 @@ def run(
         CertificateAuthority.create().save(workdir / "ca")
         nodes = sorted({w.node for w in mesh.workloads if w.in_mesh and w.node})
         apps = [
-            EchoApp(str(w.app_address), port)
+            App("echo", (str(w.app_address), port))
             for w in mesh.workloads
             if w.app_address is not None
             for port in inbound_app_ports(mesh, w)

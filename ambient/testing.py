@@ -1,5 +1,6 @@
 """Helpers for testing with ambient: applications that know nothing of the mesh, and waiting on
-conditions instead of sleeping. ambient's own tests use them; so can tests of code built on it."""
+conditions instead of sleeping. ambient's own tests and ``ambient demo`` use them; so can tests of
+code built on it."""
 
 from __future__ import annotations
 

@@ -98,6 +98,7 @@ class Ztunnel:
         # The snapshot and its compiled policies, swapped together: decisions read it once.
         self.authorizer = Authorizer(Mesh())
         self.pods: dict[str, PodProxy] = {}
+        self.proxy_addresses: frozenset[IPAddress] = frozenset()
         self._apply_lock = threading.Lock()
 
     @property
@@ -128,6 +129,8 @@ class Ztunnel:
                 else:
                     pods[uid].workload = workload
             self.pods = pods  # readers (admin, readiness) see the old set or the new one
+            # The addresses this proxy serves, for the no-loop check of every outbound connection.
+            self.proxy_addresses = frozenset(ip for p in pods.values() for ip in p.workload.ips)
         self.recheck_live_connections()
 
     def _stop_pod(self, pod: PodProxy) -> None:
@@ -227,9 +230,9 @@ class Ztunnel:
                 dst_ip, dst_port = routing.resolve(mesh, destination)
             except ValueError as e:
                 return Deny(str(e), tag=ConnectionInfo("outbound", "DENY", workload, reason=str(e)))
-            proxy_ips = [ip for p in self.pods.values() for ip in p.workload.ips]
+
             decision = routing.outbound(
-                mesh, workload, dst_ip, dst_port, rng=self.rng, proxy_addresses=proxy_ips
+                mesh, workload, dst_ip, dst_port, rng=self.rng, proxy_addresses=self.proxy_addresses
             )
             return self._plan(workload, decision)
 
