@@ -36,6 +36,7 @@ from ambient.peers.h2_hbone import (
     forward,
     parse_authority,
 )
+from ambient.peers.h2_hbone import common as h2_common
 
 TRUST_DOMAIN = "cluster.local"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -43,7 +44,7 @@ CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 FOREIGN_ID = "spiffe://other.domain/ns/x/sa/y"
 MiB = 1024 * 1024
 # Where the `ambient` under test lives (installed or source tree), for the CLI subprocesses.
-AMBIENT_ROOT = Path(h2_hbone.__file__).resolve().parents[2]
+AMBIENT_ROOT = Path(h2_hbone.__file__).resolve().parents[3]  # .../ambient/peers/h2_hbone/
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -555,7 +556,7 @@ def test_client_sends_no_sni_and_speaks_tls13_h2(
     async def body() -> None:
         seen: list[tuple[str | None, str | None]] = []
         names: list[str | None] = []
-        ctx = h2_hbone._tls_context(server_cert, server_side=True)
+        ctx = h2_common._tls_context(server_cert, server_side=True)
 
         def record_sni(_sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
             names.append(name)
@@ -627,7 +628,7 @@ def test_wire_settings_windows_and_connect_shape(
             await writer.drain()
             await reader.read()
 
-        ctx = h2_hbone._tls_context(server_cert, server_side=True)
+        ctx = h2_common._tls_context(server_cert, server_side=True)
         srv = await asyncio.start_server(bare_server, "127.0.0.1", 0, ssl=ctx)
         try:
             addr = srv.sockets[0].getsockname()[:2]
@@ -651,7 +652,7 @@ def test_wire_settings_windows_and_connect_shape(
 
         # bare h2 client -> our server
         async with hbone_server(server_cert) as (_, addr):
-            client_ctx = h2_hbone._tls_context(client_cert, server_side=False)
+            client_ctx = h2_common._tls_context(client_cert, server_side=False)
             reader, writer = await asyncio.open_connection(
                 *addr, ssl=client_ctx, server_hostname=""
             )
@@ -759,7 +760,7 @@ def test_garbage_peer_does_not_hurt_server(
 
     async def body() -> None:
         async with Upstream(echo_then_trailer) as up, hbone_server(server_cert) as (server, addr):
-            ctx = h2_hbone._tls_context(client_cert, server_side=False)
+            ctx = h2_common._tls_context(client_cert, server_side=False)
             reader, writer = await asyncio.open_connection(*addr, ssl=ctx, server_hostname="")
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             # the server answers with its preface and a GOAWAY, then closes
