@@ -119,11 +119,10 @@ def _inbound(
     """What the destination's ztunnel does with the connection."""
     mesh = authorizer.mesh
     node = f"ztunnel {dst.node}" if dst.node else "ztunnel"
-    if dst.waypoint_only and identity not in routing.waypoint_identities(mesh, dst):
-        hops.append(f"{node}: refused (ambient.dev/waypoint-only: not from its waypoint)")
-        return Leg(
-            hops, transport, False, f"{dst.key} accepts traffic only through its waypoint", dst
-        )
+    refusal = routing.waypoint_only_refusal(mesh, dst, identity)
+    if refusal:
+        hops.append(f"{node}: refused (ambient.dev/waypoint-only): {refusal}")
+        return Leg(hops, transport, False, refusal, dst)
     policies = authorizer.policy_set(dst)
     conn = connection(src_ip, dst_ip, port, identity)
     decision = policies.evaluate(conn)

@@ -282,6 +282,20 @@ def waypoint_identities(mesh: Mesh, workload: Workload) -> set[str]:
     return identities
 
 
+def waypoint_only_refusal(mesh: Mesh, workload: Workload, peer: str | None) -> str | None:
+    """The ``ambient.dev/waypoint-only`` extension: traffic must come from one of the pod's
+    waypoints (Istio itself leaves this to hand-written ALLOW policies)."""
+    if not workload.waypoint_only:
+        return None
+    expected = waypoint_identities(mesh, workload)
+    if peer in expected:
+        return None
+    return (
+        f"{workload.key} accepts traffic only through its waypoint "
+        f"(peer {peer or 'without identity'}, expected one of {sorted(expected) or 'none'})"
+    )
+
+
 def inbound_plaintext(workload: Workload, dst_ip: IPAddress, dst_port: int) -> InboundCheck:
     """A plaintext connection captured for ``workload`` (15006, or an app port in loopback mode)."""
     if dst_port in PROXY_PORTS:

@@ -315,7 +315,7 @@ class Ztunnel:
 
             if not check.allowed or check.upstream is None or peer_ip is None:
                 return Deny(check.reason, status=check.status, tag=info, counters=counted("-"))
-            refusal = _waypoint_only_refusal(mesh, workload, request.peer_identity)
+            refusal = routing.waypoint_only_refusal(mesh, workload, request.peer_identity)
             if refusal:
                 return Deny(refusal, status=401, tag=info, counters=counted("DENY"))
             decision = self._authorize(
@@ -364,7 +364,7 @@ class Ztunnel:
                         source_workload, None, workload, "-", mutual_tls=False
                     ),
                 )
-            refusal = _waypoint_only_refusal(mesh, workload, None)
+            refusal = routing.waypoint_only_refusal(mesh, workload, None)
             if refusal:
                 return Deny(
                     refusal,
@@ -478,20 +478,6 @@ class Ztunnel:
             self.access_log(
                 access_log_entry(info, source, destination, sent, received, seconds, error)
             )
-
-
-def _waypoint_only_refusal(mesh: Mesh, workload: Workload, peer: str | None) -> str | None:
-    """The ``ambient.dev/waypoint-only`` extension: traffic must come from one of the pod's
-    waypoints (Istio itself leaves this to hand-written ALLOW policies)."""
-    if not workload.waypoint_only:
-        return None
-    expected = routing.waypoint_identities(mesh, workload)
-    if peer in expected:
-        return None
-    return (
-        f"{workload.key} accepts traffic only through its waypoint "
-        f"(peer {peer or 'without identity'}, expected one of {sorted(expected) or 'none'})"
-    )
 
 
 def _with_policy(info: ConnectionInfo, decision: Decision) -> ConnectionInfo:
