@@ -27,6 +27,7 @@ from . import ztunnel_local as local
 from .errors import ConfigError, ConfigIssue, Location, issues_from_validation
 
 LOCAL_CONFIG_KEYS = {"workloads", "services", "policies"}
+LOCAL_CONFIG = "ztunnel local config"  # the `resource` of locations inside that file
 # Kinds that belong to later parts of ambient or to Kubernetes itself: accepted and ignored, with
 # a warning, so a whole application manifest can be given as-is.
 IGNORED_KINDS_NOTE = "not used by ambient's data plane; ignored"
@@ -90,7 +91,7 @@ def _classify(doc: Any, location: Location, out: _Collected) -> None:
     if "kind" in doc or "apiVersion" in doc:
         _kubernetes_object(doc, location, out)
     elif doc.keys() and set(doc) <= LOCAL_CONFIG_KEYS:
-        location = Location(location.file, location.document, "ztunnel local config")
+        location = Location(location.file, location.document, LOCAL_CONFIG)
         try:
             out.local_configs.append((local.LocalConfig.model_validate(doc), location))
         except ValidationError as e:
@@ -184,7 +185,9 @@ def _bind_waypoints(
     workloads: list[tuple[Workload, Location]],
     services: list[tuple[Service, Location]],
 ) -> list[Waypoint]:
-    """Declare the waypoints and keep only valid bindings (workloads and services in place)."""
+    """Declare the waypoints and resolve every binding, replacing the raw reference each
+    workload and service carries (a Gateway ``ns/name`` from labels, or an address or Service
+    from ztunnel's file) by a valid waypoint key, or None."""
     found = waypoints.waypoints_from_gateways(
         [g for g, _ in out.gateways], [w for w, _ in workloads]
     )
@@ -192,37 +195,32 @@ def _bind_waypoints(
     for gw, field_name, message in found.errors:
         out.issues.append(ConfigIssue(gateway_locations[id(gw)], field_name, message))
     by_key = {w.key: w for w in found.waypoints}
-    local_workloads = [w for w, _ in workloads]
-    local_services = [s for s, _ in services]
-    for config, _ in out.local_configs:  # ztunnel's file names waypoints by address
-        for lw in config.workloads:
-            if lw.waypoint is None:
-                continue
-            wp = waypoints.local_waypoint(lw.waypoint.destination, local_workloads, local_services)
-            if wp is not None:
-                by_key.setdefault(wp.key, wp)
-                uid = translate.workload_from_local(lw).uid
-                for i, (w, loc) in enumerate(workloads):
-                    if w.uid == uid:
-                        workloads[i] = (dataclasses.replace(w, waypoint=wp.key), loc)
-        for ls in config.services:
-            if ls.waypoint is None:
-                continue
-            wp = waypoints.local_waypoint(ls.waypoint.destination, local_workloads, local_services)
-            if wp is not None:
-                by_key.setdefault(wp.key, wp)
-                for i, (s, loc) in enumerate(services):
-                    if s.namespace == ls.namespace and s.hostname == ls.hostname:
-                        services[i] = (dataclasses.replace(s, waypoint=wp.key), loc)
-    local_keys = {k for k in by_key if k not in {w.key for w in found.waypoints}}
+    all_workloads = [w for w, _ in workloads]
+    all_services = [s for s, _ in services]
+
+    def resolve(reference: str, kind: str, location: Location) -> str | None:
+        if location.resource != LOCAL_CONFIG:
+            return waypoints.bind(reference, kind, str(location), by_key, found)
+        waypoint = waypoints.local_waypoint(reference, all_workloads, all_services)
+        if waypoint is None:
+            found.warnings.append(
+                f"{location}: waypoint {reference} is not a known address or Service: not bound"
+            )
+            return None
+        return by_key.setdefault(waypoint.key, waypoint).key
+
     for i, (w, loc) in enumerate(workloads):
-        if w.waypoint is not None and w.waypoint not in local_keys:
-            bound = waypoints.bind(w.waypoint, "workload", f"{loc}", by_key, found)
-            workloads[i] = (dataclasses.replace(w, waypoint=bound), loc)
+        if w.waypoint is not None:
+            workloads[i] = (
+                dataclasses.replace(w, waypoint=resolve(w.waypoint, "workload", loc)),
+                loc,
+            )
     for i, (s, loc) in enumerate(services):
-        if s.waypoint is not None and s.waypoint not in local_keys:
-            bound = waypoints.bind(s.waypoint, "service", f"{loc}", by_key, found)
-            services[i] = (dataclasses.replace(s, waypoint=bound), loc)
+        if s.waypoint is not None:
+            services[i] = (
+                dataclasses.replace(s, waypoint=resolve(s.waypoint, "service", loc)),
+                loc,
+            )
     out.warnings.extend(found.warnings)
     return list(by_key.values())
 

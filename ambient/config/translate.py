@@ -179,6 +179,8 @@ def workload_from_local(w: local.LocalWorkload) -> Workload:
         status=HealthStatus(w.status),
         capacity=w.capacity,
         authorization_policies=tuple(w.authorization_policies),
+        # ztunnel's file names the waypoint by address or Service; the loader resolves it.
+        waypoint=w.waypoint.destination if w.waypoint else None,
     )
 
 
@@ -206,6 +208,7 @@ def services_from_local(
                 ports=MappingProxyType(dict(s.ports)),
                 endpoints=endpoints,
                 subject_alt_names=tuple(s.subject_alt_names),
+                waypoint=s.waypoint.destination if s.waypoint else None,
             )
         )
     return out
