@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._core import Allow, Core, Deny, HboneTarget, Listener, TcpTarget
+from ._core import Allow, Core, Deny, HboneTarget, Listener, Netns, TcpTarget
 from ._fast.hbone_request import InboundDispatcher, StreamRequest
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ __all__ = [
     "Deny",
     "HboneTarget",
     "Listener",
+    "Netns",
     "StreamRequest",
     "TcpTarget",
     "TunnelError",
@@ -131,8 +132,10 @@ class DataPlane:
         decide: Decision | Allow | Deny,
         *,
         report: Reporter | None = None,
+        netns: Netns | None = None,
     ) -> Listener:
-        """Serve HBONE on ``address`` as ``identity``.
+        """Serve HBONE on ``address`` as ``identity`` (inside ``netns`` when given: in-pod mode,
+        the listener and the connections to the app live in the pod's network namespace).
 
         ``decide`` is called once per CONNECT stream with a :class:`StreamRequest` and returns
         ``Allow(upstream)`` or ``Deny(reason, status=401)``; or it is a fixed ``Allow``/``Deny``
@@ -142,7 +145,9 @@ class DataPlane:
         stream that got a verdict ended.
         """
         verdict: Any = decide if isinstance(decide, (Allow, Deny)) else InboundDispatcher(decide)
-        return self.core.serve_hbone(format_address(address), identity, verdict, report=report)
+        return self.core.serve_hbone(
+            format_address(address), identity, verdict, report=report, netns=netns
+        )
 
     def forward(
         self,
@@ -151,6 +156,7 @@ class DataPlane:
         *,
         mode: str = "direct",
         report: Reporter | None = None,
+        netns: Netns | None = None,
     ) -> Listener:
         """Accept plain TCP on ``address`` and carry each connection as ``route`` says: a fixed
         plan, or ``route(source, destination) -> plan`` asked once per connection.
@@ -159,7 +165,9 @@ class DataPlane:
         ``"original_dst"`` (``SO_ORIGINAL_DST``, after in-pod redirection) or ``"socks5"`` (the
         client asks; ``destination`` may then be ``name:port``). ``report`` as for :meth:`serve`.
         """
-        return self.core.listen(format_address(address), route, mode=mode, report=report)
+        return self.core.listen(
+            format_address(address), route, mode=mode, report=report, netns=netns
+        )
 
     def tunnel(
         self, sock: socket.socket, plan: Plan, on_ready: Callable[[str | None], object]

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::decision::{InboundDecider, OutboundDecider, Plan};
 use crate::hbone::server::{self, InboundContext};
 use crate::identity::{IdentityMaterial, IdentityStore};
+use crate::netns::Netns;
 use crate::outbound::{self, ListenMode, OutboundContext};
 use crate::plan::HboneTarget;
 use crate::pool::Pool;
@@ -203,16 +204,26 @@ impl Core {
         listeners.push(scope);
     }
 
-    fn bind(&self, address: &str) -> PyResult<tokio::net::TcpListener> {
+    fn bind(&self, address: &str, sockets: &SocketFactory) -> PyResult<tokio::net::TcpListener> {
         if self.shared.draining.is_cancelled() {
             return Err(PyRuntimeError::new_err("the core is draining or stopped"));
         }
         let addr = parse_listen_address(address)?;
         let _guard = self.handle.enter();
+        sockets.listen(addr).map_err(|e| {
+            let place = match &sockets.netns {
+                Some(netns) => format!(" in {netns:?}"),
+                None => String::new(),
+            };
+            PyOSError::new_err(format!("cannot listen on {addr}{place}: {e}"))
+        })
+    }
+
+    /// The core's socket options, in `netns` when given.
+    fn sockets_for(&self, netns: Option<&Bound<'_, Netns>>) -> SocketFactory {
         self.shared
             .sockets
-            .listen(addr)
-            .map_err(|e| PyOSError::new_err(format!("cannot listen on {addr}: {e}")))
+            .in_netns(netns.map(|n| n.get().handle.clone()))
     }
 
     fn listener(&self, local_address: SocketAddr, scope: ListenerScope) -> Listener {
@@ -254,7 +265,7 @@ impl Core {
                 duration("pool_idle_timeout", pool_idle_timeout)?,
             ),
             stats: Stats::default(),
-            sockets: SocketFactory { mark },
+            sockets: SocketFactory { mark, netns: None },
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
@@ -304,14 +315,16 @@ impl Core {
 
     /// Serve HBONE on `address` as `identity`; `decide` is an `Allow`/`Deny` for every stream, or
     /// a callable `(peer_identity, authority, peer_address, headers) -> Allow | Deny`.
-    /// `report` as for `listen`, once per stream.
-    #[pyo3(signature = (address, identity, decide, *, report=None))]
+    /// `report` as for `listen`, once per stream. With `netns` (in-pod mode) the listener and the
+    /// connections to the app are made in that pod's network namespace.
+    #[pyo3(signature = (address, identity, decide, *, report=None, netns=None))]
     fn serve_hbone(
         &self,
         address: &str,
         identity: &str,
         decide: &Bound<'_, PyAny>,
         report: Option<&Bound<'_, PyAny>>,
+        netns: Option<&Bound<'_, Netns>>,
     ) -> PyResult<Listener> {
         let reporter =
             Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
@@ -321,7 +334,8 @@ impl Core {
             )));
         }
         let decider = InboundDecider::from_py(decide).map_err(PyValueError::new_err)?;
-        let tcp = self.bind(address)?;
+        let sockets = self.sockets_for(netns);
+        let tcp = self.bind(address, &sockets)?;
         let local = tcp
             .local_addr()
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
@@ -332,6 +346,7 @@ impl Core {
             decider,
             reporter,
             scope: scope.clone(),
+            sockets,
         });
         self.handle.spawn(server::accept_loop(tcp, ctx));
         Ok(self.listener(local, scope))
@@ -342,20 +357,23 @@ impl Core {
     /// `mode` says how the destination is learned: "direct" (the listener's own address),
     /// "original_dst" (`SO_ORIGINAL_DST` after in-pod redirection) or "socks5" (the client asks).
     /// `report(subject, source, destination, sent, received, seconds, error)` is told how each
-    /// connection ended.
-    #[pyo3(signature = (address, route, *, mode="direct", report=None))]
+    /// connection ended. With `netns` (in-pod mode) the listener and the far side's sockets are
+    /// made in that pod's network namespace, so connections leave with the pod's own IP.
+    #[pyo3(signature = (address, route, *, mode="direct", report=None, netns=None))]
     fn listen(
         &self,
         address: &str,
         route: &Bound<'_, PyAny>,
         mode: &str,
         report: Option<&Bound<'_, PyAny>>,
+        netns: Option<&Bound<'_, Netns>>,
     ) -> PyResult<Listener> {
         let decider = OutboundDecider::from_py(route).map_err(PyValueError::new_err)?;
         let mode = ListenMode::parse(mode).map_err(PyValueError::new_err)?;
         let reporter =
             Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
-        let tcp = self.bind(address)?;
+        let sockets = self.sockets_for(netns);
+        let tcp = self.bind(address, &sockets)?;
         let local = tcp
             .local_addr()
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
@@ -366,6 +384,7 @@ impl Core {
             mode,
             reporter,
             scope: scope.clone(),
+            sockets,
         });
         self.handle.spawn(outbound::accept_loop(tcp, ctx));
         Ok(self.listener(local, scope))
@@ -469,6 +488,12 @@ impl Core {
 
     /// Close a live connection (both sides); `reason` is reported as its error. False if it had
     /// already ended.
+    /// Drop the pooled HBONE connections dialed from `netns` (its pod was removed); returns how
+    /// many pool entries went.
+    fn forget_netns(&self, netns: &Bound<'_, Netns>) -> usize {
+        self.shared.pool.forget_netns(netns.get().handle.inode())
+    }
+
     fn close_connection(&self, id: u64, reason: String) -> bool {
         self.shared.connections.close(id, reason)
     }

@@ -10,6 +10,7 @@ mod decision;
 mod hbone;
 mod identity;
 mod metrics;
+mod netns;
 mod outbound;
 mod plan;
 mod pool;
@@ -61,6 +62,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<core::Core>()?;
     m.add_class::<core::Listener>()?;
     m.add_class::<metrics::Counters>()?;
+    m.add_class::<netns::Netns>()?;
     m.add_class::<plan::HboneTarget>()?;
     m.add_class::<plan::TcpTarget>()?;
     m.add_class::<plan::Allow>()?;

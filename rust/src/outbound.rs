@@ -18,7 +18,7 @@ use crate::metrics::{Counters, OpenConnection};
 use crate::plan::{HboneTarget, TcpTarget};
 use crate::pool::PoolKey;
 use crate::report::{Reporter, Subject};
-use crate::socket::{self, tune_stream};
+use crate::socket::{self, tune_stream, SocketFactory};
 use crate::socks5::{self, Reply};
 use crate::stats::{ActiveGuard, Stats};
 
@@ -75,6 +75,7 @@ enum Established {
 async fn establish_hbone(
     target: &HboneTarget,
     source: Option<SocketAddr>,
+    sockets: &SocketFactory,
     shared: &Arc<Shared>,
 ) -> Result<Established, OutboundError> {
     let key = PoolKey {
@@ -82,6 +83,7 @@ async fn establish_hbone(
         identities: target.identities.clone(),
         address: target.address,
         source_ip: target.source_ip,
+        sockets: sockets.clone(),
     };
     let lease = shared
         .pool
@@ -107,10 +109,14 @@ async fn establish_hbone(
     }
 }
 
-async fn establish_tcp(target: &TcpTarget, shared: &Shared) -> Result<Established, OutboundError> {
+async fn establish_tcp(
+    target: &TcpTarget,
+    sockets: &SocketFactory,
+    shared: &Shared,
+) -> Result<Established, OutboundError> {
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        shared.sockets.connect(target.address, target.source_ip),
+        sockets.connect(target.address, target.source_ip),
     )
     .await
     {
@@ -129,15 +135,16 @@ async fn establish_tcp(target: &TcpTarget, shared: &Shared) -> Result<Establishe
     }
 }
 
-/// Carry out `plan` up to the point where bytes can flow.
+/// Carry out `plan` up to the point where bytes can flow, with sockets made by `sockets`.
 async fn establish(
     plan: &Plan,
     source: Option<SocketAddr>,
+    sockets: &SocketFactory,
     shared: &Arc<Shared>,
 ) -> Result<Established, OutboundError> {
     match plan {
-        Plan::Hbone(target) => establish_hbone(target.get(), source, shared).await,
-        Plan::Tcp(target) => establish_tcp(target.get(), shared).await,
+        Plan::Hbone(target) => establish_hbone(target.get(), source, sockets, shared).await,
+        Plan::Tcp(target) => establish_tcp(target.get(), sockets, shared).await,
         Plan::Deny(deny) => {
             Stats::inc(&shared.stats.decisions_denied);
             Err(OutboundError::Denied(deny.get().reason.clone()))
@@ -272,7 +279,7 @@ async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundCo
     };
     let transferred = Transferred::default();
     let labelled = plan.counters();
-    let error = match establish(&plan, Some(source), shared).await {
+    let error = match establish(&plan, Some(source), &ctx.sockets, shared).await {
         Ok(far) => {
             if socks && socks5::reply(&mut tcp, Reply::Succeeded).await.is_err() {
                 return;
@@ -317,6 +324,8 @@ pub struct OutboundContext {
     pub mode: ListenMode,
     pub reporter: Reporter,
     pub scope: ListenerScope,
+    /// Where the far side's sockets are made (in-pod mode: the source pod's namespace).
+    pub sockets: SocketFactory,
 }
 
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<OutboundContext>) {
@@ -350,7 +359,7 @@ pub async fn tunnel_stream<S: LocalStream>(
     shared: Arc<Shared>,
     on_ready: impl FnOnce(Option<String>) + Send + 'static,
 ) {
-    match establish(&plan, source, &shared).await {
+    match establish(&plan, source, &shared.sockets, &shared).await {
         Ok(far) => {
             on_ready(None);
             let transferred = Transferred::default();

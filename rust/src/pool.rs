@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::Shared;
 use crate::hbone::client::{self, HboneConnection, HboneError};
+use crate::socket::SocketFactory;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PoolKey {
@@ -23,6 +24,8 @@ pub struct PoolKey {
     pub identities: Vec<Arc<str>>,
     pub address: SocketAddr,
     pub source_ip: Option<IpAddr>,
+    /// How the connection is dialed: in-pod mode, from the source pod's network namespace.
+    pub sockets: SocketFactory,
 }
 
 #[derive(Default)]
@@ -137,6 +140,15 @@ impl Pool {
             .flat_map(|e| e.conns.iter())
             .filter(|c| !c.is_closed() && c.refuses_new_streams())
             .count()
+    }
+
+    /// Drop the connections dialed from the network namespace `inode` (its pod was removed):
+    /// they would otherwise keep the namespace and their sockets alive until the idle timeout.
+    pub fn forget_netns(&self, inode: u64) -> usize {
+        let mut entries = self.entries.lock().unwrap();
+        let before = entries.len();
+        entries.retain(|key, _| key.sockets.netns_inode() != Some(inode));
+        before - entries.len()
     }
 
     /// Drop every pooled connection (core shutdown).

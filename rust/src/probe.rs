@@ -79,6 +79,7 @@ pub async fn run(target: Arc<Py<HboneTarget>>, options: Options, shared: Arc<Sha
         identities: t.identities.clone(),
         address: t.address,
         source_ip: t.source_ip,
+        sockets: shared.sockets.clone(),
     };
     let payload = Bytes::from(vec![0u8; options.payload]);
     let next = Arc::new(AtomicUsize::new(0));

@@ -1,12 +1,16 @@
 //! Socket creation in one place, so the same proxy code serves loopback mode and in-pod mode:
 //! where a socket is bound, which source address it uses, and the options Istio's ztunnel sets.
 
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::netns::{new_tcp_socket, NetnsHandle};
 
 /// Listen backlog; the kernel clamps it to `net.core.somaxconn`.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -19,21 +23,66 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub struct SocketFactory {
     /// Packet mark on every socket (Istio uses 0x539 so its redirection rules skip the proxy).
     pub mark: Option<u32>,
+    /// In-pod mode: sockets are made inside this pod's network namespace, and a connection
+    /// from another address than the pod's own (the client's, to the app) is transparent.
+    pub netns: Option<Arc<NetnsHandle>>,
+}
+
+/// Factories are equal when they make equal sockets: same mark, same namespace. (The pool keys
+/// connections by it: two pods never share an HBONE connection dialed from one's namespace.)
+impl PartialEq for SocketFactory {
+    fn eq(&self, other: &Self) -> bool {
+        self.mark == other.mark && self.netns_inode() == other.netns_inode()
+    }
+}
+
+impl Eq for SocketFactory {}
+
+impl Hash for SocketFactory {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.mark.hash(state);
+        self.netns_inode().hash(state);
+    }
 }
 
 impl SocketFactory {
-    fn new_socket(&self, addr: &SocketAddr) -> io::Result<Socket> {
-        let socket = Socket::new(
-            Domain::for_address(*addr),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
+    /// The same options, in the namespace of `netns`.
+    pub fn in_netns(&self, netns: Option<Arc<NetnsHandle>>) -> Self {
+        Self {
+            mark: self.mark,
+            netns,
+        }
+    }
+
+    pub fn netns_inode(&self) -> Option<u64> {
+        self.netns.as_ref().map(|n| n.inode())
+    }
+
+    fn configure(&self, socket: Socket) -> io::Result<Socket> {
         socket.set_nonblocking(true)?;
         #[cfg(target_os = "linux")]
         if let Some(mark) = self.mark {
             socket.set_mark(mark)?;
         }
         Ok(socket)
+    }
+
+    fn new_socket(&self, addr: &SocketAddr) -> io::Result<Socket> {
+        let domain = Domain::for_address(*addr);
+        let socket = match &self.netns {
+            Some(netns) => netns.tcp_socket_blocking(domain)?,
+            None => new_tcp_socket(domain)?,
+        };
+        self.configure(socket)
+    }
+
+    async fn new_socket_async(&self, addr: &SocketAddr) -> io::Result<Socket> {
+        let domain = Domain::for_address(*addr);
+        let socket = match &self.netns {
+            Some(netns) => netns.tcp_socket(domain).await?,
+            None => new_tcp_socket(domain)?,
+        };
+        self.configure(socket)
     }
 
     /// A listening socket with SO_REUSEADDR and SO_REUSEPORT, as Istio's listeners.
@@ -47,10 +96,16 @@ impl SocketFactory {
         TcpListener::from_std(socket.into())
     }
 
-    /// Connect to `dest`, from `source` when given (the pod's own IP in loopback mode).
+    /// Connect to `dest`, from `source` when given: the pod's own IP, or in-pod mode the
+    /// client's IP on a connection to the app, so the app sees who really called
+    /// (`IP_TRANSPARENT`, as Istio's ztunnel; the in-pod rules route the app's replies back).
     pub async fn connect(&self, dest: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-        let socket = self.new_socket(&dest)?;
+        let socket = self.new_socket_async(&dest).await?;
         if let Some(ip) = source {
+            #[cfg(target_os = "linux")]
+            if self.netns.is_some() {
+                set_transparent(&socket, ip)?;
+            }
             // Choose the source port at connect time, knowing the destination: a port bound
             // before connect cannot be shared across destinations nor reuse TIME_WAIT ones, and
             // a busy proxy connecting from one IP would run out of them.
@@ -67,14 +122,20 @@ impl SocketFactory {
 
 #[cfg(target_os = "linux")]
 fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    set_int_option(socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)
+}
+
+/// Set a boolean socket option socket2 does not offer.
+#[cfg(target_os = "linux")]
+fn set_int_option(socket: &Socket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket descriptor and a c_int option value of the declared size.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
+            level,
+            name,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -83,6 +144,16 @@ fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Allow binding a non-local source address (the client's IP on the connection to the app).
+#[cfg(target_os = "linux")]
+fn set_transparent(socket: &Socket, ip: IpAddr) -> io::Result<()> {
+    if ip.is_ipv4() {
+        socket.set_ip_transparent_v4(true)
+    } else {
+        socket.set_ip_transparent_v6(true)
     }
 }
 

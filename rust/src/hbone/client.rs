@@ -190,7 +190,7 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
     let config = material
         .client_config(&key.identities)
         .map_err(HboneError::Tls)?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, shared.sockets.connect(peer, key.source_ip))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, key.sockets.connect(peer, key.source_ip))
         .await
         .map_err(|_| HboneError::Timeout(peer, "TCP connect"))?
         .map_err(|e| HboneError::Connect(peer, e))?;

@@ -21,7 +21,7 @@ use crate::core::{ListenerScope, Shared};
 use crate::decision::{InboundDecider, InboundRequest, Verdict};
 use crate::metrics::{Counters, OpenConnection};
 use crate::report::{Reporter, Subject};
-use crate::socket::tune_stream;
+use crate::socket::{tune_stream, SocketFactory};
 use crate::stats::{ActiveGuard, Stats};
 use crate::tls;
 
@@ -41,6 +41,8 @@ pub struct InboundContext {
     pub decider: InboundDecider,
     pub reporter: Reporter,
     pub scope: ListenerScope,
+    /// Sockets to the app are made as the listener's were (in the pod's namespace, in-pod mode).
+    pub sockets: SocketFactory,
 }
 
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<InboundContext>) {
@@ -284,7 +286,7 @@ async fn carry_stream(
     };
     let upstream = match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        ctx.shared.sockets.connect(allow.upstream, allow.source_ip),
+        ctx.sockets.connect(allow.upstream, allow.source_ip),
     )
     .await
     {
