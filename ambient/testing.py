@@ -20,9 +20,17 @@ class App:
     echoes (so a client learns which replica answered).
     """
 
-    def __init__(self, mode: str = "echo", address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+    def __init__(
+        self,
+        mode: str = "echo",
+        address: tuple[str, int] = ("127.0.0.1", 0),
+        *,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """``sock``: serve this listening socket instead (one made in a pod's network namespace,
+        say) — ``address`` is then ignored."""
         self.mode = mode
-        self.sock = socket.create_server(address, backlog=512)
+        self.sock = sock if sock is not None else socket.create_server(address, backlog=512)
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.peers: list[tuple[str, int]] = []
         self.received: list[int] = []

@@ -6,6 +6,7 @@ ambient config check FILE...     validate mesh files and summarise them
 ambient explain --config F SRC DST:PORT   the path and policy verdicts of a connection
 ambient hbone serve|forward|probe   HBONE endpoints and checks from the command line
 ambient ztunnel --config F --node N --ca-dir D   the node proxy for one node
+ambient testbed up|down            nodes and pods as network namespaces, in-pod ztunnels (root)
 ambient top --metrics ADDR [--admin ADDR]   a live view of a running ztunnel
 ambient version                  versions and build profile
 """
@@ -17,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import ca, config, demo, explain, hbone, top, ztunnel
+from . import ca, config, demo, explain, hbone, testbed, top, ztunnel
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.register(commands)
     hbone.register(commands)
     ztunnel.register(commands)
+    testbed.register(commands)
     top.register(commands)
     version = commands.add_parser("version", help="print versions and the core's build profile")
     version.set_defaults(run=_version)

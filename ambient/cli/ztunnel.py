@@ -1,4 +1,5 @@
-"""``ambient ztunnel``: the node proxy for one node of a mesh file, in loopback mode."""
+"""``ambient ztunnel``: the node proxy for one node of a mesh file, in loopback mode or (with
+``--zds-socket``) in-pod mode, where istio-cni's ZDS protocol hands it the pods."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from typing import Any
 from ..config import ConfigError, load_mesh
 from ..hbone import DataPlane
 from ..identity.manager import CertificateManager
+from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..telemetry.metrics import ConnectionMetrics, registry
+from ..zds import ZdsClient
 from ..ztunnel import Ztunnel, admin
 from ..ztunnel.admin import Endpoint
 from ..ztunnel.connection import AccessLog
 from ..ztunnel.dump import config_dump
+from ..ztunnel.inpod import InpodPods
+from ..ztunnel.proxy import PROXY_MARK
 from ..ztunnel.reload import ConfigWatcher
 from .common import load_ca, socket_address
 
@@ -72,6 +77,21 @@ def register(commands: Any) -> None:
         help="where to write one JSON line per connection: a file, '-' for stdout, 'off' for none",
     )
     z.add_argument("--access-log-format", choices=["json", "text"], default="json")
+    z.add_argument(
+        "--zds-socket",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="in-pod mode: take pods and their network namespaces from istio-cni's ZDS socket "
+        "(Istio's default is /var/run/ztunnel/ztunnel.sock) and open each pod's listeners "
+        "inside its namespace; ready once the CNI's first snapshot is served. Needs root "
+        "(CAP_SYS_ADMIN, CAP_NET_ADMIN).",
+    )
+    z.add_argument(
+        "--trust-domain",
+        default=DEFAULT_TRUST_DOMAIN,
+        help=f"SPIFFE trust domain of the pods' identities (default {DEFAULT_TRUST_DOMAIN})",
+    )
     z.add_argument("--workers", type=int, default=None, help="core worker threads")
     z.add_argument(
         "--drain-deadline",
@@ -95,7 +115,7 @@ def _address(text: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        mesh = load_mesh(args.config)
+        mesh = load_mesh(args.config, trust_domain=args.trust_domain)
     except ConfigError as e:
         for issue in e.issues:
             print(f"error: {issue}", file=sys.stderr)
@@ -111,16 +131,36 @@ def run(args: argparse.Namespace) -> int:
     access_log = AccessLog(stream, text=args.access_log_format == "text") if stream else None
 
     stop = threading.Event()
-    with DataPlane(args.workers) as dp:
+    inpod = args.zds_socket is not None
+    # In-pod mode: the proxy's own sockets carry the mark the pods' rules let through untouched.
+    with DataPlane(args.workers, mark=PROXY_MARK if inpod else None) as dp:
         certificates = CertificateManager(ca, dp.load_identity)
         connection_metrics = ConnectionMetrics()
         ztunnel = Ztunnel(
-            args.node, dp, certificates, access_log=access_log, metrics=connection_metrics
+            args.node,
+            dp,
+            certificates,
+            inpod=inpod,
+            access_log=access_log,
+            metrics=connection_metrics,
         )
         ztunnel.apply(mesh)
-        if not ztunnel.pods:
+        if not inpod and not ztunnel.pods:
             log.warning("no in-mesh pod has node %r: nothing to serve yet", args.node)
-        watcher = ConfigWatcher(args.config, ztunnel.apply, interval=args.watch_interval)
+        watcher = ConfigWatcher(
+            args.config,
+            ztunnel.apply,
+            interval=args.watch_interval,
+            trust_domain=args.trust_domain,
+        )
+        zds = ZdsClient(args.zds_socket, InpodPods(ztunnel)) if inpod else None
+
+        def pending() -> list[str]:
+            waiting = zds is not None and not zds.snapshot_done.is_set()
+            return ztunnel.pending + (
+                [f"ZDS: waiting for the CNI's pod snapshot on {args.zds_socket}"] if waiting else []
+            )
+
         try:
             endpoints = [
                 Endpoint(
@@ -131,9 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 Endpoint(
                     _address(args.metrics_address), admin.metrics(registry(connection_metrics))
                 ),
-                Endpoint(
-                    _address(args.readiness_address), admin.readiness(lambda: ztunnel.pending)
-                ),
+                Endpoint(_address(args.readiness_address), admin.readiness(pending)),
             ]
         except (OSError, ValueError) as e:
             print(f"ambient ztunnel: {e}", file=sys.stderr)
@@ -144,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
         watcher.start()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+        if zds is not None:
+            zds.start()
+            log.info("waiting for pods from the CNI on %s", args.zds_socket)
+            while not zds.snapshot_done.wait(0.2):
+                if stop.is_set():
+                    break
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload).start())
         # Always the first line on stdout (access log lines only come with connections).
         print(
@@ -156,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             pass
         log.info("draining for up to %s s", args.drain_deadline)
         watcher.stop()
+        if zds is not None:
+            zds.stop()
         finished = ztunnel.close(args.drain_deadline)
         log.info("drained%s", "" if finished else " (connections past the deadline were cut)")
         for endpoint in endpoints:

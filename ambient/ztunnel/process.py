@@ -16,12 +16,20 @@ class ZtunnelProcess:
     """``ambient ztunnel --node NODE`` with its access log in ``workdir``."""
 
     def __init__(
-        self, node: str, mesh_files: list[Path], ca_dir: Path, workdir: Path, *extra: str
+        self,
+        node: str,
+        mesh_files: list[Path],
+        ca_dir: Path,
+        workdir: Path,
+        *extra: str,
+        netns: str | None = None,
     ) -> None:
+        """``netns``: run inside that network namespace (the testbed's node namespaces)."""
         self.node = node
         self.log_path = workdir / f"ztunnel-{node}.log"
         self.log_path.touch()
         argv = [
+            *(["ip", "netns", "exec", netns] if netns else []),
             sys.executable,
             "-P",
             "-m",

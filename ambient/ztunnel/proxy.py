@@ -8,6 +8,11 @@ Per in-mesh pod, on the pod's IP (Istio's ports):
 - 15001: captured outbound (same);
 - 15080: SOCKS5 outbound, the entry of loopback mode where nothing captures.
 
+In in-pod mode (``inpod=True``, pods handed over by istio-cni's ZDS protocol with their network
+namespace) the same listeners are opened inside each pod's namespace on the wildcard address (the
+rules REDIRECT to them), connections leave from the pod's own namespace with its IP, and the
+connection to the app comes from the client's IP (``IP_TRANSPARENT``).
+
 In loopback mode a pod with an app address (``ambient.dev/app-address``) also has its app ports
 on its pod IP owned by ztunnel, as the capture would: a client outside the mesh reaches them in
 plaintext, and ztunnel forwards to the app address.
@@ -26,7 +31,16 @@ from typing import Any
 
 from .. import routing
 from .._core import Counters
-from ..hbone import Allow, DataPlane, Deny, HboneTarget, Listener, StreamRequest, TcpTarget
+from ..hbone import (
+    Allow,
+    DataPlane,
+    Deny,
+    HboneTarget,
+    Listener,
+    Netns,
+    StreamRequest,
+    TcpTarget,
+)
 from ..identity.manager import CertificateManager
 from ..mesh import IPAddress, Mesh, Workload
 from ..policy.engine import Authorizer, Decision, connection
@@ -70,6 +84,7 @@ class PodProxy:
     """The listeners ztunnel runs for one pod."""
 
     workload: Workload
+    netns: Netns | None = None
     listeners: list[Listener] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -84,6 +99,7 @@ class Ztunnel:
         certificates: CertificateManager,
         *,
         loopback: bool = True,
+        inpod: bool = False,
         access_log: Callable[[dict[str, Any]], None] | None = None,
         metrics: ConnectionMetrics | None = None,
         rng: random.Random | None = None,
@@ -91,7 +107,8 @@ class Ztunnel:
         self.node = node
         self.dataplane = dataplane
         self.certificates = certificates
-        self.loopback = loopback
+        self.inpod = inpod
+        self.loopback = loopback and not inpod
         self.access_log = access_log
         self.metrics = metrics or ConnectionMetrics()
         self.rng = rng or random.Random()
@@ -99,7 +116,9 @@ class Ztunnel:
         self.authorizer = Authorizer(Mesh())
         self.pods: dict[str, PodProxy] = {}
         self.proxy_addresses: frozenset[IPAddress] = frozenset()
-        self._apply_lock = threading.Lock()
+        # In-pod mode: the network namespace of each pod the CNI handed over (workload uid).
+        self.pod_netns: dict[str, Netns] = {}
+        self._apply_lock = threading.RLock()
 
     @property
     def mesh(self) -> Mesh:
@@ -108,7 +127,35 @@ class Ztunnel:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def local_workloads(self, mesh: Mesh) -> dict[str, Workload]:
-        return {w.uid: w for w in mesh.workloads_on(self.node) if w.in_mesh and w.ips}
+        """The pods to serve: in-mesh pods of the node (in-pod mode: those the CNI handed over)."""
+        return {
+            w.uid: w
+            for w in mesh.workloads_on(self.node)
+            if w.in_mesh and w.ips and (not self.inpod or w.uid in self.pod_netns)
+        }
+
+    def add_pod_netns(self, uid: str, netns: Netns) -> list[str]:
+        """In-pod mode: serve pod ``uid`` inside ``netns`` (replacing an earlier namespace of
+        the same pod); returns the errors that keep it from being served."""
+        with self._apply_lock:
+            known = self.pod_netns.get(uid)
+            if known is None or known.inode != netns.inode:
+                # The same namespace sent again (a CNI reconnecting) keeps the pod's listeners.
+                self.pod_netns[uid] = netns
+            self.apply(self.mesh)
+            pod = self.pods.get(uid)
+            if pod is None:
+                return [f"pod {uid} is not an in-mesh pod of node {self.node} in the mesh config"]
+            return list(pod.errors)
+
+    def remove_pod_netns(self, uid: str) -> bool:
+        """In-pod mode: stop serving pod ``uid``; its connections are closed and its sockets and
+        namespace released. False when it was not known."""
+        with self._apply_lock:
+            if self.pod_netns.pop(uid, None) is None:
+                return False
+            self.apply(self.mesh)
+            return True
 
     def apply(self, mesh: Mesh) -> None:
         """Serve ``mesh`` from now on: new connections decide on it; pods that left the node or
@@ -118,9 +165,9 @@ class Ztunnel:
             pods = dict(self.pods)
             for uid in list(pods):
                 wanted = desired.get(uid)
-                if wanted is None or _listener_shape(wanted, mesh) != _listener_shape(
-                    pods[uid].workload, self.mesh
-                ):
+                if wanted is None or _listener_shape(
+                    wanted, mesh, self.pod_netns.get(uid)
+                ) != _listener_shape(pods[uid].workload, self.mesh, pods[uid].netns):
                     self._stop_pod(pods.pop(uid))
             self.authorizer = Authorizer(mesh)  # decisions read this on every connection
             for uid, workload in desired.items():
@@ -130,60 +177,86 @@ class Ztunnel:
                     pods[uid].workload = workload
             self.pods = pods  # readers (admin, readiness) see the old set or the new one
             # The addresses this proxy serves, for the no-loop check of every outbound connection.
-            self.proxy_addresses = frozenset(ip for p in pods.values() for ip in p.workload.ips)
+            addresses = {ip for p in pods.values() for ip in p.workload.ips}
+            if self.inpod:
+                # In a pod's namespace the proxy also listens on localhost (REDIRECT delivers
+                # there): a pod dialing 127.0.0.1:15001 itself must not start a loop.
+                addresses |= {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+            self.proxy_addresses = frozenset(addresses)
         self.recheck_live_connections()
 
     def _stop_pod(self, pod: PodProxy) -> None:
         for listener in pod.listeners:
             listener.close(0.0)
+        if pod.netns is not None:
+            # Pooled HBONE connections dialed from the pod's namespace would keep it alive.
+            self.dataplane.core.forget_netns(pod.netns)
         log.info("pod %s removed from ztunnel %s", pod.workload.key, self.node)
 
     def _start_pod(self, workload: Workload) -> PodProxy:
-        pod = PodProxy(workload)
+        netns = self.pod_netns.get(workload.uid) if self.inpod else None
+        pod = PodProxy(workload, netns)
         identity = str(workload.identity)
         self.certificates.ensure(identity)
         ip = workload.ips[0]
         at = routing.format_address
+        # In-pod mode listens on the wildcard inside the pod (the REDIRECT rules deliver to the
+        # address of the interface the packet came in on, 127.0.0.1 for the pod's own
+        # connections); SOCKS5 stays on localhost, as in Istio.
+        wildcard = ipaddress.ip_address("::" if ip.version == 6 else "0.0.0.0")
+        localhost = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+        listen_ip = wildcard if netns is not None else ip
+        socks_ip = localhost if netns is not None else ip
         self._listen(
             pod,
             lambda: self.dataplane.serve(
-                at(ip, routing.HBONE_PORT),
+                at(listen_ip, routing.HBONE_PORT),
                 identity,
                 self._inbound_hbone(workload.uid),
                 report=self._report,
+                netns=netns,
             ),
         )
         self._listen(
             pod,
             lambda: self.dataplane.forward(
-                at(ip, routing.INBOUND_PLAINTEXT_PORT),
+                at(listen_ip, routing.INBOUND_PLAINTEXT_PORT),
                 self._inbound_plaintext(workload.uid),
                 mode="original_dst",
                 report=self._report,
+                netns=netns,
             ),
         )
         self._listen(
             pod,
             lambda: self.dataplane.forward(
-                at(ip, routing.OUTBOUND_CAPTURE_PORT),
+                at(listen_ip, routing.OUTBOUND_CAPTURE_PORT),
                 self._outbound(workload.uid),
                 mode="original_dst",
                 report=self._report,
+                netns=netns,
             ),
         )
         self._listen(
             pod,
             lambda: self.dataplane.forward(
-                at(ip, routing.SOCKS5_PORT),
+                at(socks_ip, routing.SOCKS5_PORT),
                 self._outbound(workload.uid),
                 mode="socks5",
                 report=self._report,
+                netns=netns,
             ),
         )
         if self.loopback and workload.app_address is not None:
             for port in sorted(inbound_app_ports(self.mesh, workload)):
                 self._listen(pod, self._app_port_opener(workload, at(ip, port)))
-        log.info("pod %s served by ztunnel %s on %s", workload.key, self.node, ip)
+        log.info(
+            "pod %s served by ztunnel %s on %s%s",
+            workload.key,
+            self.node,
+            ip,
+            f" in {netns.name}" if netns is not None else "",
+        )
         return pod
 
     def _app_port_opener(self, workload: Workload, address: str) -> Callable[[], Listener]:
@@ -282,12 +355,15 @@ class Ztunnel:
         return Deny(route.reason, tag=info, counters=counters)
 
     def _client_source_ip(self, address: str) -> str | None:
-        """Connect to the app from the client's IP where the platform allows it (loopback mode:
-        every 127/8 address is local)."""
-        if not self.loopback:
+        """Connect to the app from the client's IP where the platform allows it: in-pod mode
+        (transparent sockets, the rules route the replies back) and loopback mode (every 127/8
+        address is local)."""
+        ip = _ip_of(address)
+        if ip is None:
             return None
-        ip = ipaddress.ip_address(address.rpartition(":")[0].strip("[]"))
-        return str(ip) if ip.is_loopback else None
+        if self.inpod or (self.loopback and ip.is_loopback):
+            return str(ip)
+        return None
 
     def _inbound_hbone(self, uid: str) -> Callable[[StreamRequest], Allow | Deny]:
         def decide(request: StreamRequest) -> Allow | Deny:
@@ -486,9 +562,10 @@ def _with_policy(info: ConnectionInfo, decision: Decision) -> ConnectionInfo:
     return dataclasses.replace(info, policy=decision.policy)
 
 
-def _listener_shape(workload: Workload, mesh: Mesh) -> tuple[object, ...]:
+def _listener_shape(workload: Workload, mesh: Mesh, netns: Netns | None) -> tuple[object, ...]:
     """What a pod's listeners depend on: a change here means they must be re-created."""
     return (
+        netns.inode if netns is not None else None,
         workload.ips,
         str(workload.identity),
         workload.app_address,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..config import ConfigError, load_mesh
+from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,10 @@ class ConfigWatcher:
         *,
         interval: float = 1.0,
         on_error: Callable[[ConfigError], None] | None = None,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
     ) -> None:
         self.paths = list(paths)
+        self.trust_domain = trust_domain
         self._apply = apply
         self._on_error = on_error
         self._interval = interval
@@ -57,7 +60,7 @@ class ConfigWatcher:
         with self._lock:
             self._stamps = self._read_stamps()
             try:
-                mesh = load_mesh(self.paths)
+                mesh = load_mesh(self.paths, trust_domain=self.trust_domain)
             except ConfigError as e:
                 self.refusals += 1
                 self.last_error = str(e)
