@@ -26,13 +26,21 @@ def register(commands: Any) -> None:
     demo.add_argument(
         "--show-config", action="store_true", help="print the embedded mesh file and exit"
     )
+    demo.add_argument(
+        "--netns",
+        action="store_true",
+        help="run on network namespaces with in-pod capture, transparent (root): the "
+        "`ambient testbed` of the embedded testbed-mesh.yaml",
+    )
     demo.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import demo
+    from .. import demo, demo_netns, examples
 
     if args.show_config:
-        demo.show_config(sys.stdout)
+        sys.stdout.write(examples.read("testbed-mesh.yaml" if args.netns else "demo-mesh.yaml"))
         return 0
+    if args.netns:
+        return demo_netns.run(args.config, keep=args.keep)
     return demo.run(args.config, keep=args.keep)

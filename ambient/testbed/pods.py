@@ -76,10 +76,18 @@ def inbound_entries(
 
 
 def outbound_entries(
-    proxy: ZtunnelProcess, pod: str, timeout: float = TIMEOUT
+    proxy: ZtunnelProcess, pod: str, timeout: float = TIMEOUT, *, destination: str | None = None
 ) -> list[dict[str, Any]]:
+    """Access-log entries of ``proxy`` for connections out of ``pod`` (to ``destination``,
+    ``ip:port``, when given), waiting for one."""
     return _entries(
-        proxy, timeout, lambda e: e.get("direction") == "outbound" and e.get("src.workload") == pod
+        proxy,
+        timeout,
+        lambda e: (
+            e.get("direction") == "outbound"
+            and e.get("src.workload") == pod
+            and destination in (None, e.get("dst.addr"))
+        ),
     )
 
 

@@ -58,6 +58,8 @@ class Testbed:
     mesh_files: Sequence[Path]
     workdir: Path
     underlay: str = "10.255.0.0/24"
+    # Another name lets a second testbed (a benchmark's) exist beside this one.
+    underlay_netns: str = "ambient-underlay"
     ztunnel_args: Sequence[str] = ()
     node_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     mesh: Mesh = field(init=False, default_factory=Mesh)
@@ -71,7 +73,9 @@ class Testbed:
         ztunnel has served the CNI's snapshot of its pods. On failure, undo everything."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = load_mesh(list(self.mesh_files))
-        self.topology = topology = plan(self.mesh, underlay=self.underlay)
+        self.topology = topology = plan(
+            self.mesh, underlay=self.underlay, underlay_netns=self.underlay_netns
+        )
         self._write_state("starting")
         try:
             network.build(topology)

@@ -13,6 +13,10 @@ from .proxy import Ztunnel
 log = logging.getLogger(__name__)
 
 
+class PodRefused(Exception):
+    """Why a pod the CNI handed over cannot be served (the text goes back in the Ack)."""
+
+
 class InpodPods:
     """The ZDS handler of one ztunnel: each ``add`` becomes a pod served in its namespace, each
     ``del`` a pod whose connections are closed and whose sockets are released."""
@@ -23,16 +27,27 @@ class InpodPods:
         # ZDS uid (the pod's Kubernetes UID) -> the workload uid of the mesh config.
         self._workload_of: dict[str, str] = {}
 
-    def _workload_uid(self, uid: str, name: str, namespace: str) -> str | None:
+    def _workload_uid(self, uid: str, name: str, namespace: str) -> str:
         """The mesh's workload for a ZDS pod: by uid (the testbed sends the mesh's), else by
-        namespace and name (istio-cni sends the Kubernetes UID, which mesh files rarely carry)."""
+        namespace and name (istio-cni sends the Kubernetes UID, which mesh files rarely carry);
+        raises :class:`PodRefused` saying why there is none to serve."""
         mesh = self.ztunnel.mesh
-        if mesh.workload_by_uid(uid) is not None:
-            return uid
-        for workload in mesh.workloads_on(self.ztunnel.node):
-            if workload.name == name and workload.namespace == namespace:
-                return workload.uid
-        return None
+        node = self.ztunnel.node
+        workload = mesh.workload_by_uid(uid) or next(
+            (w for w in mesh.workloads if w.name == name and w.namespace == namespace), None
+        )
+        if workload is None:
+            raise PodRefused(
+                f"pod {namespace}/{name} (uid {uid}) is not a pod of node {node} in the mesh config"
+            )
+        if workload.node != node:
+            raise PodRefused(
+                f"pod {workload.key} runs on node {workload.node or '(none)'} in the mesh "
+                f"config, not on {node}"
+            )
+        if not workload.in_mesh:
+            raise PodRefused(f"pod {workload.key} is not in the mesh (istio.io/dataplane-mode)")
+        return workload.uid
 
     def add_pod(
         self, uid: str, name: str, namespace: str, service_account: str, netns_fd: int
@@ -46,12 +61,10 @@ class InpodPods:
         finally:
             os.close(netns_fd)
         with self._lock:
-            workload_uid = self._workload_uid(uid, name, namespace)
-            if workload_uid is None:
-                return (
-                    f"pod {namespace}/{name} (uid {uid}) is not a pod of node "
-                    f"{self.ztunnel.node} in the mesh config"
-                )
+            try:
+                workload_uid = self._workload_uid(uid, name, namespace)
+            except PodRefused as e:
+                return str(e)
             self._workload_of[uid] = workload_uid
         try:
             errors = self.ztunnel.add_pod_netns(workload_uid, netns)

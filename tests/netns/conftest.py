@@ -13,7 +13,7 @@ import pytest
 
 NEEDS_ROOT = "needs root (network namespaces)"
 REQUIRE_ENV = "AMBIENT_REQUIRE_NETNS"
-TOOLS = ("ip", "iptables-restore")
+TOOLS = ("ip", "iptables-restore", "ss", "tcpdump", "curl", "iperf3")
 
 
 def _missing() -> str | None:

@@ -33,6 +33,7 @@ from ambient.testbed.pods import (
 )
 from ambient.testbed.testbed import Testbed, running
 from ambient.testing import App
+from ambient.zds import ZdsError
 
 C1, C2, C3, S1, S2 = "10.40.1.1", "10.40.1.2", "10.40.2.3", "10.40.2.1", "10.40.1.5"
 OUTSIDE, LEGACY = "10.40.1.9", "10.40.2.9"
@@ -274,3 +275,24 @@ def test_a_peer_from_another_trust_domain_is_rejected(
     assert len(apps["s1"].peers) == before
     assert not inbound_entries(bed.proxy("w2"), "s1", timeout=0.5)
     assert ask("c1", S1) == "s1\nping\n"  # and everyone else is still served
+
+
+def test_the_cni_handing_over_an_unknown_pod_gets_a_clear_refusal(
+    bed: Testbed, apps: dict[str, App]
+) -> None:
+    """ZDS: an `add` for a pod the mesh config does not place on this node is acked with an error
+    naming it; the ztunnel goes on serving its other pods."""
+    zds = bed.nodes["w1"].zds
+    with pytest.raises(ZdsError, match=r"default/ghost \(uid ghost-uid\) is not a pod of node w1"):
+        zds.add_pod("ghost-uid", "ghost", "default", "ghost", str(netns.NETNS_DIR / "outside"))
+    with pytest.raises(
+        ZdsError, match="pod default/s1 runs on node w2 in the mesh config, not on w1"
+    ):
+        # A pod of the other node, handed to the wrong ztunnel.
+        zds.add_pod(
+            "Kubernetes//Pod/default/s1", "s1", "default", "echo", str(netns.NETNS_DIR / "s1")
+        )
+    for uid in ("ghost-uid", "Kubernetes//Pod/default/s1"):  # the CNI forgets them again
+        with pytest.raises(ZdsError, match="unknown pod"):
+            zds.del_pod(uid)
+    assert ask("c1", S1) == "s1\nping\n"
