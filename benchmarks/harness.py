@@ -18,6 +18,7 @@ import queue
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IPERF3 = shutil.which("iperf3") or "/usr/bin/iperf3"
+IP = shutil.which("ip") or "/usr/sbin/ip"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 TASKSET = shutil.which("taskset") or "/usr/bin/taskset"
 
@@ -72,6 +74,15 @@ def parse_host_port(text: str) -> Address:
 def taskset_prefix(cpus: str | None) -> list[str]:
     """``[taskset, "-c", cpus]`` when ``cpus`` is given (e.g. ``"0"``, ``"0,1"``), else ``[]``."""
     return [TASKSET, "-c", cpus] if cpus else []
+
+
+def netns_prefix(netns: str | None) -> list[str]:
+    """``[ip, "netns", "exec", netns]`` when ``netns`` is given, else ``[]``.
+
+    ``ip netns exec`` execs the command (no fork), so the pid of the process started with this
+    prefix is the command's own.
+    """
+    return [IP, "netns", "exec", netns] if netns else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,9 +273,11 @@ def _proc_net_address(host: str) -> tuple[str, str] | None:
     return None
 
 
-def is_listening(host: str, port: int) -> bool | None:
+def is_listening(host: str, port: int, *, pid: int | None = None) -> bool | None:
     """Whether a socket is listening on ``host:port`` (or on the wildcard), read from /proc/net.
 
+    With ``pid``, the tables of the network namespace process ``pid`` is in are read
+    (``/proc/<pid>/net``) instead of our own: a listener inside another netns.
     Returns None when /proc/net cannot answer (not Linux, or ``host`` is a name, not an address).
     Unlike a probe connection this has no side effect on the listener.
     """
@@ -281,7 +294,7 @@ def is_listening(host: str, port: int) -> bool | None:
         tables = ("tcp6",)
     try:
         for name in tables:
-            with open(f"/proc/net/{name}") as f:
+            with open(f"/proc/{pid}/net/{name}" if pid else f"/proc/net/{name}") as f:
                 next(f, None)  # header
                 for line in f:
                     fields = line.split()
@@ -299,13 +312,15 @@ def wait_for_port(
     timeout: float = 15,
     proc: ReadyProcess | None = None,
     probe: bool = True,
+    listener_pid: int | None = None,
 ) -> None:
     """Wait until ``host:port`` accepts TCP connections.
 
     With ``probe=True`` a connection is made and closed at once. With ``probe=False`` no
     connection is made: the port is ready when the kernel shows a listening socket on it (it
     then accepts connections into its backlog), which matters when even an empty connection
-    would travel on to something else (HAProxy A's probe would reach the upstream). If ``proc``
+    would travel on to something else (HAProxy A's probe would reach the upstream);
+    ``listener_pid`` then says whose network namespace to look in (default: ours). If ``proc``
     exits meanwhile, fail at once with its stderr.
     """
     deadline = time.monotonic() + timeout
@@ -314,7 +329,7 @@ def wait_for_port(
     while True:
         if proc is not None and proc.poll() is not None:
             raise ProcessStartError(proc.describe_failure(f"exited before {host}:{port} opened"))
-        listening = None if probe else is_listening(host, port)
+        listening = None if probe else is_listening(host, port, pid=listener_pid)
         if listening:
             return
         if listening is False:
@@ -347,12 +362,16 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class Iperf3Server:
-    """A long-lived ``iperf3 -s`` (serves one test at a time, many tests in a row)."""
+    """A long-lived ``iperf3 -s`` (serves one test at a time, many tests in a row).
+
+    ``netns``: run it inside that named network namespace (``ip netns exec``).
+    """
 
     host: str
     port: int
     taskset: str | None = None
     proc: ReadyProcess | None = None
+    netns: str | None = None
 
     @property
     def address(self) -> Address:
@@ -365,11 +384,18 @@ class Iperf3Server:
         its listening socket, reset the connection of the next real client.
         """
         argv = [
+            *netns_prefix(self.netns),
             *taskset_prefix(self.taskset),
             IPERF3, "-s", "-B", self.host, "-p", str(self.port), "--forceflush",
         ]  # fmt: skip
         self.proc = start_process(argv, ready_prefix="Server listening on")
-        wait_for_port(self.host, self.port, proc=self.proc, probe=False)
+        wait_for_port(
+            self.host,
+            self.port,
+            proc=self.proc,
+            probe=False,
+            listener_pid=self.proc.pid if self.netns else None,
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -384,10 +410,10 @@ class Iperf3Server:
 
 @contextlib.contextmanager
 def iperf3_server(
-    port: int, host: str = "127.0.0.1", *, taskset: str | None = None
+    port: int, host: str = "127.0.0.1", *, taskset: str | None = None, netns: str | None = None
 ) -> Iterator[Iperf3Server]:
     """Run ``iperf3 -s -p PORT`` for the duration of the block, ready when its port accepts."""
-    server = Iperf3Server(host, port, taskset)
+    server = Iperf3Server(host, port, taskset, netns=netns)
     server.start()
     try:
         yield server
@@ -413,9 +439,12 @@ def iperf3_run(
     taskset: str | None = None,
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
+    netns: str | None = None,
 ) -> Iperf3Result:
-    """Run ``iperf3 -c HOST -p PORT -t SECONDS -J`` (one TCP stream, 128 KiB writes by default)."""
+    """Run ``iperf3 -c HOST -p PORT -t SECONDS -J`` (one TCP stream, 128 KiB writes by default);
+    inside the named network namespace ``netns`` when given."""
     argv = [
+        *netns_prefix(netns),
         *taskset_prefix(taskset),
         IPERF3,
         "-c",
@@ -439,12 +468,26 @@ def iperf3_run(
         )
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"iperf3 client timed out: {argv!r}") from e
+    return parse_iperf3_json(done.stdout, exit_status=done.returncode, stderr=done.stderr)
+
+
+def parse_iperf3_json(
+    text: str, *, exit_status: int | None = None, stderr: str = ""
+) -> Iperf3Result:
+    """The result in the ``-J`` report of an iperf3 client: receiver side
+    ``end.sum_received.bits_per_second`` (and the sender's) in Gbit/s.
+
+    Raises RuntimeError when there is no JSON, the report holds an ``error``, has no sums, or the
+    receiver got nothing; ``exit_status`` and ``stderr`` only go into those messages.
+    """
     try:
-        report = json.loads(done.stdout)
+        report = json.loads(text)
     except json.JSONDecodeError as e:
         raise RuntimeError(
-            f"iperf3 client gave no JSON (exit {done.returncode}): {done.stderr.strip()[-1000:]}"
+            f"iperf3 client gave no JSON (exit {exit_status}): {stderr.strip()[-1000:]}"
         ) from e
+    if not isinstance(report, dict):
+        raise RuntimeError(f"iperf3 report is not a JSON object (exit {exit_status})")
     if "error" in report:
         raise RuntimeError(f"iperf3 client: {report['error']}")
     end = report.get("end", {})
@@ -452,7 +495,7 @@ def iperf3_run(
         received = float(end["sum_received"]["bits_per_second"])
         sent = float(end["sum_sent"]["bits_per_second"])
     except (KeyError, TypeError, ValueError) as e:
-        raise RuntimeError(f"iperf3 report has no sums (exit {done.returncode})") from e
+        raise RuntimeError(f"iperf3 report has no sums (exit {exit_status})") from e
     if received <= 0:
         raise RuntimeError("iperf3 receiver got no data")
     retransmits = end.get("sum_sent", {}).get("retransmits")
@@ -464,6 +507,43 @@ def iperf3_throughput(
 ) -> float:
     """Receiver-side Gbit/s of one iperf3 TCP stream to ``host:port`` (default 128 KiB writes)."""
     return iperf3_run(host, port, seconds, taskset=taskset).receiver_gbps
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+
+
+def spread_stats(values: Sequence[float]) -> dict[str, float | None]:
+    """Median, min, max and spread (``(max - min) / median`` in %) of one system's readings.
+
+    The spread is None when the median is 0. Raises ValueError when there is no reading.
+    """
+    if not values:
+        raise ValueError("no readings")
+    median = statistics.median(values)
+    low, high = min(values), max(values)
+    spread = 100 * (high - low) / median if median else None
+    return {"median": median, "min": low, "max": high, "spread_pct": spread}
+
+
+def same_round_ratios(
+    readings: Sequence[Mapping[str, object]], system: str, baseline: str, *, key: str = "gbps"
+) -> dict[int, float]:
+    """``{round: system's key / baseline's key}`` over the rounds where both have a reading.
+
+    Readings are dicts with ``round``, ``system`` and ``key`` (one per system and round); those
+    without ``key``, or marked ``"valid": False``, are left out, as is a baseline of 0.
+    """
+
+    def by_round(name: str) -> dict[int, float]:
+        return {
+            int(r["round"]): float(r[key])  # type: ignore[call-overload, arg-type]
+            for r in readings
+            if r.get("system") == name and key in r and r.get("valid", True) is not False
+        }
+
+    ours, base = by_round(system), by_round(baseline)
+    return {rnd: ours[rnd] / base[rnd] for rnd in sorted(ours) if base.get(rnd)}
 
 
 # --------------------------------------------------------------------------------------------

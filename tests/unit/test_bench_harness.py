@@ -7,6 +7,7 @@ only when ``haproxy`` is not on PATH (CI installs it).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -201,6 +202,87 @@ def test_hbone_argvs_match_the_documented_command_lines(ca_dir: Path) -> None:
     assert client[client.index("--authority") + 1] == "127.0.0.1:5201"
     assert client[client.index("--expect") + 1] == harness.BENCH_SERVER_ID
     assert client[client.index("--server") + 1] == server[server.index("--listen") + 1]
+
+
+def test_netns_prefix_runs_the_command_inside_the_named_netns() -> None:
+    assert harness.netns_prefix(None) == []
+    assert harness.netns_prefix("bench-client")[1:] == ["netns", "exec", "bench-client"]
+
+
+def test_is_listening_reads_the_tables_of_a_process_netns() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert harness.is_listening("127.0.0.1", port) is True
+        # The same netns, reached through a pid (a process in another netns shows its own).
+        assert harness.is_listening("127.0.0.1", port, pid=os.getpid()) is True
+    assert harness.is_listening("127.0.0.1", port, pid=os.getpid()) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# iperf3 reports and figures
+
+
+def iperf3_report(received_bps: float = 4.2e9, sent_bps: float = 4.3e9) -> str:
+    return json.dumps(
+        {
+            "start": {},
+            "intervals": [],
+            "end": {
+                "sum_sent": {"bits_per_second": sent_bps, "bytes": 100, "retransmits": 7},
+                "sum_received": {"bits_per_second": received_bps, "bytes": 99},
+            },
+        }
+    )
+
+
+def test_parse_iperf3_json_takes_the_receiver_side() -> None:
+    result = harness.parse_iperf3_json(iperf3_report())
+    assert result.receiver_gbps == pytest.approx(4.2)
+    assert result.sender_gbps == pytest.approx(4.3)
+    assert result.retransmits == 7
+    assert result.end["sum_received"]["bytes"] == 99
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "gave no JSON .exit 1.: boom"),
+        ('{"error": "unable to connect to server: Connection refused"}', "Connection refused"),
+        ('{"end": {}}', "no sums"),
+        ("[]", "not a JSON object"),
+        (iperf3_report(received_bps=0), "receiver got no data"),
+    ],
+)
+def test_parse_iperf3_json_refuses_a_report_without_a_figure(text: str, message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        harness.parse_iperf3_json(text, exit_status=1, stderr="boom\n")
+
+
+def test_spread_stats() -> None:
+    stats = harness.spread_stats([4.0, 5.0, 6.0, 5.5])
+    assert stats["median"] == pytest.approx(5.25)
+    assert (stats["min"], stats["max"]) == (4.0, 6.0)
+    assert stats["spread_pct"] == pytest.approx(100 * 2 / 5.25)
+    assert harness.spread_stats([0.0])["spread_pct"] is None
+    with pytest.raises(ValueError):
+        harness.spread_stats([])
+
+
+def test_same_round_ratios_pair_readings_of_the_same_round() -> None:
+    readings = [
+        {"round": 1, "system": "mesh", "gbps": 3.0},
+        {"round": 1, "system": "plain", "gbps": 10.0},
+        {"round": 2, "system": "plain", "gbps": 8.0},
+        {"round": 2, "system": "mesh", "gbps": 4.0},
+        {"round": 3, "system": "mesh", "gbps": 9.0, "valid": False},  # left out
+        {"round": 3, "system": "plain", "gbps": 9.0},
+        {"round": 4, "system": "mesh", "gbps": 2.0},  # no baseline in round 4
+        {"round": 4, "system": "plain", "error": "iperf3 client: interrupt"},
+        {"round": 5, "system": "mesh", "gbps": 2.0},
+        {"round": 5, "system": "plain", "gbps": 0.0},  # no ratio to 0
+    ]
+    ratios = harness.same_round_ratios(readings, "mesh", "plain")
+    assert ratios == {1: pytest.approx(0.3), 2: pytest.approx(0.5)}
 
 
 # ---------------------------------------------------------------------------------------------
