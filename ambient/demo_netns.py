@@ -205,7 +205,7 @@ def _keep_running(out: Callable[[str], None], bed: Testbed) -> None:
     import threading
 
     out("the testbed keeps running (Ctrl-C to stop); try, in another shell:")
-    out("  ip netns exec c1 curl -v telnet://10.96.0.10:80    (C1 to Service echo)")
+    out("  ip netns exec c1 curl -s telnet://10.96.0.10:80 <<< hello   (C1 to Service echo)")
     for node in bed.nodes:
         proxy = bed.proxy(node)
         out(f"  ztunnel {node}: access log {proxy.log_path}")
