@@ -145,20 +145,29 @@ def run_flow(flow: Flow, proxies: dict[str, ZtunnelProcess]) -> None:
     flow.result = security
 
 
+def load_demo_mesh(
+    config: Path | None, embedded: str, mesh_file: Path, out: Callable[[str], None]
+) -> Mesh | None:
+    """Copy ``config`` (or the embedded example ``embedded``) to ``mesh_file`` and load it; on
+    errors print each one, naming the user's file, and return None."""
+    mesh_file.write_text(config.read_text() if config else examples.read(embedded))
+    try:
+        return load_mesh([mesh_file])
+    except ConfigError as e:
+        for issue in e.issues:
+            out(f"error: {str(issue).replace(str(mesh_file), str(config or embedded))}")
+        return None
+
+
 def run(
     config: Path | None = None, *, keep: bool = False, out: Callable[[str], None] = print
 ) -> int:
     started = time.monotonic()
-    text = config.read_text() if config else examples.read("demo-mesh.yaml")
     with tempfile.TemporaryDirectory(prefix="ambient-demo-") as tmp:
         workdir = Path(tmp)
         mesh_file = workdir / "mesh.yaml"
-        mesh_file.write_text(text)
-        try:
-            mesh = load_mesh([mesh_file])
-        except ConfigError as e:
-            for issue in e.issues:
-                out(f"error: {str(issue).replace(str(mesh_file), str(config or 'demo-mesh.yaml'))}")
+        mesh = load_demo_mesh(config, "demo-mesh.yaml", mesh_file, out)
+        if mesh is None:
             return 2
         CertificateAuthority.create().save(workdir / "ca")
         nodes = sorted({w.node for w in mesh.workloads if w.in_mesh and w.node})

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import examples
-from .config import ConfigError, load_mesh
+from .demo import load_demo_mesh
 from .mesh import Mesh, Service, Workload
 from .testbed import TestbedError
 from .testbed.pods import ask, inbound_entries, outbound_entries, serve_app
@@ -138,17 +137,11 @@ def run(
         out("ambient demo --netns: needs root (network namespaces, iptables); try `sudo`")
         return 2
     started = time.monotonic()
-    text = config.read_text() if config else examples.read("testbed-mesh.yaml")
     with tempfile.TemporaryDirectory(prefix="ambient-demo-netns-") as tmp:
         workdir = Path(tmp)
         mesh_file = workdir / "mesh.yaml"
-        mesh_file.write_text(text)
-        try:
-            mesh = load_mesh([mesh_file])
-        except ConfigError as e:
-            for issue in e.issues:
-                where = str(config or "testbed-mesh.yaml")
-                out(f"error: {str(issue).replace(str(mesh_file), where)}")
+        mesh = load_demo_mesh(config, "testbed-mesh.yaml", mesh_file, out)
+        if mesh is None:
             return 2
         bed = Testbed([mesh_file], workdir)
         try:
