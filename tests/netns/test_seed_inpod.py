@@ -167,6 +167,14 @@ def test_illegal_ports_are_refused_and_nothing_loops(bed: Testbed, apps: dict[st
     ]
     for pod, ip, port in cases:
         assert refused(pod, ip, port) == "", f"{pod} -> {ip}:{port} was carried"
+        # ...by ztunnel, saying why: not by accident (the last hop refuses, the first logs it).
+        node = bed.workload(pod).node
+        server_side = inbound_entries(bed.proxy("w2"), "s1", timeout=0.3)
+        client_side = outbound_entries(bed.proxy(node), pod, timeout=0.3) + inbound_entries(
+            bed.proxy(node), pod, timeout=0.3
+        )
+        reasons = [e.get("error", "") for e in server_side + client_side]
+        assert any("proxy's own" in r for r in reasons), (pod, ip, port, reasons)
     assert ask("c1", S1) == "s1\nping\n"  # the proxies still serve everyone else
 
 
