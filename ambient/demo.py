@@ -139,7 +139,7 @@ def run_flow(flow: Flow, proxies: dict[str, ZtunnelProcess]) -> None:
         transport == flow.expected_transport
         and flow.seen_identity == expected_identity
         and flow.received == flow.sent
-        and entry.get("bytes_sent") == flow.sent
+        and entry.get("bytes_recv") == flow.sent  # inbound: what the client sent
     )
     security = "HBONE/mTLS" if transport == "HBONE" else "plaintext"
     flow.result = security

@@ -273,7 +273,7 @@ def mesh_check(entries: dict[str, list[dict[str, Any]]], received_bytes: int) ->
     out_hbone = [
         e
         for e in out
-        if e.get("transport") == "HBONE" and e.get("dst.addr") == f"{SERVER_IP}:{IPERF3_PORT}"
+        if e.get("transport") == "HBONE" and e.get("dst.hbone_addr") == f"{SERVER_IP}:{IPERF3_PORT}"
     ]
     in_hbone = [e for e in inb if e.get("transport") == "HBONE"]
     # The data connection carried at least what the iperf3 server received.

@@ -86,7 +86,7 @@ def outbound_entries(
         lambda e: (
             e.get("direction") == "outbound"
             and e.get("src.workload") == pod
-            and destination in (None, e.get("dst.addr"))
+            and destination in (None, e.get("dst.addr"), e.get("dst.hbone_addr"))
         ),
     )
 

@@ -47,14 +47,24 @@ def access_log_entry(
     seconds: float,
     error: str | None,
 ) -> dict[str, Any]:
+    """One access-log line, with the meaning Istio's ztunnel gives its fields: ``dst.addr`` is
+    where the connection went at L4 (a pod's or waypoint's ``:15008`` for HBONE, in both
+    directions) and ``dst.hbone_addr`` the CONNECT target; ``bytes_sent`` is what went towards
+    the destination on outbound, and back to the peer on inbound (Istio "unflips" its
+    destination-side counters for the log)."""
+    l4_destination, hbone_target = (
+        (info.hbone_address, destination) if info.hbone_address else (destination, None)
+    )
+    if info.direction == "inbound":
+        sent, received = received, sent
     entry: dict[str, Any] = {
         "direction": info.direction,
         "transport": info.transport,
         "src.addr": source,
         **_workload_fields("src", info.source_workload),
         "src.identity": info.source_identity,
-        "dst.addr": destination,
-        "dst.hbone_addr": info.hbone_address,
+        "dst.addr": l4_destination,
+        "dst.hbone_addr": hbone_target,
         "dst.service": info.destination_service.hostname if info.destination_service else None,
         **_workload_fields("dst", info.destination_workload),
         "dst.identity": info.destination_identity,

@@ -208,4 +208,4 @@ def test_the_outbound_access_log_names_the_waypoint(env):
         ),
         what="an outbound entry through the waypoint",
     )
-    assert found[0]["dst.waypoint"] == "app/wp" and found[0]["dst.hbone_addr"] == "127.26.3.1:15008"
+    assert found[0]["dst.waypoint"] == "app/wp" and found[0]["dst.addr"] == "127.26.3.1:15008"

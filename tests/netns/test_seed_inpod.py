@@ -92,7 +92,8 @@ def test_c1_and_c2_reach_s1_across_nodes_through_hbone(bed: Testbed, apps: dict[
         assert peer_ips(apps["s1"])[-1] == ip
         (out,) = outbound_entries(bed.proxy("w1"), client)
         assert out["transport"] == "HBONE", out
-        assert out["dst.hbone_addr"] == f"{S1}:15008", out
+        assert out["dst.addr"] == f"{S1}:15008", out
+        assert out["dst.hbone_addr"] == f"{S1}:{APP_PORT}", out
         (inbound,) = inbound_entries(bed.proxy("w2"), "s1")
         assert inbound["transport"] == "HBONE"
         assert inbound["src.identity"] == spiffe(account)
