@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .spiffe import SpiffeId
@@ -51,7 +51,15 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _public_der(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return b""
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _key_pem(key: RootKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -63,10 +71,15 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# Roots this CA can sign with: its own are ECDSA P-256; an RSA root is accepted so a CA shared
+# with other meshes works (Istio's test CA, many self-hosted ones, are RSA-2048).
+RootKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
 class CertificateAuthority:
     """A self-signed root that issues SPIFFE workload certificates for one trust domain."""
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, trust_domain: str):
+    def __init__(self, key: RootKey, cert: x509.Certificate, trust_domain: str):
         self._key = key
         self.certificate = cert
         self.trust_domain = trust_domain
@@ -201,8 +214,13 @@ class CertificateAuthority:
         directory = Path(directory)
         cert = x509.load_pem_x509_certificate((directory / ROOT_CERT_FILE).read_bytes())
         key = serialization.load_pem_private_key((directory / ROOT_KEY_FILE).read_bytes(), None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{directory / ROOT_KEY_FILE}: expected an ECDSA private key")
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ValueError(f"{directory / ROOT_KEY_FILE}: expected an ECDSA or RSA private key")
+        if _public_der(key.public_key()) != _public_der(cert.public_key()):
+            raise ValueError(
+                f"{directory / ROOT_KEY_FILE}: the key does not belong to the certificate "
+                f"{directory / ROOT_CERT_FILE}"
+            )
         orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
         if not orgs:
             raise ValueError(

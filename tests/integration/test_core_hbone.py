@@ -312,3 +312,64 @@ def test_peer_vanishing_mid_stream_closes_the_upstream_and_others_continue(
     wait_until(lambda: server.stats()["active_tunnels"] == 0, what="the tunnel to be released")
     # The same listener still serves everyone else (the count app answers with a byte count).
     assert exchange(client.connect(target(listener, sink.address)), b"still here") == b"10"
+
+
+def _rsa_root(directory, trust_domain: str = "cluster.local"):
+    """An RSA-2048 root in the CA's file layout, as Istio's test CA and many self-hosted CAs."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "root-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "root-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key
+
+
+def test_a_ca_with_an_rsa_root_issues_certificates_the_core_accepts(
+    dataplane_factory, echo, tmp_path
+):
+    """A root shared with another mesh (Istio's test CA is RSA-2048) signs our workloads' ECDSA
+    certificates, and HBONE works with them both ways."""
+    _rsa_root(tmp_path / "ca")
+    ca = CertificateAuthority.load(tmp_path / "ca")
+    server, client = dataplane_factory(1), dataplane_factory(1)
+    server.load_identity(ca.issue(SERVER))
+    client.load_identity(ca.issue(CLIENT))
+    listener = server.serve("127.0.0.1:0", SERVER, Allow(echo.address))
+    with client.connect(target(listener, echo.address)) as sock:
+        assert exchange(sock, b"over an RSA root") == b"over an RSA root"
+
+
+def test_a_ca_whose_key_does_not_match_its_root_is_refused(tmp_path):
+    _rsa_root(tmp_path / "a")
+    _rsa_root(tmp_path / "b")
+    (tmp_path / "a" / "root-key.pem").write_bytes((tmp_path / "b" / "root-key.pem").read_bytes())
+    with pytest.raises(ValueError, match="does not belong to the certificate"):
+        CertificateAuthority.load(tmp_path / "a")
