@@ -96,6 +96,8 @@ def _classify(doc: Any, location: Location, out: _Collected) -> None:
             out.local_configs.append((local.LocalConfig.model_validate(doc), location))
         except ValidationError as e:
             out.issues.extend(issues_from_validation(e, location))
+        else:
+            out.warnings.extend(f"{location}: {w}" for w in local.istio_differences(doc))
     else:
         out.issues.append(
             ConfigIssue(

@@ -176,3 +176,30 @@ class LocalConfig(Model):
     workloads: list[LocalWorkload] = []
     services: list[LocalService] = []
     policies: list[LocalPolicy] = []
+
+
+def istio_differences(doc: dict[str, object]) -> list[str]:
+    """Where a local config file that ambient accepts means something else to Istio's ztunnel
+    (found running both on one file): fields Istio requires, and defaults that differ because
+    Istio's local-file path leaves a missing field empty (src/state/workload.rs, src/xds.rs)."""
+    notes = []
+    workloads = doc.get("workloads")
+    for i, workload in enumerate(workloads if isinstance(workloads, list) else []):
+        if not isinstance(workload, dict):
+            continue
+        who = f"workloads[{i}] ({workload.get('name') or workload.get('uid') or '?'})"
+        if "services" not in workload:
+            notes.append(
+                f"{who}: no `services`: Istio's ztunnel refuses the file (the field is required "
+                "there; write `services: {}`)"
+            )
+        if "trustDomain" not in workload:
+            notes.append(
+                f"{who}: no `trustDomain`: ambient uses cluster.local, Istio's ztunnel an empty "
+                "trust domain (spiffe:///ns/...), so the two disagree on its identity"
+            )
+        if "serviceAccount" not in workload:
+            notes.append(
+                f"{who}: no `serviceAccount`: ambient uses `default`, Istio's ztunnel an empty one"
+            )
+    return notes

@@ -414,3 +414,21 @@ def test_config_check_command_summarises_or_lists_errors(tmp_path, capsys):
     assert main(["config", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("error:") == 2 and "2 error(s)" in err
+
+
+def test_local_config_fields_istio_reads_differently_are_warned_about(tmp_path):
+    """A local-config workload without `services`, `trustDomain` or `serviceAccount` loads, with a
+    warning for each: Istio's ztunnel refuses the first and leaves the others empty (found
+    running both on one file)."""
+    text = "workloads:\n- {uid: u1, name: a, namespace: default, workloadIps: [10.1.1.1]}\n"
+    mesh = load_mesh([write(tmp_path, text)])
+    notes = [w for w in mesh.warnings if "workloads[0] (a)" in w]
+    assert len(notes) == 3
+    assert any("no `services`: Istio's ztunnel refuses the file" in w for w in notes)
+    assert any("no `trustDomain`" in w and "spiffe:///" in w for w in notes)
+    assert any("no `serviceAccount`" in w for w in notes)
+    complete = (
+        "workloads:\n- {uid: u1, name: a, namespace: default, workloadIps: [10.1.1.1],"
+        " services: {}, trustDomain: cluster.local, serviceAccount: a}\n"
+    )
+    assert not load_mesh([write(tmp_path, complete)]).warnings
