@@ -303,3 +303,33 @@ def inbound_plaintext(workload: Workload, dst_ip: IPAddress, dst_port: int) -> I
     if dst_ip not in workload.ips:
         return InboundCheck(False, 400, f"{dst_ip} is not this pod ({workload.key})")
     return InboundCheck(True, upstream=app_address(workload, dst_ip, dst_port))
+
+
+def forwarded_host(value: str) -> str | None:
+    """The ``host=`` parameter of a ``Forwarded`` header (RFC 7239), as Istio's ztunnel reads it:
+    the Service the client dialed, sent by the source ztunnel."""
+    for part in value.split(";"):
+        name, _, host = part.strip().partition("=")
+        if name.lower() == "host" and host.strip('"'):
+            return host.strip('"')
+    return None
+
+
+def guess_inbound_service(
+    mesh: Mesh, workload: Workload, port: int, for_host: str | None = None
+) -> Service | None:
+    """Which of ``workload``'s Services an inbound connection to ``port`` was for, for the
+    destination side's telemetry, as Istio's ztunnel guesses it: the one the client named (only
+    among the workload's own Services, so a bogus name is ignored), else the first whose target
+    port, or the workload's resolved named port, is ``port``."""
+    services = [
+        (s, e) for s in mesh.services for e in s.endpoints if e.workload_uid == workload.uid
+    ]
+    for service, _ in services:
+        if for_host is not None and service.hostname == for_host:
+            return service
+    for service, endpoint in services:
+        for service_port, target in service.ports.items():
+            if target == port or endpoint.ports.get(service_port) == port:
+                return service
+    return None

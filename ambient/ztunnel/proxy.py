@@ -42,7 +42,7 @@ from ..hbone import (
     TcpTarget,
 )
 from ..identity.manager import CertificateManager
-from ..mesh import IPAddress, Mesh, Workload
+from ..mesh import IPAddress, Mesh, Service, Workload
 from ..policy.engine import Authorizer, Decision, connection
 from ..routing import Transport
 from ..telemetry.metrics import ConnectionMetrics, Labels
@@ -307,11 +307,11 @@ class Ztunnel:
             decision = routing.outbound(
                 mesh, workload, dst_ip, dst_port, rng=self.rng, proxy_addresses=self.proxy_addresses
             )
-            return self._plan(workload, decision)
+            return self._plan(workload, decision, source)
 
         return route
 
-    def _plan(self, source: Workload, route: routing.OutboundRoute) -> Plan:
+    def _plan(self, source: Workload, route: routing.OutboundRoute, client: str = "") -> Plan:
         info = ConnectionInfo(
             direction="outbound",
             transport=route.transport.value,
@@ -344,7 +344,7 @@ class Ztunnel:
                 list(route.identities),
                 str(source.identity),
                 source_ip=self._source_ip(source),
-                headers=[("baggage", baggage(source))],
+                headers=[("baggage", baggage(source)), *_forwarded(client, route.service)],
                 tag=info,
                 counters=counters,
             )
@@ -375,19 +375,25 @@ class Ztunnel:
             peer_ip = _ip_of(request.peer_address)
             source = mesh.workload_by_ip(peer_ip) if peer_ip is not None else None
             check = routing.inbound_hbone(workload, request.authority)
+            service = routing.guess_inbound_service(
+                mesh, workload, _port_of(request.authority), _forwarded_host(request.headers)
+            )
             info = ConnectionInfo(
                 direction="inbound",
                 transport="HBONE",
                 source_workload=source,
                 source_identity=request.peer_identity,
                 destination_workload=workload,
+                destination_service=service,
                 destination_identity=str(workload.identity),
                 hbone_address=routing.format_address(workload.ips[0], routing.HBONE_PORT),
                 reason=check.reason,
             )
 
             def counted(flags: str) -> Counters:
-                return self._inbound_counters(source, request.peer_identity, workload, flags)
+                return self._inbound_counters(
+                    source, request.peer_identity, workload, flags, service=service
+                )
 
             if not check.allowed or check.upstream is None or peer_ip is None:
                 return Deny(check.reason, status=check.status, tag=info, counters=counted("-"))
@@ -422,12 +428,14 @@ class Ztunnel:
                 return Deny("pod is no longer served by this ztunnel")
             dst_ip, dst_port = routing.resolve(mesh, destination)
             src_ip = _ip_of(source)
+            service = routing.guess_inbound_service(mesh, workload, dst_port)
             info = ConnectionInfo(
                 direction="inbound",
                 transport="TCP",
                 source_workload=mesh.workload_by_ip(src_ip) if src_ip is not None else None,
                 source_identity=None,  # plaintext carries no identity
                 destination_workload=workload,
+                destination_service=service,
                 destination_identity=str(workload.identity),
             )
             check = routing.inbound_plaintext(workload, dst_ip, dst_port)
@@ -437,7 +445,7 @@ class Ztunnel:
                     check.reason,
                     tag=info,
                     counters=self._inbound_counters(
-                        source_workload, None, workload, "-", mutual_tls=False
+                        source_workload, None, workload, "-", mutual_tls=False, service=service
                     ),
                 )
             refusal = routing.waypoint_only_refusal(mesh, workload, None)
@@ -446,7 +454,7 @@ class Ztunnel:
                     refusal,
                     tag=info,
                     counters=self._inbound_counters(
-                        source_workload, None, workload, "DENY", mutual_tls=False
+                        source_workload, None, workload, "DENY", mutual_tls=False, service=service
                     ),
                 )
             decision = self._authorize(authorizer, workload, src_ip, destination, None)
@@ -456,7 +464,7 @@ class Ztunnel:
                     decision.reason,
                     tag=info,
                     counters=self._inbound_counters(
-                        source_workload, None, workload, "DENY", mutual_tls=False
+                        source_workload, None, workload, "DENY", mutual_tls=False, service=service
                     ),
                 )
             return TcpTarget(
@@ -464,7 +472,7 @@ class Ztunnel:
                 source_ip=self._client_source_ip(source),
                 tag=info,
                 counters=self._inbound_counters(
-                    source_workload, None, workload, "-", mutual_tls=False
+                    source_workload, None, workload, "-", mutual_tls=False, service=service
                 ),
             )
 
@@ -478,6 +486,7 @@ class Ztunnel:
         flags: str,
         *,
         mutual_tls: bool = True,
+        service: Service | None = None,
     ) -> Counters:
         return self.metrics.counters(
             Labels.of(
@@ -486,7 +495,7 @@ class Ztunnel:
                 source_principal=peer,
                 destination=workload,
                 destination_principal=str(workload.identity),
-                service=None,
+                service=service,
                 mutual_tls=mutual_tls,
                 response_flags=flags,
             )
@@ -571,6 +580,26 @@ def _listener_shape(workload: Workload, mesh: Mesh, netns: Netns | None) -> tupl
         workload.app_address,
         tuple(sorted(inbound_app_ports(mesh, workload))),
     )
+
+
+def _forwarded(client: str, service: Service | None) -> list[tuple[str, str]]:
+    """Istio's Forwarded header on a CONNECT: who the client is and, when it dialed a Service,
+    which (the destination side labels its telemetry with it). Empty: the core adds ``for``."""
+    if not client or service is None:
+        return []
+    return [("forwarded", f'for="{client}";host={service.hostname}')]
+
+
+def _forwarded_host(headers: tuple[tuple[str, str], ...]) -> str | None:
+    for name, value in headers:
+        if name.lower() == "forwarded":
+            return routing.forwarded_host(value)
+    return None
+
+
+def _port_of(address: str) -> int:
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
 
 
 def _ip_of(address: str) -> IPAddress | None:

@@ -132,6 +132,9 @@ def test_metrics_count_connections_and_bytes_for_both_reporters(mesh):
         "destination_app": "cart",
         "destination_version": "v1",
         "destination_principal": CART_ID,
+        # Named by the source's Forwarded host, as Istio's ztunnel does on the destination side.
+        "destination_service": "cart.shop.svc.cluster.local",
+        "destination_service_name": "cart",
         "connection_security_policy": "mutual_tls",
         "response_flags": "-",
     }

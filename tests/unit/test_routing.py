@@ -265,3 +265,23 @@ def test_inbound_plaintext_goes_to_the_app_address_in_loopback_mode():
     assert routing.inbound_plaintext(w, ip("127.1.0.1"), 8080).upstream == (ip("127.2.0.1"), 8080)
     assert not routing.inbound_plaintext(w, ip("127.1.0.1"), 15006).allowed
     assert not routing.inbound_plaintext(w, ip("127.1.0.9"), 8080).allowed
+
+
+def test_forwarded_host_is_read_as_istio_reads_it():
+    assert routing.forwarded_host('for="10.0.0.1:5000";host=web.prod.svc.cluster.local') == (
+        "web.prod.svc.cluster.local"
+    )
+    assert routing.forwarded_host('for="10.0.0.1:5000";host="quoted.example"') == "quoted.example"
+    assert routing.forwarded_host('for="10.0.0.1:5000"') is None
+    assert routing.forwarded_host("host=") is None
+
+
+def test_the_inbound_service_is_the_named_one_else_the_one_whose_target_port_matches(mesh):
+    web_1 = mesh.workload_by_ip(ip("10.0.2.1"))
+    web = "web.default.svc.cluster.local"
+    assert routing.guess_inbound_service(mesh, web_1, 8080).hostname == web
+    assert routing.guess_inbound_service(mesh, web_1, 8080, web).hostname == web
+    assert routing.guess_inbound_service(mesh, web_1, 9999) is None
+    # A name the workload does not back is ignored, not trusted.
+    legacy = "legacy.default.svc.cluster.local"
+    assert routing.guess_inbound_service(mesh, web_1, 9999, legacy) is None
