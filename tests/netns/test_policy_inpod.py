@@ -71,7 +71,13 @@ def test_only_the_allowed_identity_reaches_s1(bed: Testbed, s1: App) -> None:
     assert ask("c1", S1) == "s1\nping\n"
     assert refused("c2", S1, APP_PORT) == ""
     assert refused("outside", S1, APP_PORT) == ""  # plaintext: no identity, no match
-    entries = inbound_entries(bed.proxy("w2"), "s1")
+    entries: list[dict[str, object]] = []
+
+    def both_refusals_logged() -> bool:  # a line is written when its connection ends
+        entries.extend(inbound_entries(bed.proxy("w2"), "s1", timeout=0.2))
+        return sum("error" in e for e in entries) >= 2
+
+    wait_until(both_refusals_logged, timeout=10, what="the two refusals in w2's access log")
     denied = [e for e in entries if "error" in e]
     assert {e.get("src.identity") for e in denied} == {
         "spiffe://cluster.local/ns/default/sa/c2",
