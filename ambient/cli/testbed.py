@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import examples
 from ..config import ConfigError
-from ..testbed import TestbedError
+from ..testbed import TestbedError, control
 from ..testbed.testbed import STATE_FILE, Testbed, down
 
 DEFAULT_WORKDIR = Path("/run/ambient-testbed")
@@ -53,6 +53,18 @@ def register(commands: Any) -> None:
             default=DEFAULT_WORKDIR,
             help=f"state, CA, CNI sockets and logs (default {DEFAULT_WORKDIR})",
         )
+    pod = actions.add_parser(
+        "pod", help="hand a pod to its ztunnel, or take it back (ZDS add/del), at runtime"
+    )
+    pod.add_argument("verb", choices=["add", "del"])
+    pod.add_argument("name", help="the pod (its namespace's name)")
+    capture = actions.add_parser(
+        "capture", help="install or remove a pod's redirection rules (off: it bypasses ztunnel)"
+    )
+    capture.add_argument("verb", choices=["on", "off"])
+    capture.add_argument("name", help="the pod")
+    for parser in (pod, capture):
+        parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     serve = actions.add_parser("serve", help=argparse.SUPPRESS)  # the process `up` starts
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--workdir", type=Path, required=True)
@@ -70,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if args.action == "serve":
         return _serve(args.config, args.workdir)
+    if args.action in ("pod", "capture"):
+        action = args.verb if args.action == "pod" else f"capture-{args.verb}"
+        try:
+            control.request(args.workdir, action, args.name)
+        except TestbedError as e:
+            print(f"ambient testbed {args.action} {args.verb} {args.name}: {e}", file=sys.stderr)
+            return 1
+        return 0
     return _up(args.config, args.workdir)
 
 
@@ -108,7 +128,8 @@ def _up(config: Path | None, workdir: Path) -> int:
     deadline = time.monotonic() + UP_TIMEOUT
     while time.monotonic() < deadline:
         status = _status(workdir)
-        if status == "ready":
+        # Ready, and taking `pod`/`capture` requests (the owner opens its control socket last).
+        if status == "ready" and (workdir / control.CONTROL_SOCKET).exists():
             _summary(workdir)
             return 0
         if owner.poll() is not None:
@@ -139,7 +160,8 @@ def _summary(workdir: Path) -> None:
         print(f"  {w.name:<12} node {w.node:<6} {w.ips[0]!s:<15} {mode}")
     for s in mesh.services:
         print(f"  service {s.name}: {', '.join(str(ip) for _, ip in s.vips)} ports {list(s.ports)}")
-    print("try: ip netns exec <pod> <command>; stop with: ambient testbed down")
+    print("try: ip netns exec <pod> <command>; ambient testbed pod del|add <pod>;")
+    print("     ambient testbed capture off|on <pod>; stop with: ambient testbed down")
 
 
 def _serve(config: Path, workdir: Path) -> int:
@@ -152,8 +174,10 @@ def _serve(config: Path, workdir: Path) -> int:
     except (ConfigError, TestbedError, OSError, RuntimeError) as e:
         print(f"ambient testbed: {e}", file=sys.stderr)
         return 1
+    controls = control.ControlServer(bed)
     print("testbed ready", flush=True)
     stop.wait()
+    controls.close()
     problems = bed.down()
     for problem in problems:
         print(f"ambient testbed: {problem}", file=sys.stderr)

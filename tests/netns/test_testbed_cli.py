@@ -4,6 +4,7 @@ mesh run the way a user runs them: ``ip netns exec <pod> curl ...``, ``iperf3``.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ambient.testbed import netns
+from ambient.testing import wait_until
 
 S1, S2, C1 = "10.40.2.1", "10.40.1.5", "10.40.1.1"
 ECHO_VIP = "10.96.0.10"
@@ -114,3 +116,53 @@ def test_a_mesh_the_testbed_cannot_build_is_refused_with_the_pod_named(tmp_path:
     assert up.returncode == 1
     assert "nowhere" in up.stderr and "node" in up.stderr
     assert not netns.exists("nowhere")
+
+
+def test_pods_are_taken_back_and_handed_over_again_at_runtime(testbed: Path) -> None:
+    """`ambient testbed pod del|add` speak ZDS del/add to the pod's ztunnel through the owner."""
+    assert ":15001 " in netns.run(["ss", "-Htln"], netns="c2")
+    removed = ambient("testbed", "pod", "del", "c2", "--workdir", str(testbed))
+    assert removed.returncode == 0, removed.stderr
+    assert ":15001 " not in netns.run(["ss", "-Htln"], netns="c2")
+    added = ambient("testbed", "pod", "add", "c2", "--workdir", str(testbed))
+    assert added.returncode == 0, added.stderr
+    assert ":15001 " in netns.run(["ss", "-Htln"], netns="c2")
+    unknown = ambient("testbed", "pod", "del", "nobody", "--workdir", str(testbed))
+    assert unknown.returncode == 1
+    assert "no pod named 'nobody'" in unknown.stderr
+
+
+def test_capture_can_be_turned_off_and_on_for_a_pod(testbed: Path) -> None:
+    """Capture off: C3's connections go past its ztunnel (S1's still captures what arrives: that
+    is S1's choice). Back on, they go through it again — and since lines are written in order,
+    once the second run's lines are there the first run's would have been too."""
+    with (
+        background("s1", "iperf3", "-s", "-p", "5202", port=5202),
+        background("s1", "iperf3", "-s", "-p", "5203", port=5203),
+    ):
+        off = ambient("testbed", "capture", "off", "c3", "--workdir", str(testbed))
+        assert off.returncode == 0, off.stderr
+        try:
+            result = in_pod("c3", "iperf3", "-c", S1, "-p", "5202", "-t", "1")
+            assert result.returncode == 0, result.stderr
+        finally:
+            on = ambient("testbed", "capture", "on", "c3", "--workdir", str(testbed))
+            assert on.returncode == 0, on.stderr
+        result = in_pod("c3", "iperf3", "-c", S1, "-p", "5203", "-t", "1")
+        assert result.returncode == 0, result.stderr
+    wait_until(
+        lambda: _outbound_lines(testbed, "w2", "c3", f"{S1}:5203") == 2,
+        what="C3's two iperf3 connections (control, data) logged by its ztunnel",
+    )
+    assert _outbound_lines(testbed, "w2", "c3", f"{S1}:5202") == 0
+
+
+def _outbound_lines(workdir: Path, node: str, pod: str, destination: str) -> int:
+    """Outbound access-log lines of ``pod`` to ``destination`` in ``node``'s ztunnel."""
+    entries = [json.loads(x) for x in (workdir / f"ztunnel-{node}.log").read_text().splitlines()]
+    return sum(
+        e["direction"] == "outbound"
+        and e.get("src.workload") == pod
+        and destination in (e.get("dst.addr"), e.get("dst.hbone_addr"))
+        for e in entries
+    )
