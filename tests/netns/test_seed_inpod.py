@@ -317,3 +317,14 @@ def test_the_cni_handing_over_an_unknown_pod_gets_a_clear_refusal(
         with pytest.raises(ZdsError, match="unknown pod"):
             zds.del_pod(uid)
     assert ask("c1", S1) == "s1\nping\n"
+
+
+def test_a_port_nobody_listens_on_is_reported_by_the_server_side_ztunnel(
+    bed: Testbed, apps: dict[str, App]
+) -> None:
+    """An unreachable upstream: the client's connection is closed without an answer, and S1's
+    ztunnel logs which address refused; everyone else is still served."""
+    assert refused("c1", S1, 9999) == ""
+    (entry,) = inbound_entries(bed.proxy("w2"), "s1")
+    assert f"{S1}:9999" in entry["error"] and "refused" in entry["error"].lower(), entry
+    assert ask("c1", S1) == "s1\nping\n"
