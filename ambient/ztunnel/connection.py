@@ -27,6 +27,8 @@ class ConnectionInfo:
     destination_service: Service | None = None
     destination_identity: str | None = None
     hbone_address: str | None = None
+    # The CONNECT target when it differs from what the client dialed (a Service VIP's endpoint).
+    hbone_target: str | None = None
     reason: str = ""
     policy: str | None = None  # the authorization policy that decided, ``namespace/name``
     waypoint: str | None = None  # the waypoint the connection was sent through
@@ -53,7 +55,9 @@ def access_log_entry(
     the destination on outbound, and back to the peer on inbound (Istio "unflips" its
     destination-side counters for the log)."""
     l4_destination, hbone_target = (
-        (info.hbone_address, destination) if info.hbone_address else (destination, None)
+        (info.hbone_address, info.hbone_target or destination)
+        if info.hbone_address
+        else (destination, None)
     )
     if info.direction == "inbound":
         sent, received = received, sent

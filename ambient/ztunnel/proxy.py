@@ -321,6 +321,7 @@ class Ztunnel:
             destination_service=route.service,
             destination_identity=route.identities[0] if route.identities else None,
             hbone_address=route.dial if route.transport is Transport.HBONE else None,
+            hbone_target=route.authority if route.transport is Transport.HBONE else None,
             reason=route.reason,
             waypoint=route.waypoint.key if route.waypoint else None,
         )
