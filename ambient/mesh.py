@@ -160,6 +160,14 @@ class Mesh:
         return MappingProxyType({s.hostname: s for s in self.services})
 
     @cached_property
+    def _backed_by(self) -> Mapping[str, tuple[tuple[Service, Endpoint], ...]]:
+        backed: dict[str, list[tuple[Service, Endpoint]]] = {}
+        for s in self.services:
+            for e in s.endpoints:
+                backed.setdefault(e.workload_uid, []).append((s, e))
+        return MappingProxyType({uid: tuple(pairs) for uid, pairs in backed.items()})
+
+    @cached_property
     def _waypoints(self) -> Mapping[str, Waypoint]:
         return MappingProxyType({w.key: w for w in self.waypoints})
 
@@ -177,6 +185,11 @@ class Mesh:
 
     def service_by_hostname(self, hostname: str) -> Service | None:
         return self._by_hostname.get(hostname)
+
+    def services_backed_by(self, workload: Workload) -> tuple[tuple[Service, Endpoint], ...]:
+        """The Services ``workload`` is an endpoint of, each with its endpoint (an index: the
+        destination side asks on every inbound connection)."""
+        return self._backed_by.get(workload.uid, ())
 
     def workloads_on(self, node: str) -> Iterable[Workload]:
         return (w for w in self.workloads if w.node == node)

@@ -322,9 +322,7 @@ def guess_inbound_service(
     destination side's telemetry, as Istio's ztunnel guesses it: the one the client named (only
     among the workload's own Services, so a bogus name is ignored), else the first whose target
     port, or the workload's resolved named port, is ``port``."""
-    services = [
-        (s, e) for s in mesh.services for e in s.endpoints if e.workload_uid == workload.uid
-    ]
+    services = mesh.services_backed_by(workload)
     for service, _ in services:
         if for_host is not None and service.hostname == for_host:
             return service
