@@ -268,9 +268,7 @@ def waypoint_identities(mesh: Mesh, workload: Workload) -> set[str]:
     """The identities of the waypoints traffic to ``workload`` may come through: its own, and
     those of the Services it backs."""
     keys = {workload.waypoint} | {
-        s.waypoint
-        for s in mesh.services
-        if s.waypoint and any(e.workload_uid == workload.uid for e in s.endpoints)
+        s.waypoint for s, _ in mesh.services_backed_by(workload) if s.waypoint
     }
     identities = set()
     for key in keys:

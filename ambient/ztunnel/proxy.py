@@ -72,10 +72,8 @@ def inbound_app_ports(mesh: Mesh, workload: Workload) -> set[int]:
     """The ports the workload's application serves: its Services' target ports and its
     container ports."""
     ports = set(workload.container_ports)
-    for service in mesh.services:
-        for endpoint in service.endpoints:
-            if endpoint.workload_uid == workload.uid:
-                ports.update(p for p in endpoint.ports.values() if p)
+    for _, endpoint in mesh.services_backed_by(workload):
+        ports.update(p for p in endpoint.ports.values() if p)
     return ports - routing.PROXY_PORTS
 
 
