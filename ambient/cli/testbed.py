@@ -65,7 +65,7 @@ def register(commands: Any) -> None:
     capture.add_argument("name", help="the pod")
     for parser in (pod, capture):
         parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    serve = actions.add_parser("serve", help=argparse.SUPPRESS)  # the process `up` starts
+    serve = actions.add_parser("serve")  # the process `up` starts; no help: not listed
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--workdir", type=Path, required=True)
     bed.set_defaults(run=run)
