@@ -99,16 +99,11 @@ def plan_flows(mesh: Mesh) -> list[Flow]:
 
 
 def _inbound_entry(proxy: ZtunnelProcess, flow: Flow) -> dict[str, Any] | None:
-    deadline = time.monotonic() + LOG_TIMEOUT
-    while time.monotonic() < deadline:
-        for entry in proxy.new_entries():
-            if (
-                entry.get("direction") == "inbound"
-                and entry.get("dst.workload") == flow.server.name
-            ):
-                return entry
-        time.sleep(0.02)
-    return None
+    entries = proxy.claim_entries(
+        lambda e: e.get("direction") == "inbound" and e.get("dst.workload") == flow.server.name,
+        LOG_TIMEOUT,
+    )
+    return entries[0] if entries else None
 
 
 def run_flow(flow: Flow, proxies: dict[str, ZtunnelProcess]) -> None:

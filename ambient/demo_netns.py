@@ -98,7 +98,9 @@ def run_flow(bed: Testbed, mesh: Mesh, flow: Flow, apps: dict[str, App]) -> None
     flow.seen_source = apps[name].peers[-1][0]
     want_transport, want_identity = expected(flow, server)
     if server.in_mesh:
-        entries = inbound_entries(bed.proxy(server.node), server.name)
+        entries = inbound_entries(
+            bed.proxy(server.node), server.name, source=str(flow.client.ips[0])
+        )
         if not entries:
             flow.problem = f"{server.name}'s ztunnel logged no inbound connection"
             return

@@ -37,10 +37,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ if str(REPO) not in sys.path:
 
 from ambient.testbed import TestbedError, netns, network  # noqa: E402
 from ambient.testbed.testbed import Testbed  # noqa: E402
+from ambient.ztunnel.process import ZtunnelProcess  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.compare_throughput import (  # noqa: E402
     ambient_core_info,
@@ -169,26 +168,6 @@ def testbed(workdir: Path) -> Iterator[Testbed]:
             problems += network.teardown([n for n in NETNS_NAMES if netns.exists(n)])
             if problems:
                 print("WARNING: testbed teardown left: " + "; ".join(problems), file=sys.stderr)
-
-
-def drain_ztunnel_pipes(bed: Testbed) -> dict[str, deque[str]]:
-    """Keep reading each ztunnel's stdout and stderr (the testbed never does after its ready
-    line), so that a chatty ztunnel never blocks on a full pipe; keep the last lines."""
-    tails: dict[str, deque[str]] = {}
-    for node in bed.nodes:
-        process = bed.proxy(node).process
-        tail: deque[str] = deque(maxlen=50)
-        tails[node] = tail
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                threading.Thread(target=_drain_text, args=(stream, tail), daemon=True).start()
-    return tails
-
-
-def _drain_text(stream: Any, sink: deque[str]) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in stream:
-            sink.append(line.rstrip("\n"))
 
 
 def ztunnel_pids(bed: Testbed) -> dict[str, int]:
@@ -528,13 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)  # like Ctrl-C: unwind, so the testbed comes down
     readings: list[dict[str, Any]] = []
     testbed_info: dict[str, Any] = {}
-    tails: dict[str, deque[str]] = {}
+    proxies: dict[str, ZtunnelProcess] = {}
     try:
         with (
             tempfile.TemporaryDirectory(prefix="bench-testbed-") as tmp,
             testbed(Path(tmp)) as bed,
         ):
-            tails = drain_ztunnel_pipes(bed)
+            # Their logs, to show if the run fails (the testbed is down by then).
+            proxies = {node: bed.proxy(node) for node in bed.nodes}
             pids = ztunnel_pids(bed)
             if args.pin:
                 pin_ztunnels(pids)
@@ -558,9 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (TestbedError, harness.ProcessStartError, RuntimeError, OSError) as e:
         print(f"compare_testbed.py: {type(e).__name__}: {e}", file=sys.stderr)
-        for node, tail in tails.items():
-            if tail:
-                print(f"ztunnel {node} said:\n" + "\n".join(tail), file=sys.stderr)
+        for node, proxy in proxies.items():
+            if said := proxy.output():
+                print(f"ztunnel {node} said:\n{said[-5000:]}", file=sys.stderr)
         return 1
 
     summary = summarise(readings)

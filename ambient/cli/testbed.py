@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import examples
-from ..config import ConfigError
+from ..config import ConfigError, load_mesh
 from ..testbed import TestbedError, control
 from ..testbed.testbed import STATE_FILE, Testbed, down
 
@@ -151,8 +151,6 @@ def _status(workdir: Path) -> str | None:
 
 
 def _summary(workdir: Path) -> None:
-    from ..config import load_mesh
-
     mesh = load_mesh([workdir / "mesh.yaml"])
     print(f"testbed ready (state in {workdir}); pods, each a network namespace:")
     for w in sorted(mesh.workloads, key=lambda w: (w.node, w.name)):

@@ -8,10 +8,7 @@ import json
 import re
 import socket
 import subprocess
-import time
 import urllib.request
-import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +64,24 @@ def refused(pod: str, ip: str, port: int) -> str:
 
 
 def inbound_entries(
-    proxy: ZtunnelProcess, pod: str, timeout: float = TIMEOUT
+    proxy: ZtunnelProcess,
+    pod: str,
+    timeout: float = TIMEOUT,
+    *,
+    source: str | None = None,
+    destination: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Access-log entries of ``proxy`` for connections into ``pod`` (waiting for one)."""
-    return _entries(
-        proxy, timeout, lambda e: e.get("direction") == "inbound" and e.get("dst.workload") == pod
+    """Access-log entries of ``proxy`` for connections into ``pod`` (from the IP ``source``, to
+    ``destination`` ``ip:port``, when given), waiting for one. Narrow it down when earlier
+    connections to the pod may still be ending: their lines come when they do."""
+    return proxy.claim_entries(
+        lambda e: (
+            e.get("direction") == "inbound"
+            and e.get("dst.workload") == pod
+            and (source is None or str(e.get("src.addr", "")).startswith(f"{source}:"))
+            and destination in (None, e.get("dst.addr"), e.get("dst.hbone_addr"))
+        ),
+        timeout,
     )
 
 
@@ -80,42 +90,14 @@ def outbound_entries(
 ) -> list[dict[str, Any]]:
     """Access-log entries of ``proxy`` for connections out of ``pod`` (to ``destination``,
     ``ip:port``, when given), waiting for one."""
-    return _entries(
-        proxy,
-        timeout,
+    return proxy.claim_entries(
         lambda e: (
             e.get("direction") == "outbound"
             and e.get("src.workload") == pod
             and destination in (None, e.get("dst.addr"), e.get("dst.hbone_addr"))
         ),
+        timeout,
     )
-
-
-# Entries read from each proxy's log but not yet asked for (the log is read once, in order).
-_unclaimed: weakref.WeakKeyDictionary[ZtunnelProcess, list[dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def forget_entries(proxy: ZtunnelProcess) -> None:
-    """Drop what ``proxy`` logged so far: later lookups see only newer connections."""
-    proxy.new_entries()
-    _unclaimed[proxy] = []
-
-
-def _entries(
-    proxy: ZtunnelProcess, timeout: float, match: Callable[[dict[str, Any]], bool]
-) -> list[dict[str, Any]]:
-    """Wait up to ``timeout`` for entries matching ``match``; return (and claim) them."""
-    deadline = time.monotonic() + timeout
-    pending = _unclaimed.setdefault(proxy, [])
-    while True:
-        pending.extend(proxy.new_entries())
-        found = [e for e in pending if match(e)]
-        if found or time.monotonic() >= deadline:
-            pending[:] = [e for e in pending if not match(e)]
-            return found
-        time.sleep(0.05)
 
 
 def metrics(bed: Testbed, node: str) -> str:

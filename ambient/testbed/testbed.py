@@ -235,9 +235,11 @@ def _signal(pid: int, sig: int) -> bool:
 
 
 @contextlib.contextmanager
-def running(mesh_files: Sequence[Path], workdir: Path, **options: object) -> Iterator[Testbed]:
+def running(
+    mesh_files: Sequence[Path], workdir: Path, *, ztunnel_args: Sequence[str] = ()
+) -> Iterator[Testbed]:
     """A testbed that always comes down, also when the body fails."""
-    bed = Testbed(list(mesh_files), workdir, **options)  # type: ignore[arg-type]
+    bed = Testbed(list(mesh_files), workdir, ztunnel_args=ztunnel_args)
     try:
         yield bed.up()
     finally:

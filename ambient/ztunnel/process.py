@@ -3,13 +3,22 @@ demo and the integration tests use to stand up a mesh on one machine."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
+
+# Lines of the process's own output kept for diagnostics once it runs (its logs; the access log
+# goes to a file).
+OUTPUT_LINES = 2000
 
 
 class ZtunnelProcess:
@@ -58,6 +67,10 @@ class ZtunnelProcess:
         self.metrics = ""
         self.readiness = ""
         self._offset = 0
+        # Access-log entries read but not yet claimed by a caller looking for others.
+        self._unclaimed: list[dict[str, Any]] = []
+        self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
+        self._readers: list[threading.Thread] = []
 
     def wait_ready(self) -> ZtunnelProcess:
         """Block until the process prints its ``ready`` line; raise with its stderr if it died."""
@@ -71,7 +84,24 @@ class ZtunnelProcess:
         self.admin = fields["admin"]
         self.metrics = fields["metrics"]
         self.readiness = fields["readiness"]
+        # From now on nobody reads the pipes: drain them, or a chatty process would block on a
+        # full one. The last lines are kept (:meth:`output`).
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                reader = threading.Thread(target=self._collect, args=(stream,), daemon=True)
+                reader.start()
+                self._readers.append(reader)
         return self
+
+    def _collect(self, stream: IO[str]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in stream:
+                self._output.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        """What the process wrote on stdout and stderr since its ready line (the last
+        ``OUTPUT_LINES`` lines): its logs."""
+        return "\n".join(self._output)
 
     def new_entries(self) -> list[dict[str, Any]]:
         """Access log lines written since the last call."""
@@ -81,6 +111,25 @@ class ZtunnelProcess:
         complete = data[: data.rfind(b"\n") + 1]
         self._offset += len(complete)
         return [orjson.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def claim_entries(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """Wait up to ``timeout`` for access-log entries matching ``match``; return them. Entries
+        read on the way that do not match stay for a later call (connections end in any order)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._unclaimed.extend(self.new_entries())
+            found = [e for e in self._unclaimed if match(e)]
+            if found or time.monotonic() >= deadline:
+                self._unclaimed = [e for e in self._unclaimed if not match(e)]
+                return found
+            time.sleep(0.05)
+
+    def forget_entries(self) -> None:
+        """Drop what was logged so far: later claims see only newer connections."""
+        self.new_entries()
+        self._unclaimed = []
 
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
@@ -94,4 +143,6 @@ class ZtunnelProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        for reader in self._readers:  # the pipes end with the process: take its last words
+            reader.join(5.0)
         return self.process.returncode

@@ -124,7 +124,7 @@ def test_an_invalid_config_on_sighup_is_refused_and_the_old_one_stays(node):
     assert live.recv(100) == b"after"
     live.close()
     assert proc.stop() == 0
-    errors = proc.process.stderr.read()
+    errors = proc.output()
     assert "new configuration refused; keeping the current one" in errors
     assert "status.podIP" in errors and "127.22.1.999" in errors
 

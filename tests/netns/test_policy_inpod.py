@@ -16,7 +16,6 @@ from ambient.testbed.pods import (
     APP_PORT,
     ask,
     connect,
-    forget_entries,
     inbound_entries,
     refused,
     serve_app,
@@ -67,7 +66,7 @@ def test_only_the_allowed_identity_reaches_s1(bed: Testbed, s1: App) -> None:
     """Seed: "it will apply Authorization Policies and forward the request only if the request
     passes these checks"; and "a user can set a policy requiring an identity ... to block all
     plaintext traffic"."""
-    forget_entries(bed.proxy("w2"))
+    bed.proxy("w2").forget_entries()
     assert ask("c1", S1) == "s1\nping\n"
     assert refused("c2", S1, APP_PORT) == ""
     assert refused("outside", S1, APP_PORT) == ""  # plaintext: no identity, no match

@@ -24,7 +24,6 @@ from ambient.testbed import netns, redirect
 from ambient.testbed.pods import (
     APP_PORT,
     ask,
-    forget_entries,
     inbound_entries,
     metrics,
     outbound_entries,
@@ -68,7 +67,7 @@ def apps(bed: Testbed) -> Iterator[dict[str, App]]:
 def fresh_logs(bed: Testbed) -> None:
     """Each test reads only the access-log lines of its own connections."""
     for node in bed.nodes:
-        forget_entries(bed.proxy(node))
+        bed.proxy(node).forget_entries()
 
 
 def read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -112,7 +111,7 @@ def test_c1_and_c2_reach_s1_across_nodes_through_hbone(bed: Testbed, apps: dict[
         assert out["transport"] == "HBONE", out
         assert out["dst.addr"] == f"{S1}:15008", out
         assert out["dst.hbone_addr"] == f"{S1}:{APP_PORT}", out
-        (inbound,) = inbound_entries(bed.proxy("w2"), "s1")
+        (inbound,) = inbound_entries(bed.proxy("w2"), "s1", source=ip)
         assert inbound["transport"] == "HBONE"
         assert inbound["src.identity"] == spiffe(account)
 
@@ -126,7 +125,7 @@ def test_c3_to_s1_on_the_same_node_still_goes_through_ztunnel(
     assert peer_ips(apps["s1"])[-1] == C3
     (out,) = outbound_entries(bed.proxy("w2"), "c3")
     assert out["transport"] == "HBONE"
-    (inbound,) = inbound_entries(bed.proxy("w2"), "s1")
+    (inbound,) = inbound_entries(bed.proxy("w2"), "s1", source=C3)
     assert inbound["src.identity"] == spiffe("c3")
     # The L4 telemetry is the same as across nodes: both reporters counted it over mTLS.
     text = metrics(bed, "w2")
@@ -156,7 +155,7 @@ def test_out_of_mesh_client_arrives_as_plaintext_with_no_identity(
     of mesh will have no peer identity" (Istio: client_uncaptured)."""
     assert ask("outside", S1) == "s1\nping\n"
     assert peer_ips(apps["s1"])[-1] == OUTSIDE
-    (inbound,) = inbound_entries(bed.proxy("w2"), "s1")
+    (inbound,) = inbound_entries(bed.proxy("w2"), "s1", source=OUTSIDE)
     assert inbound["transport"] == "TCP"
     assert inbound.get("src.identity") is None
     assert not outbound_entries(bed.proxy("w1"), "outside", timeout=0.5)
@@ -279,10 +278,10 @@ def test_hbone_to_one_pod_naming_another_is_refused(
 ) -> None:
     """Istio: hbone_ip_mismatch — a CONNECT reaching S1's 15008 must name S1, not a neighbour."""
     assert attacker(spiffe("c1"), f"{S1}:{APP_PORT}") == "s1\nping\n"  # the control: carried
-    (carried,) = inbound_entries(bed.proxy("w2"), "s1")
+    (carried,) = inbound_entries(bed.proxy("w2"), "s1", source=OUTSIDE)
     assert "error" not in carried, carried
     assert attacker(spiffe("c1"), f"{C3}:{APP_PORT}") == ""
-    (refusal,) = inbound_entries(bed.proxy("w2"), "s1")
+    (refusal,) = inbound_entries(bed.proxy("w2"), "s1", source=OUTSIDE)
     assert f"authority {C3}:{APP_PORT} is not this pod" in refusal["error"], refusal
 
 
@@ -294,7 +293,7 @@ def test_a_peer_from_another_trust_domain_is_rejected(
     before = len(apps["s1"].peers)
     assert attacker("spiffe://evil.example/ns/default/sa/c1", f"{S1}:{APP_PORT}") == ""
     assert len(apps["s1"].peers) == before
-    assert not inbound_entries(bed.proxy("w2"), "s1", timeout=0.5)
+    assert not inbound_entries(bed.proxy("w2"), "s1", timeout=0.5, source=OUTSIDE)
     assert ask("c1", S1) == "s1\nping\n"  # and everyone else is still served
 
 
@@ -325,6 +324,6 @@ def test_a_port_nobody_listens_on_is_reported_by_the_server_side_ztunnel(
     """An unreachable upstream: the client's connection is closed without an answer, and S1's
     ztunnel logs which address refused; everyone else is still served."""
     assert refused("c1", S1, 9999) == ""
-    (entry,) = inbound_entries(bed.proxy("w2"), "s1")
+    (entry,) = inbound_entries(bed.proxy("w2"), "s1", destination=f"{S1}:9999")
     assert f"{S1}:9999" in entry["error"] and "refused" in entry["error"].lower(), entry
     assert ask("c1", S1) == "s1\nping\n"
