@@ -21,6 +21,7 @@ plaintext, and ztunnel forwards to the app address.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import random
@@ -215,36 +216,30 @@ class Ztunnel:
                 netns=netns,
             ),
         )
-        self._listen(
-            pod,
-            lambda: self.dataplane.forward(
+        outbound = self._outbound(workload.uid)
+        # Plain TCP in: where each learns the destination (SO_ORIGINAL_DST after the in-pod
+        # REDIRECT, or the SOCKS5 request).
+        plain_listeners = (
+            (
                 at(listen_ip, routing.INBOUND_PLAINTEXT_PORT),
                 self._inbound_plaintext(workload.uid),
-                mode="original_dst",
-                report=self._report,
-                netns=netns,
+                "original_dst",
             ),
+            (at(listen_ip, routing.OUTBOUND_CAPTURE_PORT), outbound, "original_dst"),
+            (at(socks_ip, routing.SOCKS5_PORT), outbound, "socks5"),
         )
-        self._listen(
-            pod,
-            lambda: self.dataplane.forward(
-                at(listen_ip, routing.OUTBOUND_CAPTURE_PORT),
-                self._outbound(workload.uid),
-                mode="original_dst",
-                report=self._report,
-                netns=netns,
-            ),
-        )
-        self._listen(
-            pod,
-            lambda: self.dataplane.forward(
-                at(socks_ip, routing.SOCKS5_PORT),
-                self._outbound(workload.uid),
-                mode="socks5",
-                report=self._report,
-                netns=netns,
-            ),
-        )
+        for address, route, mode in plain_listeners:
+            self._listen(
+                pod,
+                functools.partial(
+                    self.dataplane.forward,
+                    address,
+                    route,
+                    mode=mode,
+                    report=self._report,
+                    netns=netns,
+                ),
+            )
         if self.loopback and workload.app_address is not None:
             for port in sorted(inbound_app_ports(self.mesh, workload)):
                 self._listen(pod, self._app_port_opener(workload, at(ip, port)))
