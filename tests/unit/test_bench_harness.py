@@ -1,7 +1,8 @@
 """Fast checks of the benchmark harness pieces that do not need the ambient build.
 
-The HAProxy tests start real HAProxy processes on loopback (about 0.3 s each); they are skipped
-only when ``haproxy`` is not on PATH (CI installs it).
+The HAProxy tests start real HAProxy processes on loopback (about 0.3 s each): without
+``haproxy`` they are skipped, saying so, unless ``AMBIENT_REQUIRE_TOOLS=1`` (CI installs Debian's
+haproxy and sets it), which makes them fail instead.
 """
 
 from __future__ import annotations
@@ -26,17 +27,8 @@ if str(REPO) not in sys.path:
 
 from benchmarks import harness  # noqa: E402
 
-
-@pytest.fixture
-def _haproxy_installed() -> None:
-    # Not a skip: these tests are the peer the benchmarks compare against, and .ci/run installs
-    # Debian's haproxy; a machine without it should say so, not pass quietly.
-    assert Path(harness.HAPROXY).exists(), (
-        "haproxy is not installed (Debian package haproxy; .ci/run installs it)"
-    )
-
-
-needs_haproxy = pytest.mark.usefixtures("_haproxy_installed")
+# HAProxy is the peer the benchmarks compare against (tests/conftest.py: requires_tool).
+needs_haproxy = pytest.mark.requires_tool("haproxy", "haproxy")
 
 ONE_MIB = 1 << 20
 
