@@ -66,6 +66,10 @@ def issues_from_validation(
             message = "unknown field"
         elif e["type"] == "missing":
             message = "required field is missing"
+        elif e["type"] == "value_error":
+            # Our own validators' messages say what was expected; pydantic's prefix adds nothing.
+            message = message.removeprefix("Value error, ")
+            message = f"{message} (got {_short(e['input'])})" if "input" in e else message
         elif "input" in e and e["type"] not in ("missing",):
             message = f"{message} (got {_short(e['input'])})"
         out.append(ConfigIssue(location, field_path(loc, prefix), message))

@@ -9,7 +9,7 @@ any, no snapshot is built, so nothing ever starts from a half-read config.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -21,10 +21,10 @@ from pydantic import ValidationError
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from . import authorization, translate, waypoints
+from . import authorization, tags, translate, waypoints
 from . import kubernetes as k8s
 from . import ztunnel_local as local
-from .errors import ConfigError, ConfigIssue, Location, issues_from_validation
+from .errors import ConfigError, ConfigIssue, Location, field_path, issues_from_validation
 
 LOCAL_CONFIG_KEYS = {"workloads", "services", "policies"}
 LOCAL_CONFIG = "ztunnel local config"  # the `resource` of locations inside that file
@@ -68,7 +68,7 @@ def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
         out.issues.append(ConfigIssue(Location(str(path)), "", "the file is empty"))
         return docs
     try:
-        for n, doc in enumerate(yaml.safe_load_all(text), start=1):
+        for n, doc in enumerate(tags.load_all(text), start=1):
             docs.append((doc, Location(str(path), n)))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -83,15 +83,22 @@ def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
 def _classify(doc: Any, location: Location, out: _Collected) -> None:
     if doc is None:
         return  # an empty document (e.g. a trailing ---)
+    if isinstance(doc, tags.Tagged):
+        out.issues.append(ConfigIssue(location, "", _stray_tag_message(doc)))
+        return
     if not isinstance(doc, dict):
         out.issues.append(
             ConfigIssue(location, "", f"expected a mapping, got {type(doc).__name__}")
         )
         return
     if "kind" in doc or "apiVersion" in doc:
-        _kubernetes_object(doc, location, out)
+        location = Location(location.file, location.document, _resource_name(doc))
+        if not _refuse_stray_tags(doc, location, lambda _: False, out):
+            _kubernetes_object(doc, location, out)
     elif doc.keys() and set(doc) <= LOCAL_CONFIG_KEYS:
         location = Location(location.file, location.document, LOCAL_CONFIG)
+        if _refuse_stray_tags(doc, location, local.is_string_match, out):
+            return
         try:
             out.local_configs.append((local.LocalConfig.model_validate(doc), location))
         except ValidationError as e:
@@ -109,8 +116,34 @@ def _classify(doc: Any, location: Location, out: _Collected) -> None:
         )
 
 
+def _refuse_stray_tags(
+    doc: dict[str, Any],
+    location: Location,
+    allowed: Callable[[tags.Path], bool],
+    out: _Collected,
+) -> bool:
+    """Whether ``doc`` holds a YAML tag where none belongs (each one an issue); such a document
+    is not read further."""
+    stray = tags.stray_tags(doc, allowed)
+    for path, tagged in stray:
+        out.issues.append(ConfigIssue(location, field_path(path), _stray_tag_message(tagged)))
+    return bool(stray)
+
+
+def _stray_tag_message(tagged: tags.Tagged) -> str:
+    if tagged.tag.startswith("!") and tagged.tag[1:] in tags.MATCH_KINDS:
+        return (
+            f"the tag {tagged.name} (line {tagged.line}) marks a string match, which only the "
+            "namespaces, notNamespaces, principals and notPrincipals of a ztunnel local config "
+            "policy's matches hold"
+        )
+    return (
+        f"unknown YAML tag {tagged.name} (line {tagged.line}): mesh files are plain YAML but for "
+        "the string matches of ztunnel local config policies (!Exact, !Prefix, !Suffix, !Presence)"
+    )
+
+
 def _kubernetes_object(doc: dict[str, Any], location: Location, out: _Collected) -> None:
-    location = Location(location.file, location.document, _resource_name(doc))
     kind = doc.get("kind")
     if not isinstance(kind, str) or "apiVersion" not in doc:
         missing = "kind" if not isinstance(kind, str) else "apiVersion"

@@ -215,11 +215,7 @@ def services_from_local(
 
 
 def _string_match(m: local.StringMatch) -> StringMatch:
-    for kind in MatchKind:
-        if kind.value in m.model_fields_set:
-            value = getattr(m, kind.value)
-            return StringMatch(kind, value if isinstance(value, str) else "")
-    raise ValueError("empty string match")  # excluded by the model's validator
+    return StringMatch(MatchKind(m.kind), m.value)
 
 
 def _match(m: local.RbacMatch) -> Match:

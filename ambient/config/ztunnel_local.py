@@ -1,9 +1,10 @@
 """Istio ztunnel's local config file (what it reads from ``LOCAL_XDS_PATH``): ``workloads``,
 ``services`` and ``policies``, camelCase, unknown fields refused; a file ztunnel accepts, we do.
 
-Field names and shapes follow ztunnel's own (de)serialisation: addresses as ``network/ip`` strings,
-services of a workload as ``{"ns/hostname": {servicePort: targetPort}}``, policy rules as
-rules → clauses → matches with tagged string matches (``{Exact: s}``).
+Field names and shapes follow ztunnel's own (de)serialisation (serde_yaml): addresses as
+``network/ip`` strings, services of a workload as ``{"ns/hostname": {servicePort: targetPort}}``,
+policy rules as rules → clauses → matches, and string matches as YAML tags on their value
+(``!Exact s``, ``!Prefix s``, ``!Suffix s``, ``!Presence``), the only tags the file may hold.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from . import tags
 from .types import IPAddress, IPNetwork
 
 Port = Annotated[StrictInt, Field(ge=0, le=65535)]
@@ -127,20 +129,18 @@ class LocalService(Model):
 
 
 class StringMatch(BaseModel):
-    """One of ``{Exact: s}``, ``{Prefix: s}``, ``{Suffix: s}``, ``{Presence: ...}``."""
+    """A string match, written as Istio's ztunnel reads it: ``!Exact s``, ``!Prefix s``,
+    ``!Suffix s`` or ``!Presence`` (see :mod:`ambient.config.tags`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    Exact: str | None = None
-    Prefix: str | None = None
-    Suffix: str | None = None
-    Presence: object = None
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["Exact", "Prefix", "Suffix", "Presence"]
+    value: str = ""
 
-    @model_validator(mode="after")
-    def exactly_one(self) -> StringMatch:
-        given = [k for k in ("Exact", "Prefix", "Suffix", "Presence") if k in self.model_fields_set]
-        if len(given) != 1:
-            raise ValueError("expected exactly one of Exact, Prefix, Suffix, Presence")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _from_tag(cls, data: object) -> dict[str, str]:
+        kind, value = tags.string_match(data)
+        return {"kind": kind, "value": value}
 
 
 class ServiceAccountMatch(Model):
@@ -161,6 +161,28 @@ class RbacMatch(Model):
     not_destination_ips: list[IPNetwork] = []
     destination_ports: list[Port] = []
     not_destination_ports: list[Port] = []
+
+
+# The fields of a policy's match that hold string matches, as written (camelCase; the snake_case
+# names are accepted too): the only places of ztunnel's local config where a YAML tag belongs.
+STRING_MATCH_FIELDS = frozenset(
+    name
+    for field_name, info in RbacMatch.model_fields.items()
+    if info.annotation == list[StringMatch]
+    for name in (field_name, info.alias)
+)
+
+
+def is_string_match(path: tags.Path) -> bool:
+    """Whether ``path`` (keys and indexes from the top of the document) is a string match:
+    ``policies[i].rules[j][k][m].<field>[n]``."""
+    return (
+        len(path) == 8
+        and path[0] == "policies"
+        and path[2] == "rules"
+        and path[6] in STRING_MATCH_FIELDS
+        and all(type(path[i]) is int for i in (1, 3, 4, 5, 7))
+    )
 
 
 class LocalPolicy(Model):

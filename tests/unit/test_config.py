@@ -12,7 +12,7 @@ import pytest
 
 from ambient.config import ConfigError, load_mesh
 from ambient.mesh import HealthStatus, Protocol
-from ambient.policy.model import Action, Scope
+from ambient.policy.model import Action, Match, MatchKind, Scope, StringMatch
 
 # Istio ztunnel's own example local config, a compatibility vector kept beside the project (in
 # ../shared, which developers and CI have); it is not copied into this repository.
@@ -74,6 +74,62 @@ def test_istios_own_local_config_is_accepted_as_is():
         False,
     )
     assert policy.rules[0][0][0].not_destination_ports == (9999,)
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("!Exact cluster.local/ns/a/sa/b", StringMatch(MatchKind.EXACT, "cluster.local/ns/a/sa/b")),
+        ("!Prefix 'cluster.local/ns/a/'", StringMatch(MatchKind.PREFIX, "cluster.local/ns/a/")),
+        ('!Suffix "/sa/b"', StringMatch(MatchKind.SUFFIX, "/sa/b")),
+        # serde_yaml reads any scalar's text as the string: no number, no null.
+        ("!Exact 80", StringMatch(MatchKind.EXACT, "80")),
+        ("!Exact null", StringMatch(MatchKind.EXACT, "null")),
+        ("!Exact", StringMatch(MatchKind.EXACT, "")),
+        # Istio's `Presence()` is an empty tuple variant: no value, or an empty sequence.
+        ("!Presence", StringMatch(MatchKind.PRESENCE)),
+        ("!Presence []", StringMatch(MatchKind.PRESENCE)),
+    ],
+)
+def test_string_matches_are_read_as_ztunnels_serde_yaml_reads_them(tmp_path, written, expected):
+    text = f"""
+policies:
+- name: p
+  namespace: default
+  scope: Global
+  action: Deny
+  dryRun: false
+  rules:
+  - - - principals:
+        - {written}
+        notPrincipals:
+        - {written}
+        namespaces:
+        - {written}
+        notNamespaces:
+        - {written}
+"""
+    (policy,) = load_mesh([write(tmp_path, text)]).policies
+    assert policy.rules == (
+        (
+            (
+                Match(
+                    principals=(expected,),
+                    not_principals=(expected,),
+                    namespaces=(expected,),
+                    not_namespaces=(expected,),
+                ),
+            ),
+        ),
+    )
+
+
+def test_the_loader_never_builds_python_objects(tmp_path):
+    made = tmp_path / "made-by-yaml"
+    path = write(tmp_path, f"!!python/object/apply:os.mkdir [{made}]\n")
+    with pytest.raises(ConfigError, match="unknown YAML tag !!python/object/apply:os.mkdir"):
+        load_mesh([path])
+    assert not made.exists()
 
 
 def test_namespace_and_pod_labels_decide_who_is_in_the_mesh(tmp_path):
@@ -223,6 +279,19 @@ status:
     )
 
 
+def local_policy(match: str) -> str:
+    """ztunnel's local config with one policy whose only match is ``match`` (on line 8)."""
+    return f"""
+policies:
+- name: p
+  namespace: default
+  scope: Namespace
+  action: Allow
+  dryRun: false
+  rules: [[[{{{match}}}]]]
+"""
+
+
 # --- refusals: at least ten kinds of malformed input, each naming the field --------------------
 
 MALFORMED = [
@@ -340,17 +409,76 @@ services:
         id="VIP without network (local config)",
     ),
     pytest.param(
-        """
-policies:
-- name: p
-  namespace: default
-  scope: Namespace
-  action: Allow
-  dryRun: false
-  rules: [[[{principals: [{Exact: a, Prefix: b}]}]]]
-""",
-        ["policies[0].rules[0][0][0].principals[0]", "exactly one of Exact"],
-        id="ambiguous string match (local config)",
+        local_policy("principals: [{Exact: cluster.local/ns/a/sa/b}]"),
+        [
+            "policies[0].rules[0][0][0].principals[0]",
+            "`!Exact cluster.local/ns/a/sa/b`",
+            "refuses the map form",
+        ],
+        id="map-form string match (local config; Istio refuses it)",
+    ),
+    pytest.param(
+        local_policy("notNamespaces: [{Presence: {}}]"),
+        ["policies[0].rules[0][0][0].notNamespaces[0]", "`!Presence`", "refuses the map form"],
+        id="map-form presence (local config)",
+    ),
+    pytest.param(
+        local_policy("namespaces: [{Exact: a, Prefix: b}]"),
+        ["policies[0].rules[0][0][0].namespaces[0]", "expected a string match: `!Exact value`"],
+        id="two kinds in one match (local config)",
+    ),
+    pytest.param(
+        local_policy("notPrincipals: [cluster.local/ns/a/sa/b]"),
+        ["policies[0].rules[0][0][0].notPrincipals[0]", "`!Exact cluster.local/ns/a/sa/b`"],
+        id="untagged string match (local config)",
+    ),
+    pytest.param(
+        local_policy("principals: [!Regex 'cluster.local/.*']"),
+        ["policies[0].rules[0][0][0].principals[0]", "unknown tag !Regex (line 8)"],
+        id="unknown string-match tag (local config)",
+    ),
+    pytest.param(
+        local_policy("namespaces: [!Presence null]"),
+        ["policies[0].rules[0][0][0].namespaces[0]", "!Presence takes no value (line 8)"],
+        id="presence with a value (local config)",
+    ),
+    pytest.param(
+        local_policy("namespaces: [!Presence {}]"),
+        ["policies[0].rules[0][0][0].namespaces[0]", "!Presence takes no value"],
+        id="presence with a mapping (local config)",
+    ),
+    pytest.param(
+        local_policy("principals: [!Exact [a, b]]"),
+        ["policies[0].rules[0][0][0].principals[0]", "!Exact takes a string (line 8)"],
+        id="exact with a sequence (local config)",
+    ),
+    pytest.param(
+        local_policy("destinationPorts: [!Exact 80]"),
+        [
+            "policies[0].rules[0][0][0].destinationPorts[0]",
+            "the tag !Exact (line 8) marks a string match",
+        ],
+        id="string-match tag on a port (local config)",
+    ),
+    pytest.param(
+        "workloads:\n- {namespace: !Prefix default, workloadIps: [10.0.0.1]}\n",
+        ["workloads[0].namespace", "the tag !Prefix (line 2) marks a string match"],
+        id="string-match tag outside a policy (local config)",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1", "{app: !Exact web}"),
+        ["Pod default/a", "metadata.labels.app", "the tag !Exact (line 9) marks a string match"],
+        id="string-match tag in a Kubernetes object",
+    ),
+    pytest.param(
+        NAMESPACE + pod("a", "10.0.0.1", "!Labels {app: web}"),
+        ["Pod default/a", "metadata.labels", "unknown YAML tag !Labels (line 9)"],
+        id="unknown tag in a Kubernetes object",
+    ),
+    pytest.param(
+        "!!python/object/apply:os.getcwd []\n",
+        ["document 1", "unknown YAML tag !!python/object/apply:os.getcwd (line 1)"],
+        id="Python tag (never constructed)",
     ),
     pytest.param(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: default\n",

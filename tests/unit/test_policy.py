@@ -745,7 +745,7 @@ def test_local_config_policies_apply_by_namespace_and_by_name(tmp_path):
         - {name: deny-9999, namespace: default, scope: Namespace, action: Deny, dryRun: false,
            rules: [[[{destinationPorts: [9999]}]]]}
         - {name: picked, namespace: other, scope: WorkloadSelector, action: Deny, dryRun: false,
-           rules: [[[{principals: [{Exact: cluster.local/ns/x/sa/bad}]}]]]}
+           rules: [[[{principals: [!Exact cluster.local/ns/x/sa/bad]}]]]}
     """)
     )
     mesh = load_mesh([path])
