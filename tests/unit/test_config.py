@@ -14,19 +14,8 @@ from ambient.config import ConfigError, load_mesh
 from ambient.mesh import HealthStatus, Protocol
 from ambient.policy.model import Action, Match, MatchKind, Scope, StringMatch
 
-# Istio ztunnel's own example local config, a compatibility vector kept beside the project (in
-# ../shared, which developers and CI have); it is not copied into this repository.
-ZTUNNEL_EXAMPLE = (
-    Path(__file__).parents[2] / ".." / "shared" / "testdata" / "ztunnel-localhost.yaml"
-)
-
-
-@pytest.fixture(autouse=True)
-def _example_is_beside_the_project(request):
-    if "ZTUNNEL_EXAMPLE" in request.function.__code__.co_names:
-        assert ZTUNNEL_EXAMPLE.exists(), (
-            f"compatibility vector missing: {ZTUNNEL_EXAMPLE.resolve()}"
-        )
+# ambient's own vector in the shape of Istio ztunnel's local config (see the file's header).
+ZTUNNEL_LOCAL = Path(__file__).parent / "vectors" / "ztunnel-local.yaml"
 
 
 def write(tmp_path: Path, text: str, name: str = "mesh.yaml") -> Path:
@@ -56,24 +45,68 @@ status: {{podIP: {ip}}}
 # --- translation ------------------------------------------------------------------------------
 
 
-def test_istios_own_local_config_is_accepted_as_is():
-    mesh = load_mesh([ZTUNNEL_EXAMPLE.resolve()])
-    local, local_tcp = mesh.workloads
-    assert local.protocol is Protocol.HBONE and local_tcp.protocol is Protocol.TCP
-    assert local.ips == (ipaddress.ip_address("127.0.0.1"),)
-    example = mesh.service_by_hostname("example.com")
-    assert example.vips == (("", ipaddress.ip_address("127.10.0.1")),)
-    assert dict(example.ports) == {80: 8080}
-    assert example.subject_alt_names == ("spiffe://cluster.local/ns/default/sa/local",)
-    assert {e.workload_uid for e in example.endpoints} == {local.uid, local_tcp.uid}
-    (policy,) = mesh.policies
-    assert (policy.key, policy.action, policy.scope, policy.dry_run) == (
-        "default/deny-9999",
+def test_a_local_config_in_ztunnels_shape_is_accepted_as_is():
+    mesh = load_mesh([ZTUNNEL_LOCAL])
+    assert mesh.warnings == ()
+    cart, legacy = mesh.workloads
+    assert (cart.uid, cart.name, cart.namespace, cart.node) == (
+        "cluster1//v1/Pod/shop/cart-7d4f",
+        "cart-7d4f",
+        "shop",
+        "node-a",
+    )
+    assert (cart.protocol, legacy.protocol) == (Protocol.HBONE, Protocol.TCP)
+    assert cart.ips == (ipaddress.ip_address("127.0.0.11"),)
+    assert legacy.ips == (ipaddress.ip_address("127.0.0.12"),)
+    assert str(cart.identity) == "spiffe://cluster.local/ns/shop/sa/cart"
+    assert str(legacy.identity) == "spiffe://cluster.local/ns/shop/sa/legacy"
+    assert (cart.canonical_name, cart.canonical_revision) == ("cart", "v2")
+    assert mesh.workload_by_ip(ipaddress.ip_address("127.0.0.12")) is legacy
+
+    cart_svc = mesh.service_by_hostname("cart.shop.svc.cluster.local")
+    assert (cart_svc.name, cart_svc.namespace) == ("cart", "shop")
+    # `/127.10.1.1` is the default (empty) network; `edge/127.10.1.2` a named one.
+    assert cart_svc.vips == (("", ipaddress.ip_address("127.10.1.1")),)
+    assert dict(cart_svc.ports) == {80: 8080}
+    assert cart_svc.subject_alt_names == ("spiffe://cluster.local/ns/shop/sa/cart",)
+    # Each endpoint keeps the target port its workload's `services` map gives.
+    assert {e.workload_uid: dict(e.ports) for e in cart_svc.endpoints} == {
+        cart.uid: {80: 8080},
+        legacy.uid: {80: 9090},
+    }
+    search = mesh.service_by_vip(ipaddress.ip_address("127.10.1.2"))
+    assert search is mesh.service_by_hostname("search.example.org")
+    assert search.vips == (("edge", ipaddress.ip_address("127.10.1.2")),)
+    assert dict(search.ports) == {443: 8443}
+    assert search.subject_alt_names == ()
+    assert {e.workload_uid: dict(e.ports) for e in search.endpoints} == {cart.uid: {443: 8443}}
+
+    allow, deny = mesh.policies
+    assert (allow.key, allow.action, allow.scope, allow.dry_run) == (
+        "shop/all-but-9999",
         Action.ALLOW,
         Scope.NAMESPACE,
         False,
     )
-    assert policy.rules[0][0][0].not_destination_ports == (9999,)
+    assert allow.rules == (((Match(not_destination_ports=(9999,)),),),)
+    assert (deny.key, deny.action, deny.scope, deny.dry_run) == (
+        "shop/strangers",
+        Action.DENY,
+        Scope.NAMESPACE,
+        False,
+    )
+    # One rule per line of the file, each one clause of one match; the tags become matches.
+    assert [rule[0][0] for rule in deny.rules] == [
+        Match(principals=(StringMatch(MatchKind.PREFIX, "cluster.local/ns/attic/"),)),
+        Match(namespaces=(StringMatch(MatchKind.EXACT, "quarantine"),)),
+        Match(
+            principals=(StringMatch(MatchKind.SUFFIX, "/sa/intruder"),),
+            not_namespaces=(StringMatch(MatchKind.EXACT, "shop"),),
+        ),
+        Match(not_principals=(StringMatch(MatchKind.PRESENCE),), destination_ports=(8443,)),
+        Match(namespaces=(StringMatch(MatchKind.PRESENCE),), destination_ports=(7070,)),
+    ]
+    # What these policies let through is tested in test_policy.py, on the same file.
 
 
 @pytest.mark.parametrize(
@@ -534,7 +567,7 @@ def test_config_check_command_summarises_or_lists_errors(tmp_path, capsys):
     from ambient.cli import main
 
     good = tmp_path / "good.yaml"
-    shutil.copy(ZTUNNEL_EXAMPLE.resolve(), good)
+    shutil.copy(ZTUNNEL_LOCAL, good)
     assert main(["config", "check", str(good)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "1 in the mesh (HBONE), 1 outside (TCP)" in out

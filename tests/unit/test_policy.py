@@ -4,7 +4,9 @@ same config layer and engine the proxy uses."""
 
 from __future__ import annotations
 
+import ipaddress
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -756,6 +758,93 @@ def test_local_config_policies_apply_by_namespace_and_by_name(tmp_path):
     assert not authz.authorize(
         w, connection("10.0.0.2", "10.0.0.1", 80, "spiffe://cluster.local/ns/x/sa/bad")
     ).allowed
+
+
+# tests/unit/vectors/ztunnel-local.yaml: `shop/all-but-9999` allows all but port 9999;
+# `shop/strangers` denies, one rule each, with every string-match tag in every string-match field.
+LOCAL_VECTOR_CART = "127.0.0.11"  # the HBONE workload cart-7d4f, in namespace shop
+
+
+@pytest.mark.parametrize(
+    ("identity", "port", "decided_by"),
+    [
+        pytest.param(None, 8080, "allowed by policy shop/all-but-9999", id="plaintext allowed"),
+        pytest.param(
+            "spiffe://cluster.local/ns/shop/sa/legacy",
+            9999,
+            "no ALLOW policy matched",
+            id="notDestinationPorts: the one port the ALLOW leaves out",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/attic/sa/x",
+            8080,
+            "denied by policy shop/strangers",
+            id="principals !Prefix: in the attic namespace",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/attic-annex/sa/x",
+            8080,
+            "allowed by policy shop/all-but-9999",
+            id="principals !Prefix: the prefix ends with its slash",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/quarantine/sa/x",
+            8080,
+            "denied by policy shop/strangers",
+            id="namespaces !Exact: that namespace",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/quarantine2/sa/x",
+            8080,
+            "allowed by policy shop/all-but-9999",
+            id="namespaces !Exact: not one that starts the same",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/other/sa/intruder",
+            8080,
+            "denied by policy shop/strangers",
+            id="principals !Suffix: that service account elsewhere",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/shop/sa/intruder",
+            8080,
+            "allowed by policy shop/all-but-9999",
+            id="notNamespaces !Exact: the same account in shop is spared",
+        ),
+        pytest.param(
+            None,
+            8443,
+            "denied by policy shop/strangers",
+            id="notPrincipals !Presence: no identity, to 8443",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/shop/sa/legacy",
+            8443,
+            "allowed by policy shop/all-but-9999",
+            id="notPrincipals !Presence: an identity, to 8443",
+        ),
+        pytest.param(
+            "spiffe://cluster.local/ns/shop/sa/legacy",
+            7070,
+            "denied by policy shop/strangers",
+            id="namespaces !Presence []: an identity, to 7070",
+        ),
+        pytest.param(
+            None,
+            7070,
+            "allowed by policy shop/all-but-9999",
+            id="namespaces !Presence []: no identity, to 7070",
+        ),
+    ],
+)
+def test_local_config_string_match_tags_decide_as_istio_reads_them(identity, port, decided_by):
+    mesh = load_mesh([Path(__file__).parent / "vectors" / "ztunnel-local.yaml"])
+    cart = mesh.workload_by_ip(ipaddress.ip_address(LOCAL_VECTOR_CART))
+    decision = Authorizer(mesh).authorize(
+        cart, connection("127.0.0.99", LOCAL_VECTOR_CART, port, identity)
+    )
+    assert decision.reason == decided_by
+    assert decision.allowed is decided_by.startswith("allowed")
 
 
 def test_indexed_evaluation_agrees_with_plain_evaluation(tmp_path):
