@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 Endpoint(
                     _address(args.metrics_address), admin.metrics(registry(connection_metrics))
                 ),
-                Endpoint(_address(args.readiness_address), admin.readiness(pending)),
+                Endpoint(_address(args.readiness_address), admin.readiness(pending, stop.is_set)),
             ]
         except (OSError, ValueError) as e:
             print(f"ambient ztunnel: {e}", file=sys.stderr)

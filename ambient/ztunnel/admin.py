@@ -1,24 +1,40 @@
 """ztunnel's operational endpoints, each on its own address as Istio's ztunnel has them:
 
-- admin (localhost only, default 15000): ``GET /config_dump`` (never key material),
-  ``POST /logging?level=debug|info|warning|error``, ``POST /quitquitquit``;
+- admin (default 127.0.0.1:15000): ``GET /config_dump`` (never key material),
+  ``POST /logging?level=debug|info|warning|error``, ``POST /quitquitquit``; every route answers
+  only requests from this host's localhost (127.0.0.1 or ::1), whose Host, if any, names
+  localhost, and that carry no Origin (a browser page's request): else 403 saying why;
 - readiness (default 15021): ``GET /healthz/ready`` — 200 once config, certificates and
-  listeners are ready, else 500 naming what is pending;
-- metrics (default 15020): ``/metrics`` and ``/stats/prometheus`` (Prometheus text, served by
+  listeners are ready, 500 naming what is pending before, 503 ``draining`` once draining starts;
+- metrics (default 15020): ``/metrics`` and ``/stats/prometheus`` (Prometheus text, rendered by
   ``prometheus_client``).
 
-All run on threads of their own, apart from the data plane, with the standard library's HTTP
-server.
+Each endpoint survives hostile clients with fixed bounds (the constants below, in
+:class:`Limits`): one asyncio thread does all of an endpoint's socket I/O, so an idle, slow or
+keep-alive connection costs a file descriptor and a little buffer, never a thread; a request is
+handed to a pool of :data:`WORKERS` threads only once it has arrived complete; a connection that
+has not sent its complete request within :data:`REQUEST_TIMEOUT` seconds (counted from the
+accept, or from the previous answer on a keep-alive connection) is closed. Beyond
+:data:`MAX_CONNECTIONS` open connections, or :data:`MAX_QUEUED` requests waiting for a worker,
+a connection is answered 503 and closed at once — overload is answered, not queued without
+bound. Requests are parsed by the standard library's ``http.server``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import ipaddress
 import logging
+import re
+import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,10 +50,143 @@ Route = Callable[[dict[str, list[str]]], Response]
 LOG_LEVELS = {"debug", "info", "warning", "error"}
 LOCALHOST = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
 LOGGERS = ("", "ambient", "_core")
+# What a Host header (or an absolute request target's authority) may name on admin.
+LOCAL_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+# Threads per endpoint that run handlers (routes render config_dump or metrics, or flip the log
+# level). Sockets never hold one: they are all served by the endpoint's single I/O thread.
+WORKERS = 4
+# Seconds a connection gets to send its complete request (line, headers and body), from the
+# accept or, on a keep-alive connection, from the previous answer; then it is closed unanswered.
+# Counted for the whole request, so a client sending a byte at a time cannot stretch it.
+REQUEST_TIMEOUT = 5.0
+# Seconds a client gets to take a whole answer off the socket; then the connection is cut.
+WRITE_TIMEOUT = 10.0
+# Open connections per endpoint (each costs a file descriptor and up to a few tens of KiB of
+# buffer). A connection beyond them is answered 503 and closed without being read.
+MAX_CONNECTIONS = 1024
+# Complete requests waiting for a worker beyond the WORKERS in progress; beyond them, 503.
+MAX_QUEUED = 64
+# The kernel's queue of connections not yet accepted (the I/O thread accepts as they come).
+BACKLOG = 128
+# Longest request line (414) or header line (431), in bytes; http.server alone allows 64 KiB.
+MAX_LINE = 8 * 1024
+# Request line and headers together (431), and the number of header lines (431, as http.client).
+MAX_HEAD = 32 * 1024
+MAX_HEADERS = 100
+# Longest request body (413). No route reads one; a small one is read and ignored.
+MAX_BODY = 8 * 1024
+# Seconds an answered error (400, 413, 414, 431) waits for the client's remaining bytes before
+# closing, so the close does not reset the connection before the client reads the answer.
+LINGER = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An endpoint's bounds; the defaults are the module's constants (tests shrink them)."""
+
+    workers: int = WORKERS
+    request_timeout: float = REQUEST_TIMEOUT
+    write_timeout: float = WRITE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_queued: int = MAX_QUEUED
+
+
+class _Refused(Exception):
+    """A request refused before it reaches a worker: answered with ``status`` and closed."""
+
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Closed(Exception):
+    """The client closed its side in the middle of a request."""
+
+
+def _plain(status: HTTPStatus, text: str, *, close: bool = True) -> bytes:
+    """A whole HTTP/1.1 answer with a text body, written without a worker."""
+    body = text.encode()
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
+    )
+    return head.encode() + body
+
+
+async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """The next request's bytes (request line, headers, body), within the size bounds; raise
+    :class:`_Closed` at end of stream (``EOFError`` if nothing of a request came)."""
+    head = bytearray()
+    headers: list[bytes] = []
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # a line longer than the reader's limit (MAX_LINE)
+            if not head:
+                raise _Refused(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long") from None
+            raise _Refused(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long"
+            ) from None
+        if not line:
+            if not head:
+                raise EOFError
+            raise _Closed
+        if not line.endswith(b"\n"):
+            raise _Closed
+        head += line
+        if len(head) > MAX_HEAD:
+            raise _Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large")
+        if len(head) == len(line):  # the request line
+            if line.strip():
+                continue
+            return bytes(head)  # http.server answers an empty request line by closing
+        if line in (b"\r\n", b"\n"):
+            break
+        headers.append(line)
+        if len(headers) > MAX_HEADERS:
+            raise _Refused(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"more than {MAX_HEADERS} header lines",
+            )
+    length = 0
+    lengths: set[bytes] = set()
+    expect_continue = False
+    for header in headers:
+        name, _, value = header.partition(b":")
+        name, value = name.strip().lower(), value.strip()
+        if name == b"transfer-encoding":
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a request body needs a Content-Length")
+        if name == b"content-length":
+            lengths.add(value)
+        elif name == b"expect" and value.lower() == b"100-continue":
+            expect_continue = True
+    if lengths:
+        value = lengths.pop()
+        if lengths or not value.isdigit():
+            raise _Refused(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+        length = int(value)
+    if length > MAX_BODY:
+        raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"bodies are at most {MAX_BODY} bytes")
+    if length:
+        if expect_continue:
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            head += await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise _Closed from None
+    return bytes(head)
+
+
+def _local_host(value: str) -> bool:
+    return LOCAL_HOST.fullmatch(value.strip()) is not None
 
 
 class Endpoint:
-    """A small HTTP server: (method, path) -> handler, on its own thread."""
+    """A small HTTP server: (method, path) -> handler. One thread runs the socket I/O (asyncio),
+    ``limits.workers`` threads run the handlers; see the module's docstring for the bounds."""
 
     def __init__(
         self,
@@ -45,63 +194,245 @@ class Endpoint:
         routes: dict[tuple[str, str], Route],
         *,
         localhost_only: bool = False,
+        limits: Limits = Limits(),
     ) -> None:
+        ip = ipaddress.ip_address(address[0])
         # Only the host's own localhost: in loopback mode pods live on other 127/8 addresses.
-        if localhost_only and ipaddress.ip_address(address[0]) not in LOCALHOST:
+        if localhost_only and ip not in LOCALHOST:
             raise ValueError(
                 f"admin address {address[0]}: the admin endpoint answers only on localhost "
                 "(use 127.0.0.1 or ::1)"
             )
-
-        class Handler(BaseHTTPRequestHandler):
-            def _dispatch(self, method: str) -> None:
-                url = urlsplit(self.path)
-                route = routes.get((method, url.path))
-                if localhost_only and not ipaddress.ip_address(self.client_address[0]).is_loopback:
-                    self._send((HTTPStatus.FORBIDDEN, b"admin is localhost only\n", "text/plain"))
-                elif route is None:
-                    self._send((HTTPStatus.NOT_FOUND, b"not found\n", "text/plain"))
-                else:
-                    self._send(route(parse_qs(url.query)))
-
-            def do_GET(self) -> None:
-                self._dispatch("GET")
-
-            def do_POST(self) -> None:
-                self._dispatch("POST")
-
-            def _send(self, response: Response) -> None:
-                status, body, content_type = response
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("http: " + format, *args)
-
-        self.server = ThreadingHTTPServer(address, Handler)
-        self.server.daemon_threads = True
-        host, port = str(self.server.server_address[0]), self.server.server_address[1]
+        self.limits = limits
+        self._handler = _handler_class(routes, localhost_only)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(address)
+            self._sock.listen(BACKLOG)
+        except OSError:
+            self._sock.close()
+            raise
+        host, port = str(self._sock.getsockname()[0]), self._sock.getsockname()[1]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix=f"http {self.address}")
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self._serve(),), name=f"http {self.address}", daemon=True
+        )
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Future[None] | None = None
+        # Touched only on the I/O thread.
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._queued = 0
 
     def start(self) -> Endpoint:
         self._thread.start()
+        self._started.wait(10)
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self._loop.call_soon_threadsafe(self._stop_serving)
+            self._thread.join(10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._sock.close()
+
+    def _stop_serving(self) -> None:
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.set_result(None)
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = self._loop.create_future()
+        server = await asyncio.start_server(
+            self._connection, sock=self._sock, limit=MAX_LINE, backlog=BACKLOG
+        )
+        self._started.set()
+        await self._stopping
+        server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        transport = writer.transport
+        # drain() returns only once every byte is with the kernel: a close never waits on a
+        # client that does not read.
+        transport.set_write_buffer_limits(0)
+        peer = writer.get_extra_info("peername") or ("", 0)
+        if len(self._connections) >= self.limits.max_connections:
+            log.debug(
+                "http %s: %s refused, %d connections open",
+                self.address,
+                peer,
+                len(self._connections),
+            )
+            writer.write(_plain(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n"))
+            transport.abort()  # what the kernel did not take at once is dropped
+            return
+        self._connections.add(task)
+        try:
+            await self._serve_connection(reader, writer, peer)
+        except (_Closed, EOFError, ConnectionError, TimeoutError, OSError):
+            pass
+        except _Refused as refused:
+            writer.write(_plain(refused.status, refused.reason + "\n"))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._linger(reader, writer), LINGER)
+        finally:
+            self._connections.discard(task)
+            transport.abort()  # everything answered is already with the kernel
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        while True:
+            raw = await asyncio.wait_for(_read_request(reader, writer), limits.request_timeout)
+            if self._queued >= limits.workers + limits.max_queued:
+                writer.write(_plain(HTTPStatus.SERVICE_UNAVAILABLE, "busy, try again\n"))
+                await asyncio.wait_for(writer.drain(), limits.write_timeout)
+                return
+            self._queued += 1
+            try:
+                answer, close = await loop.run_in_executor(self._pool, self._handle, raw, peer)
+            finally:
+                self._queued -= 1
+            writer.write(answer)
+            await asyncio.wait_for(writer.drain(), limits.write_timeout)
+            if close:
+                return
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Send what is buffered, half-close, and read what the client still sends until it
+        closes: closing with unread bytes would reset the connection, answer and all."""
+        await writer.drain()
+        writer.write_eof()
+        while await reader.read(MAX_LINE):
+            pass
+
+    def _handle(self, raw: bytes, peer: Any) -> tuple[bytes, bool]:
+        """On a worker: run ``http.server``'s request handling over the complete request."""
+        handler = self._handler(raw, peer)
+        return handler.output.getvalue(), handler.close_connection
+
+
+class _BufferedHandler(BaseHTTPRequestHandler):
+    """``http.server``'s parsing and answering, over a request already read whole (no socket:
+    the answer goes to :attr:`output`, and the I/O thread writes it)."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
+
+    def __init__(self, raw: bytes, client_address: Any) -> None:
+        self.client_address = client_address
+        self.rfile = io.BytesIO(raw)
+        self.output = io.BytesIO()
+        self.wfile = self.output
+        self.close_connection = True
+        self.handle_one_request()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the I/O thread sent 100 Continue before reading the body
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + format, *args)
+
+
+def _handler_class(
+    routes: dict[tuple[str, str], Route], localhost_only: bool
+) -> type[_BufferedHandler]:
+    class Handler(_BufferedHandler):
+        def _refusal(self, url_netloc: str) -> str | None:
+            """Why admin refuses this request, or None."""
+            try:
+                ip = ipaddress.ip_address(str(self.client_address[0]))
+            except ValueError:
+                ip = None
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if ip not in LOCALHOST:
+                return (
+                    f"admin answers only this host's localhost (127.0.0.1 or ::1), "
+                    f"not {self.client_address[0]}"
+                )
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) > 1:
+                return "more than one Host header"
+            for host in [*hosts, *([url_netloc] if url_netloc else [])]:
+                if not _local_host(host):
+                    return (
+                        f"Host {host!r} is not localhost (a browser page reaching admin through "
+                        "DNS rebinding?)"
+                    )
+            origin = self.headers.get("Origin")
+            if origin is not None:
+                return (
+                    f"a request with an Origin header ({origin!r}) comes from a browser page; "
+                    "admin takes requests from local tools only"
+                )
+            return None
+
+        def _dispatch(self, method: str) -> None:
+            url = urlsplit(self.path)
+            refusal = self._refusal(url.netloc) if localhost_only else None
+            if refusal is not None:
+                log.info(
+                    "admin: refused %s %s from %s: %s",
+                    method,
+                    url.path,
+                    self.client_address[0],
+                    refusal,
+                )
+                self._send(_text(HTTPStatus.FORBIDDEN, f"refused: {refusal}\n"))
+                return
+            route = routes.get((method, url.path))
+            if route is None:
+                self._send((HTTPStatus.NOT_FOUND, b"not found\n", "text/plain"))
+                return
+            try:
+                response = route(parse_qs(url.query))
+            except Exception:
+                log.exception("http %s %s", method, url.path)
+                response = _text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
+                self.close_connection = True
+            self._send(response)
+
+        def do_GET(self) -> None:
+            self._dispatch("GET")
+
+        def do_POST(self) -> None:
+            self._dispatch("POST")
+
+        def _send(self, response: Response) -> None:
+            status, body, content_type = response
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
 
 
 def _text(status: HTTPStatus, text: str) -> Response:
     return status, text.encode(), "text/plain; charset=utf-8"
 
 
-def readiness(pending: Callable[[], list[str]]) -> dict[tuple[str, str], Route]:
+def readiness(
+    pending: Callable[[], list[str]], draining: Callable[[], bool]
+) -> dict[tuple[str, str], Route]:
+    """``/healthz/ready``: 503 ``draining`` from the moment ``draining()`` is true (before the
+    listeners close, as Istio's ztunnel), else 500 naming what is ``pending()``, else 200."""
+
     def ready(_: dict[str, list[str]]) -> Response:
+        if draining():
+            return _text(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
         waiting = pending()
         if waiting:
             return _text(
