@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from . import authorization, tags, translate, waypoints
+from . import authorization, tags, translate, waypoints, yamlfile
 from . import kubernetes as k8s
 from . import ztunnel_local as local
 from .errors import ConfigError, ConfigIssue, Location, field_path, issues_from_validation
@@ -58,9 +58,18 @@ def _resource_name(doc: dict[str, Any]) -> str | None:
 
 def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")  # YAML files are UTF-8, whatever the locale
     except OSError as e:
         out.issues.append(ConfigIssue(Location(str(path)), "", f"cannot read: {e.strerror}"))
+        return []
+    except UnicodeDecodeError as e:
+        out.issues.append(
+            ConfigIssue(
+                Location(str(path)),
+                "",
+                f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start} ({e.reason})",
+            )
+        )
         return []
     docs: list[tuple[Any, Location]] = []
     if not text.strip():
@@ -68,7 +77,7 @@ def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
         out.issues.append(ConfigIssue(Location(str(path)), "", "the file is empty"))
         return docs
     try:
-        for n, doc in enumerate(tags.load_all(text), start=1):
+        for n, doc in enumerate(yamlfile.load_all(text), start=1):
             docs.append((doc, Location(str(path), n)))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

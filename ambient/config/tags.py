@@ -4,20 +4,18 @@ Istio's ztunnel reads its local config with serde_yaml, which writes an enum var
 on the variant's value: a string match of a policy is ``!Exact cluster.local/ns/a/sa/b``,
 ``!Prefix …``, ``!Suffix …`` or ``!Presence`` (no value). Kubernetes objects carry no tags.
 
-:class:`MeshLoader` is PyYAML's safe loader that, instead of failing on a tag it does not know
-(with a constructor traceback), keeps the tagged node as a :class:`Tagged` value. The string-match
-fields of ztunnel's local config turn the four tags above into matches
+Reading a file (:mod:`ambient.config.yamlfile`) keeps every tag the safe loader has no
+constructor for as a :class:`Tagged` value instead of failing with a constructor traceback. The
+string-match fields of ztunnel's local config turn the four tags above into matches
 (:func:`string_match`); :func:`stray_tags` finds a tag anywhere else so the loader can refuse it
 naming the field and the line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import yaml
 
 MATCH_KINDS = ("Exact", "Prefix", "Suffix", "Presence")
 _YAML_TAG_PREFIX = "tag:yaml.org,2002:"  # what ``!!name`` expands to
@@ -49,30 +47,6 @@ class Tagged:
         if self.kind == "scalar":
             return f"{self.name} {self.value!r}" if self.value or not self.plain else self.name
         return f"{self.name} {self.value!r}"
-
-
-# PyYAML's safe loader (it never builds a Python object), keeping unknown tags as Tagged. Made
-# with type() so that it type-checks alike with and without PyYAML's stubs installed.
-MeshLoader: Any = type("MeshLoader", (yaml.SafeLoader,), {})
-
-
-def _construct_tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Tagged:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.SequenceNode):
-        return Tagged(node.tag, "sequence", loader.construct_sequence(node, deep=True), False, line)
-    if isinstance(node, yaml.MappingNode):
-        return Tagged(node.tag, "mapping", loader.construct_mapping(node, deep=True), False, line)
-    assert isinstance(node, yaml.ScalarNode)
-    return Tagged(node.tag, "scalar", node.value, node.style is None, line)
-
-
-MeshLoader.add_constructor(None, _construct_tagged)
-
-
-def load_all(text: str) -> Iterator[Any]:
-    """The documents of ``text``, as :func:`yaml.safe_load_all` reads them but for the tags."""
-    documents: Iterator[Any] = yaml.load_all(text, Loader=MeshLoader)  # a SafeLoader: no objects
-    return documents
 
 
 # --- string matches --------------------------------------------------------------------------

@@ -519,6 +519,25 @@ services:
         id="YAML syntax error",
     ),
     pytest.param("\n\n", ["the file is empty"], id="empty file (half-written?)"),
+    # Found by tests/unit/test_fuzz_config.py: each was a ValueError or RecursionError escaping.
+    pytest.param(
+        "apiVersion: v1\nkind: Pod\nmetadata: {creationTimestamp: 2001-02-30}\n",
+        [
+            "line 3, column 31",
+            "'2001-02-30' is not a valid !!timestamp value (day is out of range for month)",
+        ],
+        id="impossible date",
+    ),
+    pytest.param(
+        "workloads: [{namespace: a, workloadIps: [!!int x]}]\n",
+        ["line 1, column 42", "'x' is not a valid !!int value"],
+        id="explicit tag its value cannot have",
+    ),
+    pytest.param(
+        "workloads: " + "[" * 200 + "]" * 200 + "\n",
+        ["line 1, column 139", "nested deeper than 128 levels"],
+        id="nested deeper than serde_yaml allows",
+    ),
     pytest.param(
         "hello: world\n",
         ["expected a Kubernetes object", "ztunnel's local config"],
@@ -551,6 +570,16 @@ def test_malformed_config_is_refused_naming_the_field(tmp_path, text, expected):
     assert str(path) in message
     for part in expected:
         assert part in message, f"{part!r} not in:\n{message}"
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_byte(tmp_path):
+    path = tmp_path / "mesh.yaml"
+    path.write_bytes("workloads: []\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as refused:
+        load_mesh([path])
+    assert str(refused.value) == (
+        f"{path}: not UTF-8 text: byte 0xe9 at offset 19 (invalid continuation byte)"
+    )
 
 
 def test_every_error_of_every_file_is_reported_at_once(tmp_path):
