@@ -4,7 +4,9 @@ ZDS is the protocol istio-cni uses to hand pods (and their network namespaces) t
 handful of small messages cross it, so rather than vendoring a generated ``zds_pb2`` module (and
 pinning it to one protobuf runtime) the schema is written down here as data, turned into a
 ``FileDescriptorProto`` and given to protobuf's own message factory. The classes behave exactly
-like generated ones: same full names (``istio.workload.zds.*``), same wire bytes.
+like generated ones: same full names (``istio.workload.zds.*``), same wire bytes, and parsing
+(``FromString``) that returns a message or raises ``google.protobuf.message.DecodeError``, nothing
+else, whatever the bytes (tests/unit/test_fuzz_zds.py).
 
 Python cannot spell ``WorkloadRequest(del=...)`` or ``request.del`` (``del`` is a keyword); use
 ``WorkloadRequest(**{"del": DelWorkload(uid=uid)})`` and ``getattr(request, "del")``, or, better,
