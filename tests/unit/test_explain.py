@@ -132,20 +132,28 @@ def test_refusals_by_routing_are_explained(capsys, mesh_file):
     assert code == 1 and "refusing to loop" in out
 
 
-def test_explain_agrees_with_the_authorizer_the_proxy_uses(mesh_file):
+@pytest.mark.parametrize(
+    ("source", "allowed", "reason", "verdict"),
+    [
+        # only-prod is an ALLOW policy on prod's workloads matching sources in namespace prod.
+        ("prod/sleep", True, "allowed by policy prod/only-prod", "allow"),
+        # With an ALLOW policy applying, a connection it does not match is denied.
+        ("dev/intruder", False, "no ALLOW policy matched", "no match"),
+        # Plaintext carries no identity, hence no namespace: it matches no namespace rule.
+        ("192.0.2.7", False, "no ALLOW policy matched", "no match"),
+    ],
+)
+def test_explain_gives_the_verdict_istios_semantics_give(
+    mesh_file, source, allowed, reason, verdict
+):
     from ambient.config import load_mesh
     from ambient.explain import explain
-    from ambient.policy.engine import Authorizer, connection
 
-    mesh = load_mesh([mesh_file])
-    web = next(w for w in mesh.workloads if w.name == "web-1")
-    for source, identity in (
-        ("prod/sleep", "spiffe://cluster.local/ns/prod/sa/sleep"),
-        ("dev/intruder", "spiffe://cluster.local/ns/dev/sa/intruder"),
-    ):
-        src_ip = next(w for w in mesh.workloads if w.key == source).ips[0]
-        direct = Authorizer(mesh).authorize(web, connection(src_ip, "10.0.2.1", 8080, identity))
-        assert explain(mesh, source, "10.0.2.1:8080").allowed is direct.allowed
+    explanation = explain(load_mesh([mesh_file]), source, "10.0.2.1:8080")
+    assert explanation.allowed is allowed
+    (leg,) = explanation.legs
+    assert (leg.allowed, leg.reason) == (allowed, reason)
+    assert leg.policies == [("prod/only-prod", verdict)]
 
 
 @pytest.mark.parametrize(
