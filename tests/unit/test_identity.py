@@ -46,8 +46,11 @@ def test_workload_certificate_has_istios_shape():
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
     assert leaf.public_key().curve.name == "secp256r1"
-    assert leaf.not_valid_after_utc - now == dt.timedelta(hours=24)
-    assert cert.renew_at() - cert.not_before == (cert.not_after - cert.not_before) / 2
+    assert leaf.not_valid_after_utc == now + dt.timedelta(hours=24)
+    # Backdated 5 minutes, so a peer whose clock lags a little accepts it at once.
+    assert leaf.not_valid_before_utc == now - dt.timedelta(minutes=5)
+    # Renewed at half of that lifetime (24 h 5 min), as Istio's ztunnel does.
+    assert cert.renew_at() == now + dt.timedelta(hours=11, minutes=57, seconds=30)
     leaf.verify_directly_issued_by(ca.certificate)
 
 
