@@ -145,8 +145,21 @@ def test_every_workload_with_a_node_gets_a_netns() -> None:
     assert [n.netns for n in topo.nodes] == ["node-w1", "node-w3"]
 
 
-def test_the_plan_is_pure(two_nodes: Mesh) -> None:
-    assert plan(two_nodes) == plan(two_nodes)
+def test_the_layout_follows_names_not_the_order_of_the_file(tmp_path: Path) -> None:
+    # The same pods written in reverse order get the same netns, veths and addresses: nodes and
+    # pods are laid out in name order, whatever order the file lists them in.
+    path = tmp_path / "reversed.yaml"
+    path.write_text("\n---\n".join(reversed(textwrap.dedent(TWO_NODES).split("\n---\n"))))
+    topo = plan(load_mesh([path]))
+    assert [(n.name, n.underlay_ip, n.underlay_veth) for n in topo.nodes] == [
+        ("w1", ip("10.255.0.1"), "n0"),
+        ("w2", ip("10.255.0.2"), "n1"),
+    ]
+    assert [(p.name, p.node, p.node_veth) for p in topo.pods] == [
+        ("client", "w1", "p0"),
+        ("legacy", "w1", "p1"),
+        ("web", "w2", "p2"),
+    ]
 
 
 @pytest.mark.parametrize(
