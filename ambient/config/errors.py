@@ -69,7 +69,8 @@ def issues_from_validation(
         elif e["type"] == "value_error":
             # Our own validators' messages say what was expected; pydantic's prefix adds nothing.
             message = message.removeprefix("Value error, ")
-            message = f"{message} (got {_short(e['input'])})" if "input" in e else message
+            if "input" in e and _short(e["input"]) not in message:
+                message = f"{message} (got {_short(e['input'])})"
         elif "input" in e and e["type"] not in ("missing",):
             message = f"{message} (got {_short(e['input'])})"
         out.append(ConfigIssue(location, field_path(loc, prefix), message))
