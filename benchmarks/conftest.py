@@ -1,7 +1,8 @@
 """Fixtures for the pytest-benchmark suites: a CA, certificates, an echo app, data planes.
 
 Run: ``pytest benchmarks --benchmark-enable`` (the project's default options disable benchmarks
-so the test suite stays fast). Only meaningful on a release build: every suite checks it."""
+so the test suite stays fast). Only meaningful on a release build: every suite checks it.
+``--benchmark-json FILE`` writes a summary (benchmarks/summarise.py), not every timing."""
 
 from __future__ import annotations
 
@@ -19,8 +20,27 @@ from ambient import _core
 from ambient.hbone import DataPlane
 from ambient.identity import CertificateAuthority, WorkloadCertificate
 
+from .summarise import summarise
+
 SERVER = "spiffe://cluster.local/ns/bench/sa/server"
 CLIENT = "spiffe://cluster.local/ns/bench/sa/client"
+
+
+def pytest_benchmark_update_json(
+    config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]
+) -> None:
+    """The file ``--benchmark-json`` writes is the summary committed under results/.
+
+    pytest-benchmark calls this for that file, always generated with every timing, and for a
+    run saved with ``--benchmark-save``/``--benchmark-autosave``, without timings unless
+    ``--benchmark-save-data``. So timings present and not asked to be saved means the JSON file.
+    (With ``--benchmark-save-data`` nothing is summarised: run benchmarks/summarise.py on it.)"""
+    with_timings = any("data" in b.get("stats", {}) for b in output_json.get("benchmarks", []))
+    saving_timings = config.getoption("benchmark_save_data")
+    if config.getoption("benchmark_json") and with_timings and not saving_timings:
+        summary = summarise(output_json)
+        output_json.clear()
+        output_json.update(summary)
 
 
 @pytest.fixture(scope="session", autouse=True)
