@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             "iperf3 throughput between two pods on two nodes (network namespaces): "
             "through the mesh vs capture off"
         ),
-        "command": [sys.executable, *sys.argv],
+        "command": harness.command_line(),
         "settings": {
             "rounds": args.rounds,
             "seconds": args.seconds,

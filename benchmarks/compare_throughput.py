@@ -178,7 +178,7 @@ def ambient_core_info() -> dict[str, object] | None:
     if spec is None or not spec.origin:
         return None
     path = Path(spec.origin)
-    info: dict[str, object] = {"path": str(path)}
+    info: dict[str, object] = {"path": harness.portable_path(path)}
     with contextlib.suppress(OSError):
         st = path.stat()
         info["size_bytes"] = st.st_size
@@ -210,7 +210,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, object]:
         "kernel": platform.release(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
-        "python_executable": args.python,
+        "python_executable": harness.portable_path(args.python),
         "haproxy": harness.haproxy_version(),
         "iperf3": harness.iperf3_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     report = {
         "benchmark": "bulk throughput, one TCP stream (iperf3, 128 KiB writes)",
-        "command": [sys.executable, *sys.argv],
+        "command": harness.command_line(),
         "settings": {
             "rounds": args.rounds,
             "seconds": args.seconds,

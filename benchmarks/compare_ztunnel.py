@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import cpu_seconds, haproxy_mtls_pair
+from harness import command_line, cpu_seconds, haproxy_mtls_pair, portable_path
 
 from ambient import _core
 from ambient.identity import CertificateAuthority
@@ -229,8 +229,9 @@ def main() -> int:
         args.out.write_text(
             json.dumps(
                 {
+                    "command": command_line(),
                     "machine": machine(),
-                    "settings": vars(args) | {"out": str(args.out)},
+                    "settings": vars(args) | {"out": portable_path(args.out)},
                     "summary": summary,
                     "rounds": rounds,
                     "markdown": "\n".join(table),

@@ -870,3 +870,34 @@ def iperf3_version() -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unavailable ({e})"
     return out.splitlines()[0].strip() if out else "unknown"
+
+
+# --- what a committed report may say about paths ----------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a report committed to the repository may record it: relative to the
+    repository when inside it, else only its last part (``python3.11``), so that no report names
+    someone's home directory or checkout."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    for candidate in (p, p.resolve()):
+        with contextlib.suppress(ValueError):
+            return str(candidate.relative_to(REPO))
+    return p.name
+
+
+def command_line(argv: Sequence[str] | None = None) -> list[str]:
+    """The command that ran (the interpreter, then ``argv``, default ``sys.argv``) with every
+    absolute path in it made portable, including the value of an ``--option=/path``."""
+    out = [portable_path(sys.executable)]
+    for arg in sys.argv if argv is None else argv:
+        option, sep, value = arg.partition("=")
+        if sep and option.startswith("-") and os.path.isabs(value):
+            out.append(f"{option}={portable_path(value)}")
+        else:
+            out.append(portable_path(arg) if os.path.isabs(arg) else arg)
+    return out
