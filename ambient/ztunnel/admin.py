@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import ipaddress
 import logging
 import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -62,13 +63,14 @@ WORKERS = 4
 REQUEST_TIMEOUT = 5.0
 # Seconds a client gets to take a whole answer off the socket; then the connection is cut.
 WRITE_TIMEOUT = 10.0
-# Open connections per endpoint (each costs a file descriptor and up to a few tens of KiB of
-# buffer). A connection beyond them is answered 503 and closed without being read.
+# Open connections per endpoint (each costs a file descriptor and the bytes of its request in
+# progress, bounded below). A connection beyond them is answered 503 and closed unread.
 MAX_CONNECTIONS = 1024
 # Complete requests waiting for a worker beyond the WORKERS in progress; beyond them, 503.
 MAX_QUEUED = 64
-# The kernel's queue of connections not yet accepted (the I/O thread accepts as they come).
-BACKLOG = 128
+# The kernel's queue of connections not yet accepted (the I/O thread takes them as they come):
+# a burst up to it waits there instead of being dropped. Linux caps it at net.core.somaxconn.
+BACKLOG = 1024
 # Longest request line (414) or header line (431), in bytes; http.server alone allows 64 KiB.
 MAX_LINE = 8 * 1024
 # Request line and headers together (431), and the number of header lines (431, as http.client).
@@ -76,6 +78,10 @@ MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 # Longest request body (413). No route reads one; a small one is read and ignored.
 MAX_BODY = 8 * 1024
+# Seconds a stopping endpoint gives the requests in progress to be answered.
+STOP_GRACE = 2.0
+# accept() failures that a wait may cure (any other concerns that one connection only).
+RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # Seconds an answered error (400, 413, 414, 431) waits for the client's remaining bytes before
 # closing, so the close does not reset the connection before the client reads the answer.
 LINGER = 1.0
@@ -105,13 +111,13 @@ class _Closed(Exception):
     """The client closed its side in the middle of a request."""
 
 
-def _plain(status: HTTPStatus, text: str, *, close: bool = True) -> bytes:
-    """A whole HTTP/1.1 answer with a text body, written without a worker."""
+def _plain(status: HTTPStatus, text: str) -> bytes:
+    """A whole HTTP/1.1 answer with a text body, before closing, written without a worker."""
     body = text.encode()
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
 
@@ -223,8 +229,11 @@ class Endpoint:
         self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Future[None] | None = None
-        # Touched only on the I/O thread.
-        self._connections: set[asyncio.Task[Any]] = set()
+        # Touched only on the I/O thread: the open connections, the requests with the workers.
+        self._transports: set[asyncio.BaseTransport] = set()
+        self._busy: set[asyncio.BaseTransport] = set()  # a request read, its answer not sent
+        self._setups: set[asyncio.Task[None]] = set()  # accepted, no transport yet
+        self._resume: asyncio.TimerHandle | None = None  # accepting again after EMFILE
         self._queued = 0
 
     def start(self) -> Endpoint:
@@ -245,47 +254,92 @@ class Endpoint:
             self._stopping.set_result(None)
 
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = self._loop.create_future()
-        server = await asyncio.start_server(
-            self._connection, sock=self._sock, limit=MAX_LINE, backlog=BACKLOG
-        )
+        loop = self._loop = asyncio.get_running_loop()
+        self._stopping = loop.create_future()
+        self._sock.setblocking(False)
+        loop.add_reader(self._sock, self._accept)
         self._started.set()
         await self._stopping
-        server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        loop.remove_reader(self._sock)
+        if self._resume is not None:
+            self._resume.cancel()
+        self._sock.close()  # connections the kernel queued but nobody accepted are reset
+        # Close the connections waiting for a request at once, those with a request in progress
+        # once it is answered (or STOP_GRACE has passed), until their sockets are closed (a
+        # transport leaves the set as its socket closes) and their tasks ended; asyncio.run
+        # cancels what is left a second later.
+        current = asyncio.current_task()
+        grace = loop.time() + STOP_GRACE
+        while loop.time() < grace + 1.0:
+            late = loop.time() >= grace
+            for transport in list(self._transports):
+                if late or transport not in self._busy:
+                    transport.abort()  # type: ignore[attr-defined]
+            if not self._transports and not asyncio.all_tasks() - {current}:
+                break
+            await asyncio.sleep(0.01)
+
+    def _accept(self) -> None:
+        """The listener is readable: accept what the kernel has queued, up to BACKLOG at once."""
+        loop = asyncio.get_running_loop()
+        for _ in range(BACKLOG):
+            try:
+                conn, _ = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno not in RESOURCE_ERRORS:  # that connection is gone already
+                    log.debug("http %s: accept: %s", self.address, e)
+                    continue
+                # Out of descriptors or memory: leave the connections in the kernel's queue
+                # and try again in a second.
+                log.warning("http %s: cannot accept connections: %s", self.address, e)
+                loop.remove_reader(self._sock)
+                self._resume = loop.call_later(1.0, loop.add_reader, self._sock, self._accept)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(self._setup(conn))
+            self._setups.add(task)
+            task.add_done_callback(self._setups.discard)
+
+    async def _setup(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Protocol(self._transports, self._connection), conn
+            )
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as e:
+            log.debug("http %s: connection setup: %s", self.address, e)
+            conn.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
         transport = writer.transport
         # drain() returns only once every byte is with the kernel: a close never waits on a
         # client that does not read.
         transport.set_write_buffer_limits(0)
         peer = writer.get_extra_info("peername") or ("", 0)
-        if len(self._connections) >= self.limits.max_connections:
+        if len(self._transports) > self.limits.max_connections:  # this one included
             log.debug(
                 "http %s: %s refused, %d connections open",
                 self.address,
                 peer,
-                len(self._connections),
+                self.limits.max_connections,
             )
             writer.write(_plain(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n"))
             transport.abort()  # what the kernel did not take at once is dropped
             return
-        self._connections.add(task)
         try:
             await self._serve_connection(reader, writer, peer)
-        except (_Closed, EOFError, ConnectionError, TimeoutError, OSError):
+        except (_Closed, EOFError, OSError):  # closed, reset or timed out: nothing to answer
             pass
         except _Refused as refused:
             writer.write(_plain(refused.status, refused.reason + "\n"))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._linger(reader, writer), LINGER)
         finally:
-            self._connections.discard(task)
+            self._busy.discard(transport)
             transport.abort()  # everything answered is already with the kernel
 
     async def _serve_connection(
@@ -295,6 +349,7 @@ class Endpoint:
         limits = self.limits
         while True:
             raw = await asyncio.wait_for(_read_request(reader, writer), limits.request_timeout)
+            self._busy.add(writer.transport)
             if self._queued >= limits.workers + limits.max_queued:
                 writer.write(_plain(HTTPStatus.SERVICE_UNAVAILABLE, "busy, try again\n"))
                 await asyncio.wait_for(writer.drain(), limits.write_timeout)
@@ -306,6 +361,7 @@ class Endpoint:
                 self._queued -= 1
             writer.write(answer)
             await asyncio.wait_for(writer.drain(), limits.write_timeout)
+            self._busy.discard(writer.transport)
             if close:
                 return
 
@@ -323,11 +379,36 @@ class Endpoint:
         return handler.output.getvalue(), handler.close_connection
 
 
+class _Protocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, keeping the endpoint's set of open connections from their
+    first moment to their last (a handler may not have started yet when the endpoint stops)."""
+
+    def __init__(
+        self,
+        transports: set[asyncio.BaseTransport],
+        connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
+        super().__init__(asyncio.StreamReader(MAX_LINE), connected)
+        self._open = transports
+        self._tracked: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._tracked = transport
+        self._open.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._open.discard(self._tracked)
+        super().connection_lost(exc)
+
+
 class _BufferedHandler(BaseHTTPRequestHandler):
     """``http.server``'s parsing and answering, over a request already read whole (no socket:
     the answer goes to :attr:`output`, and the I/O thread writes it)."""
 
     protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
+    # A malformed request line is answered with a status line and headers (HTTP/0.9 has none).
+    default_request_version = "HTTP/1.0"
 
     def __init__(self, raw: bytes, client_address: Any) -> None:
         self.client_address = client_address
