@@ -7,7 +7,15 @@ from setuptools import Extension, setup
 from setuptools_rust import Binding, RustExtension
 
 cython_modules = cythonize(
-    [Extension("ambient._fast.hbone_request", ["ambient/_fast/hbone_request.pyx"])],
+    [
+        Extension(
+            "ambient._fast.hbone_request",
+            ["ambient/_fast/hbone_request.pyx"],
+            # Python's CFLAGS carry -g: keep the shipped extension free of debug sections, as
+            # the Rust one is (Cargo's release profile strips them).
+            extra_link_args=["-Wl,--strip-debug"],
+        )
+    ],
     compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
 )
 
