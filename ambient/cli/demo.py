@@ -42,5 +42,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(examples.read("testbed-mesh.yaml" if args.netns else "demo-mesh.yaml"))
         return 0
     if args.netns:
-        return demo_netns.run(args.config, keep=args.keep)
-    return demo.run(args.config, keep=args.keep)
+        return demo_netns.run(args.config, keep=args.keep, out=_print_now)
+    return demo.run(args.config, keep=args.keep, out=_print_now)
+
+
+def _print_now(line: str) -> None:
+    # Each line as it comes, also into a pipe: with --keep the demo then waits, and whoever reads
+    # it (a script, `| tee`) needs the addresses before Ctrl-C, not at exit.
+    print(line, flush=True)
