@@ -118,14 +118,22 @@ def _tune_socket(writer: asyncio.StreamWriter) -> None:
 async def _close_writer(writer: asyncio.StreamWriter, *, abort: bool = False) -> None:
     """Close a transport: gracefully (bounded in time) or by abort."""
     if abort:
-        writer.transport.abort()
+        _abort(writer.transport)
         return
     writer.close()
     try:
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await writer.wait_closed()
     except (OSError, TimeoutError):
-        writer.transport.abort()
+        _abort(writer.transport)
+
+
+def _abort(transport: asyncio.WriteTransport) -> None:
+    # The peer's TLS alert (an SSLError, so an OSError) may have torn the TLS transport down
+    # already; aborting it then raises AttributeError on some Python 3.11 releases (Debian 12's
+    # 3.11.2, not 3.11.7), whose transport has dropped its protocol. Nothing is left to abort.
+    with contextlib.suppress(AttributeError):
+        transport.abort()
 
 
 # ----------------------------------------------------------------------------------------------
