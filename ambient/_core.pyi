@@ -1,21 +1,36 @@
 """Stubs of the Rust extension `ambient._core` (rust/src). Addresses are 'ip:port' strings."""
 
 from collections.abc import Callable
+from typing import TypedDict
 
 __version__: str
 
 def build_profile() -> str:
     """'release' or 'debug'."""
 
-def reset_log_cache() -> None:
-    """Make the core see Python logging levels changed after it first logged."""
+def sync_level() -> None:
+    """Make the core log at the level Python's `_core` logger has now (call after changing it)."""
+
+def log_stats() -> tuple[int, int]:
+    """(lines suppressed by the per-call-site rate limit, lines dropped because Python lagged)."""
+
+class CountersSnapshot(TypedDict):
+    opened: int
+    sent: int
+    received: int
+    closed: dict[str, int]
+    failed: dict[str, int]
 
 class Counters:
-    """Connection and byte counters for one set of metric labels, updated by the core."""
+    """Connection and byte counters for one set of metric labels (all but the response flag),
+    updated by the core; `closed` and `failed` are kept per response flag."""
 
     def __init__(self) -> None: ...
-    def snapshot(self) -> tuple[int, int, int, int, int]:
-        """(opened, closed, failed, sent, received)."""
+    def snapshot(self) -> CountersSnapshot:
+        """opened, sent, received; closed and failed per flag ("-", DENY, CONNECT, ...)."""
+    @property
+    def idle(self) -> bool:
+        """No connection counted here is open now."""
 
 class HboneTarget:
     """Carry a connection through an HBONE tunnel to `address` (peer:15008), CONNECT to
@@ -111,8 +126,9 @@ Plan = HboneTarget | TcpTarget | Deny
 Verdict = Allow | Deny
 InboundCallback = Callable[[str | None, str, str, tuple[tuple[str, str], ...]], Verdict]
 OutboundCallback = Callable[[str, str], Plan]
-# report(subject, source, destination, bytes_sent, bytes_received, seconds, error)
-Reporter = Callable[[Plan | Verdict, str, str, int, int, float, str | None], object]
+# report(subject, source, destination, bytes_sent, bytes_received, seconds, error); subject is
+# None for a connection refused before any decision (a failed handshake, a full decision queue...)
+Reporter = Callable[[Plan | Verdict | None, str, str, int, int, float, str | None], object]
 
 class Netns:
     """A pod's network namespace the core makes sockets in (in-pod mode). ``fd`` is duplicated:
@@ -129,7 +145,11 @@ class Listener:
     def local_address(self) -> str: ...
     @property
     def active(self) -> int: ...
-    def close(self, deadline: float = 0.0) -> bool: ...
+    @property
+    def connections(self) -> int:
+        """Accepted connections holding a place under the listener's caps now."""
+    def close(self, deadline: float = 0.0, reason: str = "cut: the listener was closed") -> bool:
+        """Stop accepting, let connections finish until `deadline`, cut the rest with `reason`."""
 
 class Core:
     def __init__(
@@ -139,6 +159,11 @@ class Core:
         pool_max_streams: int = 100,
         pool_idle_timeout: float = 300.0,
         mark: int | None = None,
+        decision_threads: int = 4,
+        max_pending_decisions: int = 1024,
+        max_connections: int = 10_000,
+        max_connections_per_source: int = 1_000,
+        hbone_idle_timeout: float = 600.0,
     ) -> None: ...
     def set_identity(
         self, identity: str, chain_pem: bytes, key_pem: bytes, roots_pem: bytes

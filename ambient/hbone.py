@@ -25,8 +25,9 @@ Python face of :mod:`ambient._core`::
                              [server_cert.identity], client_cert.identity)
         sock = dp.connect(target)      # a plain socket; its bytes travel through the tunnel
 
-Decisions run on a thread of the core's blocking pool while holding the GIL; a slow decision
-delays only its own stream.
+Decisions run on the core's decision threads (a few, with a bounded queue) while holding the
+GIL, never on the threads that move bytes; a slow decision delays only the decisions queued behind
+it.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class DataPlane:
     streams per pooled HBONE connection (the peer's limit applies if lower).
     ``pool_idle_timeout``: seconds before an unused pooled connection is closed.
     ``mark``: SO_MARK on every socket (Istio uses 0x539 so its redirection skips the proxy).
+    Bounds: ``decision_threads`` threads run Python decisions, at most
+    ``max_pending_decisions`` wait (past that a connection is refused at once, saying so);
+    every listener holds at most ``max_connections`` connections, at most
+    ``max_connections_per_source`` from one source IP (0 lifts a cap); an HBONE connection
+    carrying no stream for ``hbone_idle_timeout`` seconds is closed by the server.
     """
 
     def __init__(
@@ -104,12 +110,22 @@ class DataPlane:
         pool_max_streams: int = 100,
         pool_idle_timeout: float = 300.0,
         mark: int | None = None,
+        decision_threads: int = 4,
+        max_pending_decisions: int = 1024,
+        max_connections: int = 10_000,
+        max_connections_per_source: int = 1_000,
+        hbone_idle_timeout: float = 600.0,
     ) -> None:
         self.core = Core(
             workers,
             pool_max_streams=pool_max_streams,
             pool_idle_timeout=pool_idle_timeout,
             mark=mark,
+            decision_threads=decision_threads,
+            max_pending_decisions=max_pending_decisions,
+            max_connections=max_connections,
+            max_connections_per_source=max_connections_per_source,
+            hbone_idle_timeout=hbone_idle_timeout,
         )
         _open_cores.add(self)
 

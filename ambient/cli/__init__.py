@@ -60,4 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from .. import _core
+
+    _core.sync_level()  # the core drops records below this level where they happen
     return int(args.run(args))

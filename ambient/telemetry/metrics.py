@@ -10,12 +10,18 @@ for Istio's ztunnel work unchanged:
 - ``istio_tcp_received_bytes_total`` (client to server) and ``istio_tcp_sent_bytes_total`` (server
   to client);
 - ``istio_build``; and the process metrics of ``prometheus_client``.
+
+The ``response_flags`` label is not part of a label set Python makes: the core learns how a
+connection ended and counts it there (``-``, ``DENY``, ``CONNECT``, ``TLS_FAILURE``,
+``H2_HANDSHAKE_FAILURE``), as Istio's ztunnel does: a connection is opened with ``-`` and closed
+(and failed) with the flag of its end. Label sets of workloads that left the mesh are dropped
+once none of their connections is open (:meth:`ConnectionMetrics.forget`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,11 +79,25 @@ def _side(w: Workload | None, principal: str | None) -> tuple[str, ...]:
     )
 
 
+# Where the core's response flag goes among the label values.
+FLAG_INDEX = LABELS.index("response_flags")
+NO_FLAG = "-"
+
+
 @dataclass(frozen=True, slots=True)
 class Labels:
-    """One label set of the TCP metrics (the values, in :data:`LABELS` order)."""
+    """One label set of the TCP metrics: the values in :data:`LABELS` order, without
+    ``response_flags`` (the core adds it)."""
 
     values: tuple[str, ...]
+
+    def with_flag(self, flag: str) -> list[str]:
+        return [*self.values[:FLAG_INDEX], flag, *self.values[FLAG_INDEX:]]
+
+    @property
+    def workloads(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        """(workload, namespace) of the source and of the destination ("unknown" when not known)."""
+        return (self.values[1], self.values[2]), (self.values[9], self.values[10])
 
     @classmethod
     def of(
@@ -90,7 +110,6 @@ class Labels:
         destination_principal: str | None,
         service: Service | None,
         mutual_tls: bool,
-        response_flags: str = "-",
     ) -> Labels:
         src = _side(source, source_principal)
         dst = _side(destination, destination_principal)
@@ -113,7 +132,6 @@ class Labels:
                 dst[7],
                 dst[5],
                 "tcp",
-                response_flags,
                 "mutual_tls" if mutual_tls else UNKNOWN,
             )
         )
@@ -133,6 +151,22 @@ class ConnectionMetrics(Collector):
             with self._lock:
                 found = self._counters.setdefault(labels, Counters())
         return found
+
+    def forget(self, still_here: Callable[[Labels], bool]) -> int:
+        """Drop the label sets ``still_here`` rejects (their workloads left the mesh) once no
+        connection counted in them is open; returns how many went."""
+        with self._lock:
+            gone = [
+                labels
+                for labels, counters in self._counters.items()
+                if counters.idle and not still_here(labels)
+            ]
+            for labels in gone:
+                del self._counters[labels]
+        return len(gone)
+
+    def __len__(self) -> int:
+        return len(self._counters)
 
     def collect(self) -> Iterator[Metric]:
         families = {
@@ -157,14 +191,16 @@ class ConnectionMetrics(Collector):
         with self._lock:
             items = list(self._counters.items())
         for labels, counters in items:
-            opened, closed, failed, to_server, to_client = counters.snapshot()
-            values = list(labels.values)
-            families["opened"].add_metric(values, opened)
-            families["closed"].add_metric(values, closed)
-            families["failed"].add_metric(values, failed)
+            counted = counters.snapshot()
+            unflagged = labels.with_flag(NO_FLAG)
+            families["opened"].add_metric(unflagged, counted["opened"])
+            for flag, n in counted["closed"].items():
+                families["closed"].add_metric(labels.with_flag(flag), n)
+            for flag, n in counted["failed"].items():
+                families["failed"].add_metric(labels.with_flag(flag), n)
             # Istio's names take the server's view: it *receives* what the client sends.
-            families["received"].add_metric(values, to_server)
-            families["sent"].add_metric(values, to_client)
+            families["received"].add_metric(unflagged, counted["sent"])
+            families["sent"].add_metric(unflagged, counted["received"])
         yield from families.values()
         build = GaugeMetricFamily(
             "istio_build", "Build of the data plane", labels=["component", "tag"]

@@ -73,7 +73,7 @@ def sample(metrics: str, admin: str | None, now: Callable[[], float] = time.mono
             key = ("in" if inbound else "out", peer, labels.get("connection_security_policy", "?"))
             row = rows[key]
             setattr(row, kind, getattr(row, kind) + s.value)
-            if kind == "opened" and labels.get("response_flags") == "DENY":
+            if kind == "closed" and labels.get("response_flags") == "DENY":
                 row.denied += s.value
     out.rows = dict(rows)
     if admin:

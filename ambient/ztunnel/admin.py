@@ -543,7 +543,7 @@ def admin(
             )
         for name in LOGGERS:
             logging.getLogger(name).setLevel(level.upper())
-        _core.reset_log_cache()  # the core caches levels; make it see the new one
+        _core.sync_level()  # the core filters records where they happen; tell it the new level
         log.warning("log level set to %s", level)
         return _text(HTTPStatus.OK, f"log level: {level}\n")
 

@@ -82,6 +82,31 @@ def access_log_entry(
     return {k: v for k, v in entry.items() if v is not None}
 
 
+def early_access_log_entry(
+    direction: str,
+    transport: str,
+    pod: Workload | None,
+    source: str,
+    destination: str,
+    seconds: float,
+    error: str | None,
+) -> dict[str, Any]:
+    """The line of a connection refused before any decision (a failed TLS or HTTP/2 handshake,
+    a malformed request, a full decision queue, a decision that raised, a listener's cap): who
+    tried, which pod's listener, and why — as Istio's ztunnel logs its early denials."""
+    side = "dst" if direction == "inbound" else "src"
+    entry: dict[str, Any] = {
+        "direction": direction,
+        "transport": transport,
+        "src.addr": source,
+        "dst.addr": destination or None,
+        **_workload_fields(side, pod),
+        "duration_ms": round(seconds * 1000, 3),
+        "error": error,
+    }
+    return {k: v for k, v in entry.items() if v is not None}
+
+
 class AccessLog:
     """One line per finished connection, to a stream; JSON (orjson) or ``key=value`` text."""
 

@@ -27,7 +27,6 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import routing
@@ -39,6 +38,7 @@ from ..hbone import (
     HboneTarget,
     Listener,
     Netns,
+    Reporter,
     StreamRequest,
     TcpTarget,
 )
@@ -46,8 +46,9 @@ from ..identity.manager import CertificateManager
 from ..mesh import IPAddress, Mesh, Service, Workload
 from ..policy.engine import Authorizer, Decision, connection
 from ..routing import Transport
-from ..telemetry.metrics import ConnectionMetrics, Labels
-from .connection import ConnectionInfo, access_log_entry
+from ..telemetry.metrics import UNKNOWN, ConnectionMetrics, Labels
+from .connection import ConnectionInfo, access_log_entry, early_access_log_entry
+from .listeners import ListenerKey, PodListeners
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,6 @@ def inbound_app_ports(mesh: Mesh, workload: Workload) -> set[int]:
     return ports - routing.PROXY_PORTS
 
 
-@dataclass
-class PodProxy:
-    """The listeners ztunnel runs for one pod."""
-
-    workload: Workload
-    netns: Netns | None = None
-    listeners: list[Listener] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
 class Ztunnel:
     """The node proxy for ``node``: call :meth:`apply` with each new snapshot."""
 
@@ -102,6 +93,7 @@ class Ztunnel:
         access_log: Callable[[dict[str, Any]], None] | None = None,
         metrics: ConnectionMetrics | None = None,
         rng: random.Random | None = None,
+        retry_delays: tuple[float, float] = (1.0, 60.0),
     ) -> None:
         self.node = node
         self.dataplane = dataplane
@@ -109,15 +101,20 @@ class Ztunnel:
         self.inpod = inpod
         self.loopback = loopback and not inpod
         self.access_log = access_log
-        self.metrics = metrics or ConnectionMetrics()
+        self.metrics = metrics if metrics is not None else ConnectionMetrics()
         self.rng = rng or random.Random()
         # The snapshot and its compiled policies, swapped together: decisions read it once.
         self.authorizer = Authorizer(Mesh())
-        self.pods: dict[str, PodProxy] = {}
+        self.pods: dict[str, PodListeners] = {}
         self.proxy_addresses: frozenset[IPAddress] = frozenset()
         # In-pod mode: the network namespace of each pod the CNI handed over (workload uid).
         self.pod_netns: dict[str, Netns] = {}
         self._apply_lock = threading.RLock()
+        # Listeners that failed to open are retried after a delay that doubles up to a maximum.
+        self._retry_delays = retry_delays
+        self._retry_delay = retry_delays[0]
+        self._retry: threading.Timer | None = None
+        self._closed = False
 
     @property
     def mesh(self) -> Mesh:
@@ -145,7 +142,7 @@ class Ztunnel:
             pod = self.pods.get(uid)
             if pod is None:
                 return [f"pod {uid} is not an in-mesh pod of node {self.node} in the mesh config"]
-            return list(pod.errors)
+            return pod.errors
 
     def remove_pod_netns(self, uid: str) -> bool:
         """In-pod mode: stop serving pod ``uid``; its connections are closed and its sockets and
@@ -158,22 +155,35 @@ class Ztunnel:
 
     def apply(self, mesh: Mesh) -> None:
         """Serve ``mesh`` from now on: new connections decide on it; pods that left the node or
-        the mesh lose their listeners; new pods get theirs; live connections continue."""
+        the mesh lose their listeners; new pods get theirs; a pod's listeners change only where
+        what they depend on changed, so live connections continue."""
         with self._apply_lock:
             desired = self.local_workloads(mesh)
-            pods = dict(self.pods)
-            for uid in list(pods):
-                wanted = desired.get(uid)
-                if wanted is None or _listener_shape(
-                    wanted, mesh, self.pod_netns.get(uid)
-                ) != _listener_shape(pods[uid].workload, self.mesh, pods[uid].netns):
-                    self._stop_pod(pods.pop(uid))
             self.authorizer = Authorizer(mesh)  # decisions read this on every connection
+            pods = dict(self.pods)
+            for uid in [u for u in pods if u not in desired]:
+                self._stop_pod(pods.pop(uid), "is no longer served by")
             for uid, workload in desired.items():
-                if uid not in pods:
-                    pods[uid] = self._start_pod(workload)
-                else:
-                    pods[uid].workload = workload
+                netns = self.pod_netns.get(uid) if self.inpod else None
+                pod = pods.get(uid)
+                if pod is not None and _inode(pod.netns) != _inode(netns):
+                    self._stop_pod(pods.pop(uid), "moved to a new network namespace on")
+                    pod = None
+                if pod is None:
+                    pod = pods[uid] = PodListeners(workload, netns)
+                    log.info(
+                        "pod %s served by ztunnel %s on %s%s",
+                        workload.key,
+                        self.node,
+                        workload.ips[0],
+                        f" in {netns.name}" if netns is not None else "",
+                    )
+                pod.workload = workload
+                self.certificates.ensure(str(workload.identity))
+                pod.sync(
+                    self._listener_specs(workload, netns, mesh),
+                    f"cut: a listener of pod {workload.key} changed with the config",
+                )
             self.pods = pods  # readers (admin, readiness) see the old set or the new one
             # The addresses this proxy serves, for the no-loop check of every outbound connection.
             addresses = {ip for p in pods.values() for ip in p.workload.ips}
@@ -182,21 +192,39 @@ class Ztunnel:
                 # there): a pod dialing 127.0.0.1:15001 itself must not start a loop.
                 addresses |= {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
             self.proxy_addresses = frozenset(addresses)
+            self._forget_departed(mesh)
+            self._schedule_retry()
         self.recheck_live_connections()
 
-    def _stop_pod(self, pod: PodProxy) -> None:
-        for listener in pod.listeners:
-            listener.close(0.0)
+    def _stop_pod(self, pod: PodListeners, what: str) -> None:
+        pod.close(f"cut: pod {pod.workload.key} {what} ztunnel {self.node}")
         if pod.netns is not None:
             # Pooled HBONE connections dialed from the pod's namespace would keep it alive.
             self.dataplane.core.forget_netns(pod.netns)
         log.info("pod %s removed from ztunnel %s", pod.workload.key, self.node)
 
-    def _start_pod(self, workload: Workload) -> PodProxy:
-        netns = self.pod_netns.get(workload.uid) if self.inpod else None
-        pod = PodProxy(workload, netns)
+    def _forget_departed(self, mesh: Mesh) -> None:
+        """Certificates of identities no served pod has any more are dropped (no longer renewed,
+        no longer in the data plane); metric label sets of workloads that left the mesh go once
+        their connections are closed."""
+        needed = {str(p.workload.identity) for p in self.pods.values()}
+        for cert in self.certificates.certificates():
+            if cert.identity not in needed:
+                self.certificates.forget(cert.identity)
+                self.dataplane.core.remove_identity(cert.identity)
+        present = {(w.workload_name or w.name, w.namespace) for w in mesh.workloads}
+        unknown = (UNKNOWN, UNKNOWN)
+        self.metrics.forget(
+            lambda labels: all(side == unknown or side in present for side in labels.workloads)
+        )
+
+    def _listener_specs(
+        self, workload: Workload, netns: Netns | None, mesh: Mesh
+    ) -> dict[ListenerKey, Callable[[], Listener]]:
+        """Every listener the pod needs, by what it depends on (see :mod:`.listeners`)."""
+        uid = workload.uid
         identity = str(workload.identity)
-        self.certificates.ensure(identity)
+        inode = _inode(netns)
         ip = workload.ips[0]
         at = routing.format_address
         # In-pod mode listens on the wildcard inside the pod (the REDIRECT rules deliver to the
@@ -206,72 +234,76 @@ class Ztunnel:
         localhost = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
         listen_ip = wildcard if netns is not None else ip
         socks_ip = localhost if netns is not None else ip
-        self._listen(
-            pod,
-            lambda: self.dataplane.serve(
-                at(listen_ip, routing.HBONE_PORT),
+        hbone = at(listen_ip, routing.HBONE_PORT)
+        specs: dict[ListenerKey, Callable[[], Listener]] = {
+            ("hbone", hbone, inode, identity): functools.partial(
+                self.dataplane.serve,
+                hbone,
                 identity,
-                self._inbound_hbone(workload.uid),
-                report=self._report,
+                self._inbound_hbone(uid),
+                report=self._reporter(uid, "inbound", "HBONE"),
                 netns=netns,
-            ),
-        )
-        outbound = self._outbound(workload.uid)
+            )
+        }
+        outbound = self._outbound(uid)
         # Plain TCP in: where each learns the destination (SO_ORIGINAL_DST after the in-pod
         # REDIRECT, or the SOCKS5 request).
-        plain_listeners = (
-            (
-                at(listen_ip, routing.INBOUND_PLAINTEXT_PORT),
-                self._inbound_plaintext(workload.uid),
-                "original_dst",
-            ),
-            (at(listen_ip, routing.OUTBOUND_CAPTURE_PORT), outbound, "original_dst"),
-            (at(socks_ip, routing.SOCKS5_PORT), outbound, "socks5"),
+        plain = (
+            ("inbound", at(listen_ip, routing.INBOUND_PLAINTEXT_PORT), "original_dst"),
+            ("outbound", at(listen_ip, routing.OUTBOUND_CAPTURE_PORT), "original_dst"),
+            ("socks5", at(socks_ip, routing.SOCKS5_PORT), "socks5"),
         )
-        for address, route, mode in plain_listeners:
-            self._listen(
-                pod,
-                functools.partial(
-                    self.dataplane.forward,
-                    address,
-                    route,
-                    mode=mode,
-                    report=self._report,
-                    netns=netns,
-                ),
+        for role, address, mode in plain:
+            inbound = role == "inbound"
+            specs[(role, address, inode, None)] = functools.partial(
+                self.dataplane.forward,
+                address,
+                self._inbound_plaintext(uid) if inbound else outbound,
+                mode=mode,
+                report=self._reporter(uid, "inbound" if inbound else "outbound", "TCP"),
+                netns=netns,
             )
         if self.loopback and workload.app_address is not None:
-            for port in sorted(inbound_app_ports(self.mesh, workload)):
-                self._listen(pod, self._app_port_opener(workload, at(ip, port)))
-        log.info(
-            "pod %s served by ztunnel %s on %s%s",
-            workload.key,
-            self.node,
-            ip,
-            f" in {netns.name}" if netns is not None else "",
-        )
-        return pod
+            # Loopback mode: own the pod's app ports, as the in-pod capture would.
+            for port in sorted(inbound_app_ports(mesh, workload)):
+                address = at(ip, port)
+                specs[("app", address, None, None)] = functools.partial(
+                    self.dataplane.forward,
+                    address,
+                    self._inbound_plaintext(uid),
+                    report=self._reporter(uid, "inbound", "TCP"),
+                )
+        return specs
 
-    def _app_port_opener(self, workload: Workload, address: str) -> Callable[[], Listener]:
-        """Loopback mode: own one of the pod's app ports, as the in-pod capture would."""
-        return lambda: self.dataplane.forward(
-            address, self._inbound_plaintext(workload.uid), report=self._report
-        )
+    def _schedule_retry(self) -> None:
+        """Retry listeners that failed to open, after a delay doubling up to the maximum."""
+        if self._closed or not any(p.failed for p in self.pods.values()):
+            self._retry_delay = self._retry_delays[0]
+            return
+        if self._retry is not None and self._retry.is_alive():
+            return
+        self._retry = threading.Timer(self._retry_delay, self._retry_failed)
+        self._retry.daemon = True
+        self._retry.start()
+        self._retry_delay = min(self._retry_delay * 2, self._retry_delays[1])
 
-    @staticmethod
-    def _listen(pod: PodProxy, open_listener: Callable[[], Listener]) -> None:
-        try:
-            pod.listeners.append(open_listener())
-        except OSError as e:
-            # One pod's unusable address must not stop the others being served.
-            pod.errors.append(str(e))
-            log.error("pod %s: %s", pod.workload.key, e)
+    def _retry_failed(self) -> None:
+        with self._apply_lock:
+            self._retry = None
+            if self._closed:
+                return
+            for pod in self.pods.values():
+                pod.retry()
+            self._schedule_retry()
 
     def close(self, deadline: float = 0.0) -> bool:
         """Drain: every listener stops accepting at once (HBONE connections get GOAWAY), live
         connections get until ``deadline`` seconds to finish, then are closed. True when
         nothing had to be cut."""
         with self._apply_lock:
+            self._closed = True
+            if self._retry is not None:
+                self._retry.cancel()
             self.pods = {}
         return self.dataplane.drain(deadline)
 
@@ -279,6 +311,38 @@ class Ztunnel:
     def pending(self) -> list[str]:
         """What keeps this proxy from being ready (empty when ready)."""
         return [f"{p.workload.key}: {e}" for p in self.pods.values() for e in p.errors]
+
+    def _reporter(self, uid: str, direction: str, transport: str) -> Reporter:
+        """The report callback of one listener of pod ``uid``: an access-log line per connection,
+        also for one refused before any decision (``subject`` None)."""
+
+        def report(
+            subject: Any,
+            source: str,
+            destination: str,
+            sent: int,
+            received: int,
+            seconds: float,
+            error: str | None,
+        ) -> None:
+            if self.access_log is None:
+                return
+            if subject is None:
+                pod = self.pods.get(uid)
+                workload = pod.workload if pod is not None else None
+                self.access_log(
+                    early_access_log_entry(
+                        direction, transport, workload, source, destination, seconds, error
+                    )
+                )
+                return
+            info = subject.tag
+            if isinstance(info, ConnectionInfo):
+                self.access_log(
+                    access_log_entry(info, source, destination, sent, received, seconds, error)
+                )
+
+        return report
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -318,6 +382,10 @@ class Ztunnel:
             reason=route.reason,
             waypoint=route.waypoint.key if route.waypoint else None,
         )
+        if route.transport is Transport.DENY:
+            # Refused before a connection is made (no endpoint, a loop...): as Istio's ztunnel,
+            # logged but not counted in the connection metrics.
+            return Deny(route.reason, tag=info)
         counters = self.metrics.counters(
             Labels.of(
                 reporter="source",
@@ -327,7 +395,6 @@ class Ztunnel:
                 destination_principal=route.identities[0] if route.identities else None,
                 service=route.service,
                 mutual_tls=route.transport is Transport.HBONE,
-                response_flags="DENY" if route.transport is Transport.DENY else "-",
             )
         )
         if route.transport is Transport.HBONE:
@@ -342,11 +409,7 @@ class Ztunnel:
                 tag=info,
                 counters=counters,
             )
-        if route.transport is Transport.TCP:
-            return TcpTarget(
-                route.dial, source_ip=self._source_ip(source), tag=info, counters=counters
-            )
-        return Deny(route.reason, tag=info, counters=counters)
+        return TcpTarget(route.dial, source_ip=self._source_ip(source), tag=info, counters=counters)
 
     def _client_source_ip(self, address: str) -> str | None:
         """Connect to the app from the client's IP where the platform allows it: in-pod mode
@@ -384,16 +447,18 @@ class Ztunnel:
                 reason=check.reason,
             )
 
-            def counted(flags: str) -> Counters:
+            def counted() -> Counters:
                 return self._inbound_counters(
-                    source, request.peer_identity, workload, flags, service=service
+                    source, request.peer_identity, workload, service=service
                 )
 
             if not check.allowed or check.upstream is None or peer_ip is None:
-                return Deny(check.reason, status=check.status, tag=info, counters=counted("-"))
+                # A malformed or misdirected request: refused before it is a connection, as
+                # Istio's ztunnel, logged but not counted.
+                return Deny(check.reason, status=check.status, tag=info)
             refusal = routing.waypoint_only_refusal(mesh, workload, request.peer_identity)
             if refusal:
-                return Deny(refusal, status=401, tag=info, counters=counted("DENY"))
+                return Deny(refusal, status=401, tag=info, counters=counted())
             decision = self._authorize(
                 authorizer, workload, peer_ip, request.authority, request.peer_identity
             )
@@ -402,13 +467,13 @@ class Ztunnel:
                     decision.reason,
                     status=401,
                     tag=_with_policy(info, decision),
-                    counters=counted("DENY"),
+                    counters=counted(),
                 )
             return Allow(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(request.peer_address),
                 tag=_with_policy(info, decision),
-                counters=counted("-"),
+                counters=counted(),
             )
 
         return decide
@@ -433,41 +498,23 @@ class Ztunnel:
                 destination_identity=str(workload.identity),
             )
             check = routing.inbound_plaintext(workload, dst_ip, dst_port)
-            source_workload = info.source_workload
             if not check.allowed or check.upstream is None or src_ip is None:
-                return Deny(
-                    check.reason,
-                    tag=info,
-                    counters=self._inbound_counters(
-                        source_workload, None, workload, "-", mutual_tls=False, service=service
-                    ),
-                )
+                return Deny(check.reason, tag=info)  # logged, not counted (see above)
+            counters = self._inbound_counters(
+                info.source_workload, None, workload, mutual_tls=False, service=service
+            )
             refusal = routing.waypoint_only_refusal(mesh, workload, None)
             if refusal:
-                return Deny(
-                    refusal,
-                    tag=info,
-                    counters=self._inbound_counters(
-                        source_workload, None, workload, "DENY", mutual_tls=False, service=service
-                    ),
-                )
+                return Deny(refusal, tag=info, counters=counters)
             decision = self._authorize(authorizer, workload, src_ip, destination, None)
             info = _with_policy(info, decision)
             if not decision.allowed:
-                return Deny(
-                    decision.reason,
-                    tag=info,
-                    counters=self._inbound_counters(
-                        source_workload, None, workload, "DENY", mutual_tls=False, service=service
-                    ),
-                )
+                return Deny(decision.reason, tag=info, counters=counters)
             return TcpTarget(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(source),
                 tag=info,
-                counters=self._inbound_counters(
-                    source_workload, None, workload, "-", mutual_tls=False, service=service
-                ),
+                counters=counters,
             )
 
         return route
@@ -477,7 +524,6 @@ class Ztunnel:
         source: Workload | None,
         peer: str | None,
         workload: Workload,
-        flags: str,
         *,
         mutual_tls: bool = True,
         service: Service | None = None,
@@ -491,7 +537,6 @@ class Ztunnel:
                 destination_principal=str(workload.identity),
                 service=service,
                 mutual_tls=mutual_tls,
-                response_flags=flags,
             )
         )
 
@@ -542,22 +587,6 @@ class Ztunnel:
                 closed += 1
         return closed
 
-    def _report(
-        self,
-        subject: Any,
-        source: str,
-        destination: str,
-        sent: int,
-        received: int,
-        seconds: float,
-        error: str | None,
-    ) -> None:
-        info = subject.tag
-        if self.access_log is not None and isinstance(info, ConnectionInfo):
-            self.access_log(
-                access_log_entry(info, source, destination, sent, received, seconds, error)
-            )
-
 
 def _with_policy(info: ConnectionInfo, decision: Decision) -> ConnectionInfo:
     if decision.policy is None:
@@ -565,15 +594,8 @@ def _with_policy(info: ConnectionInfo, decision: Decision) -> ConnectionInfo:
     return dataclasses.replace(info, policy=decision.policy)
 
 
-def _listener_shape(workload: Workload, mesh: Mesh, netns: Netns | None) -> tuple[object, ...]:
-    """What a pod's listeners depend on: a change here means they must be re-created."""
-    return (
-        netns.inode if netns is not None else None,
-        workload.ips,
-        str(workload.identity),
-        workload.app_address,
-        tuple(sorted(inbound_app_ports(mesh, workload))),
-    )
+def _inode(netns: Netns | None) -> int | None:
+    return netns.inode if netns is not None else None
 
 
 def _forwarded(client: str, service: Service | None) -> list[tuple[str, str]]:

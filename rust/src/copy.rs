@@ -3,7 +3,11 @@
 //! Each side is a [`Reader`] (chunks in, `None` at end of stream) and a [`Writer`] (chunks out,
 //! `finish` to half-close). The two directions run concurrently and end independently: a FIN one
 //! way is forwarded as a FIN (or HTTP/2 END_STREAM) while the other way keeps flowing, as TCP
-//! half-close requires. An error on either direction ends both.
+//! half-close requires. As in Istio's ztunnel, an error one way ends only that way (its writer is
+//! still half-closed, so the far end learns of it) and the other way runs to its own end; the
+//! connection's result is the first error. A peer that resets or hangs up (ECONNRESET, EPIPE,
+//! ENOTCONN, an unexpected EOF, an HTTP/2 `RST_STREAM` with `NO_ERROR` or `CANCEL`) has simply
+//! ended its direction: that is a normal end, not an error.
 //!
 //! Chunks are `Bytes`, so data read from a socket goes into an HTTP/2 DATA frame without another
 //! copy, and HTTP/2 data goes to a socket straight from the frame's buffer.
@@ -20,10 +24,15 @@ use crate::metrics::Counters;
 use crate::stats::Stats;
 
 /// Read buffers start small (most connections are short request/response exchanges) and grow
-/// once a flow has shown it is bulk: the thresholds and sizes Istio's ztunnel settled on.
+/// once a flow has shown it is bulk: the thresholds Istio's ztunnel settled on. The larger sizes
+/// are whole TLS records less room for the HTTP/2 frame header and the record's overhead, so a
+/// read becomes one DATA frame in one 16 KiB record (or sixteen of them), never one full record
+/// and a sliver.
 const INITIAL_BUFFER_SIZE: usize = 1024;
-const LARGE_BUFFER_SIZE: usize = 16 * 1024;
-const JUMBO_BUFFER_SIZE: usize = 256 * 1024;
+const TLS_RECORD: usize = 16 * 1024;
+const RECORD_HEADROOM: usize = 64;
+const LARGE_BUFFER_SIZE: usize = TLS_RECORD - RECORD_HEADROOM;
+const JUMBO_BUFFER_SIZE: usize = 16 * TLS_RECORD - RECORD_HEADROOM;
 const RESIZE_THRESHOLD_LARGE: u64 = 128 * 1024;
 const RESIZE_THRESHOLD_JUMBO: u64 = 10 * 1024 * 1024;
 
@@ -108,6 +117,14 @@ fn h2_io(err: h2::Error) -> io::Error {
     }
 }
 
+/// A stream reset with one of these is the peer hanging up, as Istio's ztunnel reads it.
+fn is_hang_up(reason: Option<h2::Reason>) -> bool {
+    matches!(
+        reason,
+        Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL | h2::Reason::STREAM_CLOSED)
+    )
+}
+
 /// The receiving half of an HBONE stream.
 pub struct H2Reader(pub RecvStream);
 
@@ -121,6 +138,8 @@ impl Reader for H2Reader {
                 let _ = self.0.flow_control().release_capacity(chunk.len());
                 Ok(Some(chunk))
             }
+            // The peer reset its sending side: with NO_ERROR or CANCEL it is done sending.
+            Some(Err(e)) if is_hang_up(e.reason()) => Ok(None),
             Some(Err(e)) => Err(h2_io(e)),
         }
     }
@@ -135,6 +154,9 @@ impl Writer for H2Writer {
             self.0.reserve_capacity(chunk.len());
             let granted = match poll_fn(|cx| self.0.poll_capacity(cx)).await {
                 Some(Ok(n)) => n,
+                Some(Err(e)) if is_hang_up(e.reason()) => {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
+                }
                 Some(Err(e)) => return Err(h2_io(e)),
                 None => {
                     return Err(io::Error::new(
@@ -153,7 +175,12 @@ impl Writer for H2Writer {
     }
 
     async fn finish(&mut self) -> io::Result<()> {
-        self.0.send_data(Bytes::new(), true).map_err(h2_io)
+        match self.0.send_data(Bytes::new(), true) {
+            Ok(()) => Ok(()),
+            // Already reset by the peer: nothing left to half-close.
+            Err(e) if is_hang_up(e.reason()) => Ok(()),
+            Err(e) => Err(h2_io(e)),
+        }
     }
 }
 
@@ -176,24 +203,47 @@ impl Transferred {
     }
 }
 
+/// The peer went away mid-stream: for a proxy that is the end of this direction, not a failure.
+fn is_hang_up_io(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotConnected
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Copy one way until the reader ends, then half-close the writer — also after an error, so the
+/// far end learns this direction is over. Hang-ups are a normal end.
 async fn one_way(
     reader: &mut impl Reader,
     writer: &mut impl Writer,
     counters: [Option<&AtomicU64>; 3],
 ) -> io::Result<()> {
-    while let Some(chunk) = reader.read_chunk().await? {
-        let n = chunk.len() as u64;
-        writer.write_chunk(chunk).await?;
-        for counter in counters.iter().flatten() {
-            counter.fetch_add(n, Ordering::Relaxed);
+    let copied = async {
+        while let Some(chunk) = reader.read_chunk().await? {
+            let n = chunk.len() as u64;
+            writer.write_chunk(chunk).await?;
+            for counter in counters.iter().flatten() {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
         }
+        Ok(())
     }
-    writer.finish().await
+    .await;
+    let copied = copied.or_else(|e| if is_hang_up_io(&e) { Ok(()) } else { Err(e) });
+    let finished = writer
+        .finish()
+        .await
+        .or_else(|e| if is_hang_up_io(&e) { Ok(()) } else { Err(e) });
+    copied.and(finished)
 }
 
-/// Copy `a` → `b` and `b` → `a` until both directions have finished, keeping half-close.
-/// Bytes are counted as they flow: globally (`stats`), for this connection (`transferred`) and
-/// for its metric labels (`labelled`), each with one relaxed atomic add per chunk.
+/// Copy `a` → `b` and `b` → `a` until both directions have finished, keeping half-close; the
+/// result is the first direction's error, if any. Bytes are counted as they flow: globally
+/// (`stats`), for this connection (`transferred`) and for its metric labels (`labelled`), each
+/// with one relaxed atomic add per chunk.
 pub async fn bidirectional(
     (mut a_read, mut a_write): (impl Reader, impl Writer),
     (mut b_read, mut b_write): (impl Reader, impl Writer),
@@ -201,7 +251,7 @@ pub async fn bidirectional(
     transferred: &Transferred,
     labelled: Option<&Counters>,
 ) -> io::Result<()> {
-    tokio::try_join!(
+    let (sent, received) = tokio::join!(
         one_way(
             &mut a_read,
             &mut b_write,
@@ -220,6 +270,87 @@ pub async fn bidirectional(
                 labelled.map(|c| &c.received)
             ]
         ),
-    )?;
-    Ok(())
+    );
+    sent.and(received)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    /// A scripted reader: chunks, then an end or an error.
+    struct Script(VecDeque<io::Result<Option<Bytes>>>);
+
+    impl Reader for Script {
+        async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+            self.0.pop_front().unwrap_or(Ok(None))
+        }
+    }
+
+    /// A writer that records what it got and whether it was finished.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<(Vec<u8>, bool)>>);
+
+    impl Writer for Sink {
+        async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+            self.0.lock().unwrap().0.extend_from_slice(&chunk);
+            Ok(())
+        }
+        async fn finish(&mut self) -> io::Result<()> {
+            self.0.lock().unwrap().1 = true;
+            Ok(())
+        }
+    }
+
+    fn data(text: &'static str) -> io::Result<Option<Bytes>> {
+        Ok(Some(Bytes::from_static(text.as_bytes())))
+    }
+
+    fn run(a: Script, b: Script) -> (io::Result<()>, Sink, Sink) {
+        let (to_a, to_b) = (Sink::default(), Sink::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let stats = Stats::default();
+        let transferred = Transferred::default();
+        let result = rt.block_on(bidirectional(
+            (a, to_a.clone()),
+            (b, to_b.clone()),
+            &stats,
+            &transferred,
+            None,
+        ));
+        (result, to_a, to_b)
+    }
+
+    #[test]
+    fn an_error_one_way_lets_the_other_way_finish_and_still_half_closes() {
+        let a = Script(VecDeque::from([
+            data("ping"),
+            Err(io::Error::new(io::ErrorKind::InvalidData, "garbled")),
+        ]));
+        let b = Script(VecDeque::from([data("pong"), data("more"), Ok(None)]));
+        let (result, to_a, to_b) = run(a, b);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(*to_b.0.lock().unwrap(), (b"ping".to_vec(), true));
+        assert_eq!(*to_a.0.lock().unwrap(), (b"pongmore".to_vec(), true));
+    }
+
+    #[test]
+    fn a_reset_or_broken_pipe_is_a_normal_end() {
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::NotConnected,
+            io::ErrorKind::UnexpectedEof,
+        ] {
+            let a = Script(VecDeque::from([data("x"), Err(kind.into())]));
+            let b = Script(VecDeque::from([Ok(None)]));
+            let (result, _, to_b) = run(a, b);
+            assert!(result.is_ok(), "{kind:?} should end the copy cleanly");
+            assert_eq!(*to_b.0.lock().unwrap(), (b"x".to_vec(), true));
+        }
+    }
 }

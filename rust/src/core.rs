@@ -1,24 +1,23 @@
 //! `Core`: the Python object that owns a tokio runtime and everything running on it — identities,
 //! the HBONE pool, listeners, tunnels and counters — with start (listen/serve), drain and stop.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::decision::{InboundDecider, OutboundDecider, Plan};
+use crate::decision::{DecisionPool, InboundDecider, OutboundDecider, Plan};
 use crate::hbone::server::{self, InboundContext};
 use crate::identity::{IdentityMaterial, IdentityStore};
+use crate::limits::{Caps, ConnectionLimiter};
 use crate::netns::Netns;
 use crate::outbound::{self, ListenMode, OutboundContext};
 use crate::plan::HboneTarget;
@@ -26,6 +25,7 @@ use crate::pool::Pool;
 use crate::probe;
 use crate::registry::ConnectionRegistry;
 use crate::report::{ReportQueue, Reporter};
+use crate::scope::ListenerScope;
 use crate::socket::SocketFactory;
 use crate::stats::Stats;
 
@@ -33,10 +33,24 @@ use crate::stats::Stats;
 const DEFAULT_POOL_IDLE_TIMEOUT: f64 = 300.0;
 /// At most this many concurrent streams per pooled connection (or the peer's limit if lower).
 const DEFAULT_POOL_MAX_STREAMS: usize = 100;
-/// Pause after a failed accept (out of file descriptors, usually) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// How often the pool looks for idle connections, at most.
 const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Threads that run Python decisions: decisions hold the GIL, so more threads only help while one
+/// of them waits on something else (a user's decider doing I/O).
+const DEFAULT_DECISION_THREADS: usize = 4;
+/// Decisions that may wait for a thread; past this a new connection is refused at once.
+const DEFAULT_MAX_PENDING_DECISIONS: usize = 1024;
+/// Connections per listener, and per source IP on one listener; 0 lifts a cap.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 1_000;
+/// An HBONE connection (server side) with no stream for this long is closed; longer than the
+/// clients' pool idle timeout (Istio's: 5 minutes), so a client normally closes first.
+const DEFAULT_HBONE_IDLE_TIMEOUT: f64 = 600.0;
+/// Tokio's pool for blocking work; nothing of ours runs there (decisions have their own
+/// threads), so it only needs to be bounded.
+const MAX_BLOCKING_THREADS: usize = 16;
+/// What a connection cut at the drain deadline is told.
+const DRAIN_CUT: &str = "cut: the drain deadline passed while the proxy was shutting down";
 
 /// State shared by every task of one core.
 pub struct Shared {
@@ -54,80 +68,12 @@ pub struct Shared {
     pub reports: Arc<ReportQueue>,
     /// Connections carrying bytes, which decisions may revisit.
     pub connections: ConnectionRegistry,
-}
-
-/// The lifetime of one listener's connections: drained together, cut together.
-#[derive(Clone)]
-pub struct ListenerScope {
-    pub draining: CancellationToken,
-    pub hard: CancellationToken,
-    pub tracker: TaskTracker,
-}
-
-impl ListenerScope {
-    /// Run `task` as part of this listener: a drain waits for it, a hard stop drops it.
-    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let hard = self.hard.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                _ = task => {}
-                _ = hard.cancelled() => {}
-            }
-        });
-    }
-
-    /// Accept connections until the listener drains, each handled as its own task.
-    pub async fn accept_loop<F, Fut>(
-        &self,
-        listener: TcpListener,
-        accepted: &AtomicU64,
-        what: &str,
-        handle: F,
-    ) where
-        F: Fn(TcpStream, SocketAddr) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        loop {
-            let next = tokio::select! {
-                _ = self.draining.cancelled() => return,
-                next = listener.accept() => next,
-            };
-            match next {
-                Ok((tcp, peer)) => {
-                    Stats::inc(accepted);
-                    self.spawn(handle(tcp, peer));
-                }
-                Err(e) => {
-                    // Usually EMFILE/ENFILE: back off briefly instead of spinning.
-                    log::warn!("{what} accept failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            }
-        }
-    }
-
-    fn child_of(shared: &Shared) -> Self {
-        Self {
-            draining: shared.draining.child_token(),
-            hard: shared.hard_stop.child_token(),
-            tracker: TaskTracker::new(),
-        }
-    }
-
-    /// Stop accepting, let connections finish until `deadline`, then close what is left.
-    /// True when everything finished on its own.
-    async fn drain(&self, deadline: Duration) -> bool {
-        self.draining.cancel();
-        self.tracker.close();
-        let finished = tokio::time::timeout(deadline, self.tracker.wait())
-            .await
-            .is_ok();
-        if !finished {
-            self.hard.cancel();
-            self.tracker.wait().await;
-        }
-        finished
-    }
+    /// Where Python decisions run.
+    pub decisions: Arc<DecisionPool>,
+    /// The caps every new listener gets.
+    pub caps: Caps,
+    /// Server-side idle timeout of HBONE connections.
+    pub hbone_idle_timeout: Duration,
 }
 
 fn duration(name: &str, seconds: f64) -> PyResult<Duration> {
@@ -170,17 +116,25 @@ impl Listener {
         self.scope.tracker.len()
     }
 
+    /// Accepted connections holding a place under this listener's caps now.
+    #[getter]
+    fn connections(&self) -> usize {
+        self.scope.limiter.open()
+    }
+
     /// Stop accepting (HBONE connections get GOAWAY), wait up to `deadline` seconds for live
-    /// connections, then close the rest. Returns True when nothing had to be cut.
-    #[pyo3(signature = (deadline=0.0))]
-    fn close(&self, py: Python<'_>, deadline: f64) -> PyResult<bool> {
+    /// connections, then cut the rest, each reported with `reason`. Returns True when nothing
+    /// had to be cut.
+    #[pyo3(signature = (deadline=0.0, reason="cut: the listener was closed"))]
+    fn close(&self, py: Python<'_>, deadline: f64, reason: &str) -> PyResult<bool> {
         let deadline = duration("deadline", deadline)?;
         if self.core_stopped.is_cancelled() {
             return Ok(self.scope.tracker.is_empty());
         }
         let scope = self.scope.clone();
         let handle = self.handle.clone();
-        Ok(py.detach(move || handle.block_on(scope.drain(deadline))))
+        let reason = reason.to_string();
+        Ok(py.detach(move || handle.block_on(async move { scope.drain(deadline, &reason).await })))
     }
 
     fn __repr__(&self) -> String {
@@ -226,6 +180,26 @@ impl Core {
             .in_netns(netns.map(|n| n.get().handle.clone()))
     }
 
+    /// Run a tunnel handed over by Python: a drain waits for it, the hard stop cuts it.
+    fn spawn_tunnel(&self, tunnel: impl std::future::Future<Output = ()> + Send + 'static) {
+        let hard = self.shared.hard_stop.clone();
+        self.shared.tunnels.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = tunnel => {}
+                _ = hard.cancelled() => {}
+            }
+        });
+    }
+
+    fn scope(&self) -> ListenerScope {
+        ListenerScope::new(
+            self.shared.draining.child_token(),
+            self.shared.hard_stop.child_token(),
+            ConnectionLimiter::new(self.shared.caps),
+        )
+    }
+
     fn listener(&self, local_address: SocketAddr, scope: ListenerScope) -> Listener {
         self.register(scope.clone());
         Listener {
@@ -240,30 +214,59 @@ impl Core {
 #[pymethods]
 impl Core {
     #[new]
-    #[pyo3(signature = (worker_threads=None, *, pool_max_streams=DEFAULT_POOL_MAX_STREAMS, pool_idle_timeout=DEFAULT_POOL_IDLE_TIMEOUT, mark=None))]
+    #[pyo3(signature = (
+        worker_threads=None,
+        *,
+        pool_max_streams=DEFAULT_POOL_MAX_STREAMS,
+        pool_idle_timeout=DEFAULT_POOL_IDLE_TIMEOUT,
+        mark=None,
+        decision_threads=DEFAULT_DECISION_THREADS,
+        max_pending_decisions=DEFAULT_MAX_PENDING_DECISIONS,
+        max_connections=DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_source=DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+        hbone_idle_timeout=DEFAULT_HBONE_IDLE_TIMEOUT,
+    ))]
+    // Python keyword arguments, mirrored one to one: a struct would only move the list.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         worker_threads: Option<usize>,
         pool_max_streams: usize,
         pool_idle_timeout: f64,
         mark: Option<u32>,
+        decision_threads: usize,
+        max_pending_decisions: usize,
+        max_connections: usize,
+        max_connections_per_source: usize,
+        hbone_idle_timeout: f64,
     ) -> PyResult<Self> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.enable_all().thread_name("ambient-core");
+        builder
+            .enable_all()
+            .thread_name("ambient-core")
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
+            // An idle worker gives back the memory its connections freed (see `allocator`).
+            .on_thread_park(crate::allocator::release_idle_memory);
         if let Some(n) = worker_threads {
             if n == 0 {
                 return Err(PyValueError::new_err("worker_threads: expected at least 1"));
             }
             builder.worker_threads(n);
         }
+        if decision_threads == 0 {
+            return Err(PyValueError::new_err(
+                "decision_threads: expected at least 1",
+            ));
+        }
+        let hbone_idle_timeout = duration("hbone_idle_timeout", hbone_idle_timeout)?;
+        let pool_idle_timeout = duration("pool_idle_timeout", pool_idle_timeout)?;
         let runtime = builder
             .build()
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the tokio runtime: {e}")))?;
+        let decisions = DecisionPool::start(decision_threads, max_pending_decisions)
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start decision threads: {e}")))?;
         let shared = Arc::new(Shared {
             identities: IdentityStore::default(),
-            pool: Pool::new(
-                pool_max_streams,
-                duration("pool_idle_timeout", pool_idle_timeout)?,
-            ),
+            pool: Pool::new(pool_max_streams, pool_idle_timeout),
             stats: Stats::default(),
             sockets: SocketFactory { mark, netns: None },
             draining: CancellationToken::new(),
@@ -271,6 +274,12 @@ impl Core {
             tunnels: TaskTracker::new(),
             reports: ReportQueue::start(),
             connections: ConnectionRegistry::default(),
+            decisions,
+            caps: Caps {
+                per_listener: max_connections,
+                per_source: max_connections_per_source,
+            },
+            hbone_idle_timeout,
         });
         let sweeper = shared.clone();
         runtime.spawn(async move {
@@ -339,7 +348,7 @@ impl Core {
         let local = tcp
             .local_addr()
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        let scope = ListenerScope::child_of(&self.shared);
+        let scope = self.scope();
         let ctx = Arc::new(InboundContext {
             shared: self.shared.clone(),
             identity: identity.to_string(),
@@ -347,6 +356,7 @@ impl Core {
             reporter,
             scope: scope.clone(),
             sockets,
+            idle_timeout: self.shared.hbone_idle_timeout,
         });
         self.handle.spawn(server::accept_loop(tcp, ctx));
         Ok(self.listener(local, scope))
@@ -377,7 +387,7 @@ impl Core {
         let local = tcp
             .local_addr()
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        let scope = ListenerScope::child_of(&self.shared);
+        let scope = self.scope();
         let ctx = Arc::new(OutboundContext {
             shared: self.shared.clone(),
             decider,
@@ -394,14 +404,15 @@ impl Core {
     /// it) and carry it as `plan` says. `on_ready(error)` is called once: with None when the far
     /// side is established, or with the reason it could not be.
     fn tunnel_fd(&self, fd: RawFd, plan: &Bound<'_, PyAny>, on_ready: Py<PyAny>) -> PyResult<()> {
-        let plan = Plan::from_py(plan).map_err(|e| PyValueError::new_err(format!("plan: {e}")))?;
         if fd < 0 {
             return Err(PyValueError::new_err(format!(
                 "fd: expected an open descriptor, got {fd}"
             )));
         }
-        // SAFETY: the caller hands over an open descriptor it no longer uses (documented).
+        // SAFETY: the caller hands over an open descriptor it no longer uses (documented). It is
+        // owned from here on, so every error below closes it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let plan = Plan::from_py(plan).map_err(|e| PyValueError::new_err(format!("plan: {e}")))?;
         let socket = socket2::Socket::from(owned);
         let domain = socket
             .domain()
@@ -409,13 +420,13 @@ impl Core {
         socket
             .set_nonblocking(true)
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let reports = self.shared.reports.clone();
         let report = move |error: Option<String>| {
-            tokio::task::spawn_blocking(move || {
-                Python::attach(|py| {
-                    if let Err(e) = on_ready.call1(py, (error,)) {
-                        log::error!("tunnel on_ready callback raised: {e}");
-                    }
-                })
+            // Python is called off the runtime's workers, on the reporter thread.
+            reports.call(move |py| {
+                if let Err(e) = on_ready.call1(py, (error,)) {
+                    log::error!("tunnel on_ready callback raised: {e}");
+                }
             });
         };
         let _guard = self.handle.enter();
@@ -423,16 +434,12 @@ impl Core {
         if domain == socket2::Domain::UNIX {
             let stream = tokio::net::UnixStream::from_std(socket.into())
                 .map_err(|e| PyOSError::new_err(e.to_string()))?;
-            self.shared
-                .tunnels
-                .spawn(outbound::tunnel_stream(stream, None, plan, shared, report));
+            self.spawn_tunnel(outbound::tunnel_stream(stream, None, plan, shared, report));
         } else {
             let stream = tokio::net::TcpStream::from_std(socket.into())
                 .map_err(|e| PyOSError::new_err(e.to_string()))?;
             let source = stream.peer_addr().ok();
-            self.shared.tunnels.spawn(outbound::tunnel_stream(
-                stream, source, plan, shared, report,
-            ));
+            self.spawn_tunnel(outbound::tunnel_stream(stream, source, plan, shared, report));
         }
         Ok(())
     }
@@ -486,14 +493,14 @@ impl Core {
         out
     }
 
-    /// Close a live connection (both sides); `reason` is reported as its error. False if it had
-    /// already ended.
     /// Drop the pooled HBONE connections dialed from `netns` (its pod was removed); returns how
     /// many pool entries went.
     fn forget_netns(&self, netns: &Bound<'_, Netns>) -> usize {
         self.shared.pool.forget_netns(netns.get().handle.inode())
     }
 
+    /// Close a live connection (both sides); `reason` is reported as its error. False if it had
+    /// already ended.
     fn close_connection(&self, id: u64, reason: String) -> bool {
         self.shared.connections.close(id, reason)
     }
@@ -506,11 +513,23 @@ impl Core {
         }
         out.set_item("pool_connections", self.shared.pool.connection_count())?;
         out.set_item("pool_connections_goaway", self.shared.pool.goaway_count())?;
+        out.set_item("live_connections", self.shared.connections.len())?;
+        out.set_item(
+            "reports_dropped",
+            self.shared.reports.dropped.load(Ordering::Relaxed),
+        )?;
+        out.set_item(
+            "reports_suppressed",
+            self.shared.reports.suppressed.load(Ordering::Relaxed),
+        )?;
+        let (suppressed, dropped) = crate::logging::log_stats();
+        out.set_item("log_lines_suppressed", suppressed)?;
+        out.set_item("log_lines_dropped", dropped)?;
         Ok(out)
     }
 
     /// Drain everything: listeners stop accepting, HBONE servers send GOAWAY, live connections get
-    /// until `deadline` seconds to finish, then are closed; the pool is emptied. True when nothing
+    /// until `deadline` seconds to finish, then are cut; the pool is emptied. True when nothing
     /// had to be cut. The core accepts no new listeners afterwards.
     #[pyo3(signature = (deadline=0.0))]
     fn drain(&self, py: Python<'_>, deadline: f64) -> PyResult<bool> {
@@ -523,16 +542,23 @@ impl Core {
         let handle = self.handle.clone();
         Ok(py.detach(move || {
             handle.block_on(async move {
+                // Every tracker is closed before anything waits, so the wait below ends once
+                // every connection has, whichever listener it is on.
                 shared.draining.cancel();
+                for scope in &scopes {
+                    scope.tracker.close();
+                }
                 shared.tunnels.close();
                 let all = async {
                     for scope in &scopes {
-                        scope.tracker.close();
                         scope.tracker.wait().await;
                     }
                     shared.tunnels.wait().await;
                 };
                 let finished = tokio::time::timeout(deadline, all).await.is_ok();
+                for scope in &scopes {
+                    scope.set_cut_reason(DRAIN_CUT);
+                }
                 shared.hard_stop.cancel();
                 for scope in &scopes {
                     scope.tracker.wait().await;
@@ -553,6 +579,7 @@ impl Core {
             py.detach(move || runtime.shutdown_timeout(Duration::from_secs(1)));
         }
         self.shared.reports.close();
+        self.shared.decisions.close();
         Ok(finished)
     }
 
@@ -565,6 +592,7 @@ impl Core {
 impl Drop for Core {
     fn drop(&mut self) {
         self.shared.reports.close();
+        self.shared.decisions.close();
         self.shared.draining.cancel();
         self.shared.hard_stop.cancel();
         if let Some(runtime) = self.runtime.lock().unwrap().take() {

@@ -2,11 +2,16 @@
 //! never per byte.
 //!
 //! A decision is either fixed when the listener is made (no Python at all per connection) or a
-//! Python callable. Callables run on tokio's blocking pool, so a slow decision holds one blocking
-//! thread and the GIL, but never a runtime worker: other connections' bytes keep moving.
+//! Python callable. Callables run on the core's decision threads ([`DecisionPool`]): a few
+//! threads that take queued decisions one at a time (a slow decision holds only its own thread;
+//! the others keep deciding), never a runtime worker, so other connections' bytes keep moving
+//! while Python decides. The queue is bounded:
+//! past it a connection is refused at once, saying so, instead of every burst of connections
+//! becoming a burst of threads.
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -119,12 +124,17 @@ impl OutboundDecider {
 
     /// Ask for the plan of a connection from `source` to `destination` (`ip:port`, or
     /// `name:port` when a SOCKS5 client asked by name).
-    pub async fn decide(&self, source: SocketAddr, destination: String) -> Result<Plan, String> {
+    pub async fn decide(
+        &self,
+        pool: &DecisionPool,
+        source: SocketAddr,
+        destination: String,
+    ) -> Result<Plan, DecisionError> {
         match self {
             Decider::Fixed(plan) => Ok(plan.clone()),
             Decider::Callback(cb) => {
                 let cb = cb.clone();
-                call_blocking(move |py| {
+                pool.call(move |py| {
                     let args = (source.to_string(), destination);
                     let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
                     Plan::from_py(&result).map_err(|e| format!("route callback returned: {e}"))
@@ -156,12 +166,16 @@ impl InboundDecider {
         }
     }
 
-    pub async fn decide(&self, request: InboundRequest) -> Result<Verdict, String> {
+    pub async fn decide(
+        &self,
+        pool: &DecisionPool,
+        request: InboundRequest,
+    ) -> Result<Verdict, DecisionError> {
         match self {
             Decider::Fixed(v) => Ok(v.clone()),
             Decider::Callback(cb) => {
                 let cb = cb.clone();
-                call_blocking(move |py| {
+                pool.call(move |py| {
                     let headers = PyTuple::new(py, request.headers).map_err(|e| describe(py, e))?;
                     let args = (
                         request.peer_identity,
@@ -186,13 +200,101 @@ fn describe(py: Python<'_>, err: PyErr) -> String {
     format!("decision callback raised {err}\n{traceback}")
 }
 
-/// Run `f` with the GIL on the blocking pool, off the runtime's workers.
-pub async fn call_blocking<T, F>(f: F) -> Result<T, String>
-where
-    T: Send + 'static,
-    F: FnOnce(Python<'_>) -> Result<T, String> + Send + 'static,
-{
-    tokio::task::spawn_blocking(move || Python::attach(f))
-        .await
-        .map_err(|e| format!("decision task failed: {e}"))?
+/// Why a decision gave no answer.
+#[derive(Debug)]
+pub enum DecisionError {
+    /// The callable raised, or returned something that is not a plan (the text says which).
+    Failed(String),
+    /// Too many decisions are waiting: the connection is refused rather than queued unboundedly.
+    Overloaded(usize),
+    /// The core is shutting down.
+    Stopped,
+}
+
+impl fmt::Display for DecisionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecisionError::Failed(why) => f.write_str(why),
+            DecisionError::Overloaded(limit) => write!(
+                f,
+                "refused: {limit} decisions are already waiting for Python (the decision queue is full)"
+            ),
+            DecisionError::Stopped => f.write_str("refused: the core is shutting down"),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+
+/// The threads that run Python decisions, with a bounded queue in front of them.
+pub struct DecisionPool {
+    queue: Mutex<Option<mpsc::SyncSender<Job>>>,
+    capacity: usize,
+}
+
+impl DecisionPool {
+    /// `threads` threads, at most `capacity` decisions waiting.
+    pub fn start(threads: usize, capacity: usize) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(capacity);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("ambient-decide-{i}"))
+                .spawn(move || run_decisions(&rx))?;
+        }
+        Ok(Arc::new(Self {
+            queue: Mutex::new(Some(tx)),
+            capacity,
+        }))
+    }
+
+    /// Run `f` with the GIL on a decision thread; refused at once when the queue is full.
+    /// If the caller stops waiting (the connection went away), a queued `f` is skipped.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, DecisionError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Python<'_>) -> Result<T, String> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |py| {
+            if !tx.is_closed() {
+                let _ = tx.send(f(py));
+            }
+        });
+        let sent = match self.queue.lock().unwrap().as_ref() {
+            Some(queue) => queue.try_send(job),
+            None => return Err(DecisionError::Stopped),
+        };
+        match sent {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(_)) => {
+                return Err(DecisionError::Overloaded(self.capacity))
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(DecisionError::Stopped),
+        }
+        match rx.await {
+            Ok(result) => result.map_err(DecisionError::Failed),
+            Err(_) => Err(DecisionError::Stopped),
+        }
+    }
+
+    /// Stop taking decisions; the threads end once the queue is empty.
+    pub fn close(&self) {
+        self.queue.lock().unwrap().take();
+    }
+}
+
+fn run_decisions(queue: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        // One job at a time: taking several would queue them behind a slow one.
+        let job = {
+            let queue = queue.lock().unwrap();
+            match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        Python::attach(job);
+    }
 }

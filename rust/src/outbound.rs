@@ -10,14 +10,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
-use crate::core::{ListenerScope, Shared};
-use crate::decision::{OutboundDecider, Plan};
+use crate::core::Shared;
+use crate::decision::{DecisionError, OutboundDecider, Plan};
 use crate::hbone::client::HboneError;
 use crate::hbone::CONNECT_TIMEOUT;
-use crate::metrics::{Counters, OpenConnection};
+use crate::limits::Admission;
+use crate::metrics::{ConnectionCount, Counters, Flag};
 use crate::plan::{HboneTarget, TcpTarget};
 use crate::pool::PoolKey;
 use crate::report::{Reporter, Subject};
+use crate::scope::ListenerScope;
 use crate::socket::{self, tune_stream, SocketFactory};
 use crate::socks5::{self, Reply};
 use crate::stats::{ActiveGuard, Stats};
@@ -59,6 +61,17 @@ impl std::fmt::Display for OutboundError {
             OutboundError::Denied(reason) => write!(f, "denied: {reason}"),
             OutboundError::Hbone(e) => write!(f, "{e}"),
             OutboundError::Connect(addr, e) => write!(f, "TCP connect to {addr} failed: {e}"),
+        }
+    }
+}
+
+impl OutboundError {
+    /// How the connection ended, for its metrics.
+    fn flag(&self) -> Flag {
+        match self {
+            OutboundError::Denied(_) => Flag::Deny,
+            OutboundError::Hbone(e) => e.flag(),
+            OutboundError::Connect(..) => Flag::Connect,
         }
     }
 }
@@ -235,76 +248,86 @@ fn socks5_reply_for(error: &OutboundError) -> Reply {
 async fn destination_of(
     tcp: &mut TcpStream,
     mode: ListenMode,
-    source: SocketAddr,
-) -> Option<String> {
-    let local = tcp.local_addr().ok()?;
+    local: SocketAddr,
+) -> Result<String, String> {
     match mode {
-        ListenMode::Direct => Some(local.to_string()),
+        ListenMode::Direct => Ok(local.to_string()),
         // Without a redirect (nothing captured this connection) the kernel has no original
         // destination; the connection was then addressed to us.
-        ListenMode::OriginalDestination => Some(
-            socket::original_destination(tcp)
-                .unwrap_or(local)
-                .to_string(),
-        ),
-        ListenMode::Socks5 => match socks5::accept(tcp).await {
-            Ok(destination) => Some(destination.to_string()),
-            Err(e) => {
-                log::info!("SOCKS5 client {source} refused: {e}");
-                None
-            }
-        },
+        ListenMode::OriginalDestination => Ok(socket::original_destination(tcp)
+            .unwrap_or(local)
+            .to_string()),
+        ListenMode::Socks5 => socks5::accept(tcp)
+            .await
+            .map(|destination| destination.to_string())
+            .map_err(|e| format!("SOCKS5 client refused: {e}")),
     }
 }
 
 /// One accepted outbound connection: decide, establish, carry, report.
-async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundContext) {
+async fn proxy_accepted(
+    mut tcp: TcpStream,
+    source: SocketAddr,
+    ctx: Arc<OutboundContext>,
+    admission: Admission,
+) {
+    // Holds this connection's place under the listener's caps until it ends.
+    let _admission = admission;
     let started = Instant::now();
     let shared = &ctx.shared;
+    let stats = &shared.stats;
     let _ = tune_stream(&tcp);
-    let Some(destination) = destination_of(&mut tcp, ctx.mode, source).await else {
-        return;
+    let local = match tcp.local_addr() {
+        Ok(local) => local,
+        Err(_) => return, // the client is already gone
     };
     let socks = matches!(ctx.mode, ListenMode::Socks5);
-    let plan = match ctx.decider.decide(source, destination.clone()).await {
+    let destination = match destination_of(&mut tcp, ctx.mode, local).await {
+        Ok(destination) => destination,
+        Err(why) => {
+            Stats::inc(&stats.socks5_refused);
+            log::info!("{why} ({source})");
+            ctx.reporter.early(source, &local.to_string(), started, why);
+            return;
+        }
+    };
+    let plan = match ctx
+        .decider
+        .decide(&shared.decisions, source, destination.clone())
+        .await
+    {
         Ok(plan) => plan,
         Err(why) => {
-            Stats::inc(&shared.stats.decision_errors);
-            log::error!("outbound {source} -> {destination}: {why}");
-            if socks {
-                let _ = socks5::reply(&mut tcp, Reply::GeneralFailure).await;
+            match why {
+                DecisionError::Failed(_) => {
+                    Stats::inc(&stats.decision_errors);
+                    log::error!("outbound {source} -> {destination}: {why}");
+                }
+                DecisionError::Overloaded(_) | DecisionError::Stopped => {
+                    Stats::inc(&stats.decisions_rejected);
+                    log::warn!("outbound {source} -> {destination} {why}");
+                }
             }
+            let mut error = why.to_string();
+            if socks {
+                if let Err(e) = socks5::reply(&mut tcp, Reply::GeneralFailure).await {
+                    error.push_str(&format!("; the SOCKS5 reply failed: {e}"));
+                }
+            }
+            ctx.reporter.early(source, &destination, started, error);
             return;
         }
     };
     let transferred = Transferred::default();
-    let labelled = plan.counters();
-    let error = match establish(&plan, Some(source), &ctx.sockets, shared).await {
-        Ok(far) => {
-            if socks && socks5::reply(&mut tcp, Reply::Succeeded).await.is_err() {
-                return;
+    let error = {
+        let carry = establish_and_carry(tcp, source, &destination, &plan, &ctx, &transferred);
+        tokio::select! {
+            biased;
+            error = carry => error,
+            reason = ctx.scope.cut() => {
+                Stats::inc(&stats.connections_cut);
+                Some(reason)
             }
-            let _open = OpenConnection::count(labelled);
-            let carrying = carry(tcp, far, shared, &transferred, labelled);
-            shared
-                .connections
-                .run(
-                    Subject::Plan(plan.clone()),
-                    source,
-                    destination.clone(),
-                    carrying,
-                )
-                .await
-                .err()
-                .map(|e| e.to_string())
-        }
-        Err(e) => {
-            count_refusal(labelled, &e);
-            log::info!("outbound {source} -> {destination} refused: {e}");
-            if socks {
-                let _ = socks5::reply(&mut tcp, socks5_reply_for(&e)).await;
-            }
-            Some(e.to_string())
         }
     };
     ctx.reporter.report(
@@ -315,6 +338,68 @@ async fn proxy_accepted(mut tcp: TcpStream, source: SocketAddr, ctx: &OutboundCo
         started,
         error,
     );
+}
+
+/// Establish the far side as `plan` says, answer a SOCKS5 client, and copy until both
+/// directions end; returns why the connection failed or was refused, if it did.
+async fn establish_and_carry(
+    mut tcp: TcpStream,
+    source: SocketAddr,
+    destination: &str,
+    plan: &Plan,
+    ctx: &OutboundContext,
+    transferred: &Transferred,
+) -> Option<String> {
+    let shared = &ctx.shared;
+    let socks = matches!(ctx.mode, ListenMode::Socks5);
+    let labelled = plan.counters();
+    let count = ConnectionCount::open(labelled);
+    let far = match establish(plan, Some(source), &ctx.sockets, shared).await {
+        Ok(far) => far,
+        Err(e) => {
+            count.finish(e.flag());
+            log::info!("outbound {source} -> {destination} refused: {e}");
+            let mut error = e.to_string();
+            if socks {
+                if let Err(reply) = socks5::reply(&mut tcp, socks5_reply_for(&e)).await {
+                    Stats::inc(&shared.stats.socks5_refused);
+                    error.push_str(&format!("; the SOCKS5 reply failed: {reply}"));
+                }
+            }
+            return Some(error);
+        }
+    };
+    if socks {
+        if let Err(e) = socks5::reply(&mut tcp, Reply::Succeeded).await {
+            Stats::inc(&shared.stats.socks5_refused);
+            return Some(format!("the SOCKS5 client went away before its reply: {e}"));
+        }
+    }
+    let carrying = carry(tcp, far, shared, transferred, labelled);
+    let result = shared
+        .connections
+        .run(
+            Subject::Plan(plan.clone()),
+            source,
+            destination.to_string(),
+            carrying,
+        )
+        .await;
+    match result {
+        Ok(Ok(())) => {
+            count.finish(Flag::None);
+            None
+        }
+        Ok(Err(e)) => {
+            count.finish(Flag::Connect);
+            Some(e.to_string())
+        }
+        Err(reason) => {
+            Stats::inc(&shared.stats.connections_closed_by_policy);
+            count.finish(Flag::Deny);
+            Some(format!("closed: {reason}"))
+        }
+    }
 }
 
 /// Everything one outbound listener needs for its connections.
@@ -329,25 +414,16 @@ pub struct OutboundContext {
 }
 
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    let accepted = &ctx.shared.stats.connections_accepted;
-    ctx.scope
-        .accept_loop(listener, accepted, "outbound", |tcp, source| {
-            let ctx = ctx.clone();
-            async move { proxy_accepted(tcp, source, &ctx).await }
-        })
+    let scope = ctx.scope.clone();
+    scope
+        .accept_loop(
+            listener,
+            &ctx.shared.stats,
+            &ctx.reporter,
+            "outbound",
+            |tcp, source, admission| proxy_accepted(tcp, source, ctx.clone(), admission),
+        )
         .await;
-}
-
-/// A refused connection is counted as opened and closed (policy: the decision's labels say DENY),
-/// a connection that could not be established as failed.
-fn count_refusal(labelled: Option<&Counters>, error: &OutboundError) {
-    let Some(c) = labelled else { return };
-    if matches!(error, OutboundError::Denied(_)) {
-        Counters::inc(&c.opened);
-        Counters::inc(&c.closed);
-    } else {
-        Counters::inc(&c.failed);
-    }
 }
 
 /// Carry a stream handed over by Python: establish first and report the outcome through
@@ -359,15 +435,23 @@ pub async fn tunnel_stream<S: LocalStream>(
     shared: Arc<Shared>,
     on_ready: impl FnOnce(Option<String>) + Send + 'static,
 ) {
+    let count = ConnectionCount::open(plan.counters());
     match establish(&plan, source, &shared.sockets, &shared).await {
         Ok(far) => {
             on_ready(None);
             let transferred = Transferred::default();
             let carrying = carry(local, far, &shared, &transferred, plan.counters());
-            if let Err(e) = carrying.await {
-                log::debug!("tunnel ended with error: {e}");
+            match carrying.await {
+                Ok(()) => count.finish(Flag::None),
+                Err(e) => {
+                    count.finish(Flag::Connect);
+                    log::debug!("tunnel ended with error: {e}");
+                }
             }
         }
-        Err(e) => on_ready(Some(e.to_string())),
+        Err(e) => {
+            count.finish(e.flag());
+            on_ready(Some(e.to_string()));
+        }
     }
 }

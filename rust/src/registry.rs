@@ -1,13 +1,14 @@
 //! Live connections, so a decision can be revisited: when policies change, Python lists the
 //! connections still open (with the plan or verdict they were given) and closes those no longer
-//! allowed. Registration is one map insert and remove per connection.
+//! allowed. Registration is one map insert and remove per connection; the remove is a drop guard,
+//! so a connection leaves the registry however it ends — finished, failed, closed from outside,
+//! or dropped with its task (a listener cut at pod removal, a runtime shutting down).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +19,7 @@ pub struct LiveConnection {
     pub source: SocketAddr,
     pub destination: String,
     cancel: CancellationToken,
-    reason: std::sync::Arc<Mutex<Option<String>>>,
+    reason: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -27,19 +28,31 @@ pub struct ConnectionRegistry {
     live: Mutex<HashMap<u64, LiveConnection>>,
 }
 
+/// Removes a connection from the registry when dropped.
+struct Registered<'a> {
+    registry: &'a ConnectionRegistry,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry.live.lock().unwrap().remove(&self.id);
+    }
+}
+
 impl ConnectionRegistry {
-    /// Run `carry` as a registered live connection; if it is closed from outside, the copy is
-    /// dropped (both sockets close) and the result says why.
-    pub async fn run(
+    /// Run `carry` as a registered live connection. `Err(reason)` when it was closed from
+    /// outside ([`close`](Self::close)): `carry` is then dropped, which closes both sides.
+    pub async fn run<T>(
         &self,
         subject: Subject,
         source: SocketAddr,
         destination: String,
-        carry: impl Future<Output = io::Result<()>>,
-    ) -> io::Result<()> {
+        carry: impl Future<Output = T>,
+    ) -> Result<T, String> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        let reason = std::sync::Arc::new(Mutex::new(None));
+        let reason = Arc::new(Mutex::new(None));
         self.live.lock().unwrap().insert(
             id,
             LiveConnection {
@@ -50,15 +63,11 @@ impl ConnectionRegistry {
                 reason: reason.clone(),
             },
         );
-        let result = tokio::select! {
-            result = carry => result,
-            _ = cancel.cancelled() => {
-                let why = reason.lock().unwrap().take().unwrap_or_default();
-                Err(io::Error::new(io::ErrorKind::ConnectionAborted, format!("closed: {why}")))
-            }
-        };
-        self.live.lock().unwrap().remove(&id);
-        result
+        let _registered = Registered { registry: self, id };
+        tokio::select! {
+            result = carry => Ok(result),
+            _ = cancel.cancelled() => Err(reason.lock().unwrap().take().unwrap_or_default()),
+        }
     }
 
     /// Visit every live connection (id, subject, source, destination).
@@ -66,6 +75,11 @@ impl ConnectionRegistry {
         for (id, conn) in self.live.lock().unwrap().iter() {
             visit(*id, conn);
         }
+    }
+
+    /// Connections registered now.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap().len()
     }
 
     /// Close one live connection; false if it had already ended.

@@ -1,9 +1,13 @@
-//! Connection reports: when a connection or stream that got a plan or verdict ends, the listener's
-//! reporter (a Python callable, optional) is told what happened — once per connection, never per
-//! byte — for access logs and telemetry. The plan or verdict object itself is passed back, so
-//! whatever the decision put in its `tag` travels with it.
+//! Connection reports: when a connection or stream ends, the listener's reporter (a Python
+//! callable, optional) is told what happened — once per connection, never per byte — for access
+//! logs and telemetry. For a connection that got a plan or verdict, the plan or verdict object
+//! itself is passed back, so whatever the decision put in its `tag` travels with it. A connection
+//! refused before any decision (a failed TLS or HTTP/2 handshake, a malformed request, a full
+//! decision queue, a decision that raised) is reported with no subject; those early reports are
+//! rate-limited per listener, since a hostile peer decides how many of them there are.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
@@ -11,6 +15,7 @@ use pyo3::prelude::*;
 
 use crate::copy::Transferred;
 use crate::decision::{Plan, Verdict};
+use crate::ratelimit::RateLimit;
 
 /// What the connection was decided to be.
 #[derive(Clone)]
@@ -33,10 +38,10 @@ impl Subject {
 }
 
 /// One report waiting for the reporter thread.
-struct Item {
+struct Report {
     callback: Arc<Py<PyAny>>,
-    subject: Subject,
-    source: String,
+    subject: Option<Subject>,
+    source: SocketAddr,
     destination: String,
     sent: u64,
     received: u64,
@@ -44,19 +49,35 @@ struct Item {
     error: Option<String>,
 }
 
+enum Item {
+    Report(Report),
+    /// Any other call into Python that must not run on a runtime worker.
+    Call(Box<dyn FnOnce(Python<'_>) + Send>),
+}
+
 /// Most reports handed to Python in one GIL acquisition.
 const MAX_BATCH: usize = 512;
+/// Reports waiting for Python; past this they are dropped (and counted) rather than held: a
+/// reporter that cannot keep up must not grow the proxy's memory without bound.
+const QUEUE_CAPACITY: usize = 65_536;
+/// Early reports per listener: this many at once, then this many per second.
+const EARLY_BURST: u32 = 100;
+const EARLY_PER_SECOND: u32 = 50;
 
 /// The core's single reporter thread: reports are queued without waiting and handed to Python
 /// in batches, one GIL acquisition per batch, so a busy proxy pays one thread hand-off per batch
 /// rather than one per connection.
 pub struct ReportQueue {
-    tx: Mutex<Option<mpsc::Sender<Item>>>,
+    tx: Mutex<Option<mpsc::SyncSender<Item>>>,
+    /// Reports lost because the queue was full.
+    pub dropped: AtomicU64,
+    /// Early reports the per-listener rate limit turned away.
+    pub suppressed: AtomicU64,
 }
 
 impl ReportQueue {
     pub fn start() -> Arc<Self> {
-        let (tx, rx) = mpsc::channel::<Item>();
+        let (tx, rx) = mpsc::sync_channel::<Item>(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("ambient-report".into())
             .spawn(move || {
@@ -70,18 +91,7 @@ impl ReportQueue {
                     }
                     Python::attach(|py| {
                         for item in batch {
-                            let args = (
-                                item.subject.to_py(py),
-                                item.source,
-                                item.destination,
-                                item.sent,
-                                item.received,
-                                item.seconds,
-                                item.error,
-                            );
-                            if let Err(e) = item.callback.call1(py, args) {
-                                log::error!("connection reporter raised: {e}");
-                            }
+                            deliver(py, item);
                         }
                     });
                 }
@@ -89,13 +99,24 @@ impl ReportQueue {
             .expect("spawning the report thread");
         Arc::new(Self {
             tx: Mutex::new(Some(tx)),
+            dropped: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
         })
     }
 
     fn send(&self, item: Item) {
-        if let Some(tx) = self.tx.lock().unwrap().as_ref() {
-            let _ = tx.send(item);
+        let sent = match self.tx.lock().unwrap().as_ref() {
+            Some(tx) => tx.try_send(item),
+            None => return,
+        };
+        if let Err(mpsc::TrySendError::Full(_)) = sent {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Run `f` with the GIL on the reporter thread (a callback Python asked for).
+    pub fn call(&self, f: impl FnOnce(Python<'_>) + Send + 'static) {
+        self.send(Item::Call(Box::new(f)));
     }
 
     /// Stop taking reports; the thread ends once the queue is drained.
@@ -104,9 +125,36 @@ impl ReportQueue {
     }
 }
 
+fn deliver(py: Python<'_>, item: Item) {
+    match item {
+        Item::Report(r) => {
+            let args = (
+                r.subject.map(|s| s.to_py(py)),
+                r.source.to_string(),
+                r.destination,
+                r.sent,
+                r.received,
+                r.seconds,
+                r.error,
+            );
+            if let Err(e) = r.callback.call1(py, args) {
+                log::error!("connection reporter raised: {e}");
+            }
+        }
+        Item::Call(f) => f(py),
+    }
+}
+
 /// A listener's reporter: `report(subject, source, destination, sent, received, seconds, error)`.
 #[derive(Clone, Default)]
-pub struct Reporter(Option<(Arc<Py<PyAny>>, Arc<ReportQueue>)>);
+pub struct Reporter(Option<Arc<ReporterInner>>);
+
+pub struct ReporterInner {
+    callback: Arc<Py<PyAny>>,
+    queue: Arc<ReportQueue>,
+    /// Early reports of this listener.
+    early: RateLimit,
+}
 
 impl Reporter {
     pub fn from_py(
@@ -116,15 +164,16 @@ impl Reporter {
         match obj {
             None => Ok(Reporter(None)),
             Some(o) if o.is_none() => Ok(Reporter(None)),
-            Some(o) if o.is_callable() => Ok(Reporter(Some((
-                Arc::new(o.clone().unbind()),
-                queue.clone(),
-            )))),
+            Some(o) if o.is_callable() => Ok(Reporter(Some(Arc::new(ReporterInner {
+                callback: Arc::new(o.clone().unbind()),
+                queue: queue.clone(),
+                early: RateLimit::new(EARLY_BURST, EARLY_PER_SECOND),
+            })))),
             Some(_) => Err("report: expected a callable or None".into()),
         }
     }
 
-    /// Report one finished (or refused) connection, without waiting for Python.
+    /// Report one finished (or refused) connection that had a decision, without waiting.
     pub fn report(
         &self,
         subject: Subject,
@@ -134,18 +183,44 @@ impl Reporter {
         started: Instant,
         error: Option<String>,
     ) {
-        let Some((callback, queue)) = &self.0 else {
+        let Some(r) = &self.0 else {
             return;
         };
-        queue.send(Item {
-            callback: callback.clone(),
-            subject,
-            source: source.to_string(),
+        r.queue.send(Item::Report(Report {
+            callback: r.callback.clone(),
+            subject: Some(subject),
+            source,
             destination: destination.to_string(),
             sent: transferred.sent(),
             received: transferred.received(),
             seconds: started.elapsed().as_secs_f64(),
             error,
-        });
+        }));
+    }
+
+    /// Report a connection refused before any decision (no subject), rate-limited.
+    pub fn early(&self, source: SocketAddr, destination: &str, started: Instant, error: String) {
+        let Some(r) = &self.0 else {
+            return;
+        };
+        let Some(suppressed) = r.early.admit() else {
+            r.queue.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let error = if suppressed > 0 {
+            format!("{error} ({suppressed} similar reports suppressed)")
+        } else {
+            error
+        };
+        r.queue.send(Item::Report(Report {
+            callback: r.callback.clone(),
+            subject: None,
+            source,
+            destination: destination.to_string(),
+            sent: 0,
+            received: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            error: Some(error),
+        }));
     }
 }

@@ -26,6 +26,20 @@ counters! {
     tls_handshakes: AtomicU64,
     /// Handshakes that failed: no client certificate, wrong trust domain, wrong SAN, not TLS...
     tls_handshake_failures: AtomicU64,
+    /// HTTP/2 handshakes (preface and SETTINGS) that failed or timed out after TLS succeeded.
+    h2_handshake_failures: AtomicU64,
+    /// Connections closed at accept because a listener's or a source's cap was reached.
+    connections_over_cap: AtomicU64,
+    /// HBONE connections the server closed because no stream was open on them for too long.
+    hbone_connections_idle_closed: AtomicU64,
+    /// HBONE connections the server closed (GOAWAY ENHANCE_YOUR_CALM) for resetting too many
+    /// streams before their response: the HTTP/2 rapid-reset attack.
+    hbone_connections_reset_flood: AtomicU64,
+    /// CONNECT streams the client reset before their response; the server stopped working on
+    /// them (decision, upstream connect).
+    hbone_requests_reset_by_client: AtomicU64,
+    /// SOCKS5 clients refused: malformed greeting or request, unsupported command, timeout.
+    socks5_refused: AtomicU64,
     /// HBONE (mTLS + HTTP/2) connections this core dialed as a client.
     hbone_connections_dialed: AtomicU64,
     /// CONNECT streams this core opened as a client and that got `200`.
@@ -42,6 +56,12 @@ counters! {
     decisions_denied: AtomicU64,
     /// Decision callbacks that raised or returned something unusable.
     decision_errors: AtomicU64,
+    /// Connections refused because the decision queue was full.
+    decisions_rejected: AtomicU64,
+    /// Connections cut by a drain deadline, a closed listener or a removed pod.
+    connections_cut: AtomicU64,
+    /// Connections closed because a policy change no longer allows them.
+    connections_closed_by_policy: AtomicU64,
     /// Proxied connections currently carrying bytes.
     active_tunnels: AtomicI64,
     /// Bytes carried from the connection's initiator towards its destination.

@@ -289,11 +289,14 @@ def test_a_peer_from_another_trust_domain_is_rejected(
     bed: Testbed, apps: dict[str, App], attacker: Callable[[str, str], str]
 ) -> None:
     """Istio: trust_domain_mismatch_rejected — a client certificate of another trust domain (even
-    one signed by the same root) fails the handshake; the app never sees the connection."""
+    one signed by the same root) fails the handshake; the app never sees the connection, and the
+    refusal is logged with the reason (as Istio logs its early denials)."""
     before = len(apps["s1"].peers)
     assert attacker("spiffe://evil.example/ns/default/sa/c1", f"{S1}:{APP_PORT}") == ""
     assert len(apps["s1"].peers) == before
-    assert not inbound_entries(bed.proxy("w2"), "s1", timeout=0.5, source=OUTSIDE)
+    (refusal,) = inbound_entries(bed.proxy("w2"), "s1", source=OUTSIDE)
+    assert refusal["transport"] == "HBONE" and "bytes_sent" not in refusal, refusal
+    assert 'no SPIFFE identity in trust domain "cluster.local"' in refusal["error"], refusal
     assert ask("c1", S1) == "s1\nping\n"  # and everyone else is still served
 
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -19,6 +19,7 @@ use super::{
     keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
 use crate::core::Shared;
+use crate::metrics::Flag;
 use crate::pool::PoolKey;
 use crate::stats::Stats;
 use crate::tls;
@@ -28,6 +29,9 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// h2 may buffer this much outgoing data per stream: one stream window, so a window's worth can be
 /// queued and flushed at once.
 const MAX_SEND_BUFFER_SIZE: usize = STREAM_WINDOW as usize;
+/// Upper bound for the answer to a CONNECT: the server answers once its upstream connect is done
+/// (its own `CONNECT_TIMEOUT`) after a decision, so a peer silent for longer is not answering.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why an HBONE connection or stream could not be had. The text names the peer.
 #[derive(Debug)]
@@ -35,6 +39,8 @@ pub enum HboneError {
     NoIdentity(String),
     Connect(SocketAddr, std::io::Error),
     Tls(String),
+    /// The HTTP/2 preface and SETTINGS exchange after TLS failed.
+    Handshake(SocketAddr, h2::Error),
     Http2(SocketAddr, h2::Error),
     /// The peer answered the CONNECT with this status.
     Status(SocketAddr, StatusCode),
@@ -49,7 +55,7 @@ impl fmt::Display for HboneError {
             }
             HboneError::Connect(peer, e) => write!(f, "TCP connect to {peer} failed: {e}"),
             HboneError::Tls(text) => f.write_str(text),
-            HboneError::Http2(peer, e) => match tls_alert(e) {
+            HboneError::Handshake(peer, e) | HboneError::Http2(peer, e) => match tls_alert(e) {
                 // With TLS 1.3 the client finishes its handshake before the server has checked
                 // the client certificate: a refusal arrives as an alert on the first read.
                 Some(alert) => write!(
@@ -67,6 +73,20 @@ impl fmt::Display for HboneError {
 }
 
 impl std::error::Error for HboneError {}
+
+impl HboneError {
+    /// The response flag of a connection that failed this way, as Istio's ztunnel labels it.
+    pub fn flag(&self) -> Flag {
+        match self {
+            HboneError::Tls(_) | HboneError::Timeout(_, "TLS handshake") => Flag::TlsFailure,
+            HboneError::Handshake(_, e) if tls_alert(e).is_some() => Flag::TlsFailure,
+            HboneError::Handshake(..) | HboneError::Timeout(_, "HTTP/2 handshake") => {
+                Flag::H2HandshakeFailure
+            }
+            _ => Flag::Connect,
+        }
+    }
+}
 
 /// The TLS alert text inside an HTTP/2 error, if the connection died of one. h2 keeps only the
 /// kind and text of an I/O error when it reports it to streams, so the text is all there is.
@@ -165,7 +185,10 @@ impl HboneConnection {
         let (response, send) = sender
             .send_request(request, false)
             .map_err(|e| HboneError::Http2(peer, e))?;
-        let response = response.await.map_err(|e| HboneError::Http2(peer, e))?;
+        let response = tokio::time::timeout(RESPONSE_TIMEOUT, response)
+            .await
+            .map_err(|_| HboneError::Timeout(peer, "the CONNECT response"))?
+            .map_err(|e| HboneError::Http2(peer, e))?;
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status(peer, response.status()));
         }
@@ -216,7 +239,7 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
         }
     };
     Stats::inc(&shared.stats.tls_handshakes);
-    let (sender, mut connection) = h2::client::Builder::new()
+    let handshake = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
@@ -224,9 +247,11 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
         .enable_push(false)
-        .handshake::<_, Bytes>(tls_stream)
+        .handshake::<_, Bytes>(tls_stream);
+    let (sender, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|e| HboneError::Http2(peer, e))?;
+        .map_err(|_| HboneError::Timeout(peer, "HTTP/2 handshake"))?
+        .map_err(|e| HboneError::Handshake(peer, e))?;
     Stats::inc(&shared.stats.hbone_connections_dialed);
 
     let closed = Arc::new(AtomicBool::new(false));

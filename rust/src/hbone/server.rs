@@ -1,26 +1,40 @@
 //! HBONE server: accept mutual TLS as a workload, then serve each CONNECT stream:
 //! `400` for anything but a CONNECT to `ip:port`, the decision (`401`/any `Deny` status), `503`
 //! when the upstream cannot be reached, and `200` only once the upstream TCP connect succeeded.
+//!
+//! Against hostile peers: every phase before a stream is authorized is bounded in time (TLS
+//! handshake, HTTP/2 preface) and size (rustls' handshake limit, the header list limit); a
+//! connection that carries no stream is closed after a while; a stream the client resets before
+//! its answer stops its decision and upstream connect at once; a connection that resets streams
+//! faster than any real client (the HTTP/2 "rapid reset" attack) is closed with
+//! `ENHANCE_YOUR_CALM` and its source refused for a while.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::poll_fn;
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{Ping, PingPong, Reason, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
+    CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, PING_INTERVAL,
+    PING_TIMEOUT, STREAM_WINDOW,
 };
 use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
-use crate::core::{ListenerScope, Shared};
-use crate::decision::{InboundDecider, InboundRequest, Verdict};
-use crate::metrics::{Counters, OpenConnection};
+use crate::core::Shared;
+use crate::decision::{DecisionError, InboundDecider, InboundRequest, Verdict};
+use crate::limits::Admission;
+use crate::metrics::{ConnectionCount, Flag};
 use crate::report::{Reporter, Subject};
+use crate::scope::ListenerScope;
 use crate::socket::{tune_stream, SocketFactory};
 use crate::stats::{ActiveGuard, Stats};
 use crate::tls;
@@ -31,6 +45,15 @@ const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 const MAX_SEND_BUFFER_SIZE: usize = 400 * 1024;
 /// Concurrent streams a client may open on one connection (Istio's ztunnel allows 200).
 const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// A client dials an HBONE connection to open a stream on it at once (Istio's pool and ours
+/// do): one that has opened none by the first keepalive tick is not a client, and is closed.
+const FIRST_STREAM_TIMEOUT: Duration = PING_INTERVAL;
+/// Streams a client may reset before their answer within one keepalive interval. A real client
+/// resets a stream when its application gives up on a connect; hundreds in ten seconds on one
+/// connection is the rapid-reset attack (CVE-2023-44487), each reset costing us a decision.
+const EARLY_RESET_BUDGET: u32 = 100;
+/// How long a source whose connection blew the reset budget is refused new connections.
+const RESET_FLOOD_PENALTY: Duration = Duration::from_secs(10);
 
 /// Everything one HBONE listener needs for its connections.
 pub struct InboundContext {
@@ -43,51 +66,131 @@ pub struct InboundContext {
     pub scope: ListenerScope,
     /// Sockets to the app are made as the listener's were (in the pod's namespace, in-pod mode).
     pub sockets: SocketFactory,
+    /// A connection with no open stream for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
 }
 
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<InboundContext>) {
-    let accepted = &ctx.shared.stats.connections_accepted;
-    ctx.scope
-        .accept_loop(listener, accepted, "HBONE", |tcp, peer| {
-            serve_connection(tcp, peer, ctx.clone())
-        })
+    let scope = ctx.scope.clone();
+    scope
+        .accept_loop(
+            listener,
+            &ctx.shared.stats,
+            &ctx.reporter,
+            "HBONE",
+            |tcp, peer, admission| serve_connection(tcp, peer, ctx.clone(), admission),
+        )
         .await;
 }
 
-async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundContext>) {
-    let stats = &ctx.shared.stats;
-    let _ = tune_stream(&tcp);
+/// What a connection's streams tell the connection.
+#[derive(Default)]
+struct Activity {
+    /// Streams open now.
+    streams: AtomicUsize,
+    /// Whether any stream was ever opened.
+    used: AtomicBool,
+    /// Streams the client reset before their answer in the current keepalive interval.
+    early_resets: AtomicU32,
+    /// Woken when `early_resets` passes the budget.
+    reset_flood: Notify,
+}
+
+/// An open stream, counted in its connection's [`Activity`] until dropped.
+struct OpenStream(Arc<Activity>);
+
+impl OpenStream {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.streams.fetch_add(1, Ordering::AcqRel);
+        activity.used.store(true, Ordering::Release);
+        Self(activity.clone())
+    }
+
+    /// The client reset this stream before its answer; true when that was one too many.
+    fn reset_early(&self) -> bool {
+        let n = self.0.early_resets.fetch_add(1, Ordering::AcqRel) + 1;
+        if n == EARLY_RESET_BUDGET + 1 {
+            self.0.reset_flood.notify_one();
+        }
+        n > EARLY_RESET_BUDGET
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why the server ends a connection on its own.
+enum Close {
+    /// The peer stopped answering PINGs.
+    Dead(String),
+    /// No stream for too long (or none ever).
+    Idle(String),
+}
+
+/// Every `PING_INTERVAL`: close an unused or long-idle connection, open a new reset window,
+/// and ping the peer (dropped if it does not answer within `PING_TIMEOUT`).
+async fn keepalive(mut ping_pong: PingPong, activity: &Activity, idle_timeout: Duration) -> Close {
+    let started = Instant::now();
+    let mut idle = Duration::ZERO;
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        activity.early_resets.store(0, Ordering::Release);
+        if activity.streams.load(Ordering::Acquire) == 0 {
+            idle += PING_INTERVAL;
+            if !activity.used.load(Ordering::Acquire) && started.elapsed() >= FIRST_STREAM_TIMEOUT {
+                return Close::Idle(format!(
+                    "no stream opened within {FIRST_STREAM_TIMEOUT:?} of the handshake"
+                ));
+            }
+            if idle >= idle_timeout {
+                return Close::Idle(format!("no stream for {idle:?}"));
+            }
+        } else {
+            idle = Duration::ZERO;
+        }
+        match tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(Ping::opaque())).await {
+            Ok(Ok(_pong)) => continue,
+            Ok(Err(e)) => return Close::Dead(format!("keepalive PING failed: {e}")),
+            Err(_) => return Close::Dead(format!("no PING answer within {PING_TIMEOUT:?}")),
+        }
+    }
+}
+
+async fn tls_handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: &InboundContext,
+) -> Result<TlsStream<TcpStream>, String> {
     let Some(material) = ctx.shared.identities.get(&ctx.identity) else {
-        log::error!(
-            "HBONE connection from {peer} refused: no certificate loaded for {}",
+        return Err(format!(
+            "refused: no certificate loaded for {}",
             ctx.identity
-        );
-        return;
+        ));
     };
     let acceptor = TlsAcceptor::from(material.server_config.clone());
     let accept = acceptor.accept(tcp).into_fallible();
-    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-        Ok(Ok(s)) => s,
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(stream)) => Ok(stream),
         Ok(Err((e, tcp))) => {
-            Stats::inc(&stats.tls_handshake_failures);
-            log::warn!("{}", tls::describe_handshake_error(&peer.to_string(), &e));
+            let why = tls::describe_handshake_error(&peer.to_string(), &e);
             lingering_close(tcp).await;
-            return;
+            Err(why)
         }
-        Err(_) => {
-            Stats::inc(&stats.tls_handshake_failures);
-            log::warn!("TLS handshake with {peer} timed out after {HANDSHAKE_TIMEOUT:?}");
-            return;
-        }
-    };
-    Stats::inc(&stats.tls_handshakes);
-    let peer_identity = tls_stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|leaf| tls::spiffe_identity_in(leaf, &material.trust_domain));
+        Err(_) => Err(format!(
+            "TLS handshake with {peer} timed out after {HANDSHAKE_TIMEOUT:?}"
+        )),
+    }
+}
 
+type ServerConnection = h2::server::Connection<TlsStream<TcpStream>, Bytes>;
+
+async fn h2_handshake(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+) -> Result<ServerConnection, String> {
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -95,29 +198,75 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundCont
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .handshake::<_, Bytes>(tls_stream);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            log::warn!("HTTP/2 handshake with {peer} failed: {e}");
+        .handshake::<_, Bytes>(tls);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(format!("HTTP/2 handshake with {peer} failed: {e}")),
+        Err(_) => Err(format!(
+            "HTTP/2 handshake with {peer} timed out after {HANDSHAKE_TIMEOUT:?} (no preface)"
+        )),
+    }
+}
+
+/// One accepted connection. The handshakes run boxed, so their state (tens of KiB) is freed once
+/// they are done: an idle connection keeps only what its HTTP/2 connection needs.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<InboundContext>,
+    admission: Admission,
+) {
+    // Holds this connection's place under the listener's caps until it ends.
+    let _admission = admission;
+    let started = Instant::now();
+    let stats = &ctx.shared.stats;
+    let _ = tune_stream(&tcp);
+    let local = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let tls_stream = match Box::pin(tls_handshake(tcp, peer, &ctx)).await {
+        Ok(s) => s,
+        Err(why) => {
+            Stats::inc(&stats.tls_handshake_failures);
+            log::warn!("{why}");
+            ctx.reporter.early(peer, &local, started, why);
             return;
         }
-        Err(_) => {
-            log::warn!("HTTP/2 handshake with {peer} timed out");
+    };
+    Stats::inc(&stats.tls_handshakes);
+    let peer_identity: Option<Arc<str>> = {
+        let conn = tls_stream.get_ref().1;
+        let domain = ctx
+            .shared
+            .identities
+            .get(&ctx.identity)
+            .map(|m| m.trust_domain.clone());
+        conn.peer_certificates()
+            .and_then(|certs| certs.first())
+            .zip(domain)
+            .and_then(|(leaf, domain)| tls::spiffe_identity_in(leaf, &domain))
+            .map(Arc::from)
+    };
+    let mut conn = match Box::pin(h2_handshake(tls_stream, peer)).await {
+        Ok(c) => c,
+        Err(why) => {
+            Stats::inc(&stats.h2_handshake_failures);
+            log::warn!("{why}");
+            ctx.reporter.early(peer, &local, started, why);
             return;
         }
     };
     let ping = conn.ping_pong().expect("ping_pong is taken once, here");
-    let keepalive = keepalive(ping);
+    let activity = Arc::new(Activity::default());
+    let keepalive = keepalive(ping, &activity, ctx.idle_timeout);
     tokio::pin!(keepalive);
     let mut draining = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
+                    let stream = OpenStream::new(&activity);
                     let identity = peer_identity.clone();
                     ctx.scope
-                        .spawn(serve_stream(request, respond, peer, identity, ctx.clone()));
+                        .spawn(serve_stream(request, respond, peer, identity, ctx.clone(), stream));
                 }
                 Some(Err(e)) => {
                     log::debug!("HBONE connection from {peer} ended: {e}");
@@ -130,9 +279,38 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundCont
                 draining = true;
                 conn.graceful_shutdown();
             }
-            reason = &mut keepalive => {
-                log::warn!("HBONE connection from {peer} dropped: {reason}");
+            _ = activity.reset_flood.notified() => {
+                Stats::inc(&stats.hbone_connections_reset_flood);
+                ctx.scope.limiter.penalize(peer.ip(), RESET_FLOOD_PENALTY);
+                log::warn!(
+                    "HBONE connection from {peer} closed: more than {EARLY_RESET_BUDGET} streams \
+                     reset before their answer within {PING_INTERVAL:?} (rapid reset); refusing \
+                     {} for {RESET_FLOOD_PENALTY:?}",
+                    peer.ip()
+                );
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                // Let h2 flush the GOAWAY; the connection then ends.
+                let _ = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
                 return;
+            }
+            close = &mut keepalive => {
+                match close {
+                    Close::Dead(reason) => {
+                        log::info!("HBONE connection from {peer} dropped: {reason}");
+                        return;
+                    }
+                    Close::Idle(reason) => {
+                        Stats::inc(&stats.hbone_connections_idle_closed);
+                        log::debug!("HBONE connection from {peer} closed: {reason}");
+                        conn.graceful_shutdown();
+                        let _ = tokio::time::timeout(
+                            HANDSHAKE_TIMEOUT,
+                            poll_fn(|cx| conn.poll_closed(cx)),
+                        )
+                        .await;
+                        return;
+                    }
+                }
             }
         }
     }
@@ -141,14 +319,15 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<InboundCont
 /// After refusing a handshake, make sure the alert reaches the client: with TLS 1.3 the client
 /// already sent its first requests, and closing with those unread would make the kernel answer
 /// with a RST that can destroy the alert before the client reads it. So: FIN, then read and
-/// discard until the client closes too, for a bounded time.
+/// discard until the client closes too, for a bounded time and amount.
 async fn lingering_close(mut tcp: TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+    const LINGER: Duration = Duration::from_secs(2);
     const MAX_DISCARD: usize = 1024 * 1024;
     let _ = tcp.shutdown().await;
     let drain = async {
-        let mut buf = [0u8; 16 * 1024];
+        // On the heap, and only for the refused: the connection future stays small.
+        let mut buf = vec![0u8; 4096];
         let mut discarded = 0;
         while discarded < MAX_DISCARD {
             match tcp.read(&mut buf).await {
@@ -184,13 +363,22 @@ fn parse_connect(request: &Request<RecvStream>) -> Result<(String, SocketAddr), 
     Ok((authority, address))
 }
 
+/// Resolves when the client resets the stream (before its answer, that is what it watches).
+async fn client_reset(respond: &mut SendResponse<Bytes>) -> Reason {
+    poll_fn(|cx| respond.poll_reset(cx))
+        .await
+        .unwrap_or(Reason::CANCEL)
+}
+
 async fn serve_stream(
     request: Request<RecvStream>,
-    respond: SendResponse<Bytes>,
+    mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
-    peer_identity: Option<String>,
+    peer_identity: Option<Arc<str>>,
     ctx: Arc<InboundContext>,
+    stream: OpenStream,
 ) {
+    let started = Instant::now();
     let stats = &ctx.shared.stats;
     Stats::inc(&stats.hbone_requests_received);
     let authority = match parse_connect(&request) {
@@ -198,7 +386,11 @@ async fn serve_stream(
         Err(why) => {
             Stats::inc(&stats.hbone_requests_refused);
             log::info!("HBONE request from {peer} refused with 400: {why}");
-            return respond_status(respond, StatusCode::BAD_REQUEST);
+            respond_status(respond, StatusCode::BAD_REQUEST);
+            let target = request.uri().to_string();
+            ctx.reporter
+                .early(peer, &target, started, format!("refused with 400: {why}"));
+            return;
         }
     };
     let headers = request
@@ -211,36 +403,63 @@ async fn serve_stream(
             )
         })
         .collect();
-    let decision = ctx
-        .decider
-        .decide(InboundRequest {
-            peer_identity,
-            authority: authority.clone(),
-            peer_address: peer,
-            headers,
-        })
-        .await;
-    let started = Instant::now();
+    let asked = InboundRequest {
+        peer_identity: peer_identity.map(|id| id.to_string()),
+        authority: authority.clone(),
+        peer_address: peer,
+        headers,
+    };
+    let decision = tokio::select! {
+        biased;
+        reason = client_reset(&mut respond) => {
+            early_reset(&ctx, &stream, peer, &authority, reason);
+            return;
+        }
+        decision = ctx.decider.decide(&ctx.shared.decisions, asked) => decision,
+    };
     let verdict = match decision {
         Ok(verdict) => verdict,
         Err(why) => {
             Stats::inc(&stats.hbone_requests_refused);
-            Stats::inc(&stats.decision_errors);
-            log::error!("HBONE request from {peer} to {authority}: {why}");
-            return respond_status(respond, StatusCode::INTERNAL_SERVER_ERROR);
+            let status = match why {
+                DecisionError::Failed(_) => {
+                    Stats::inc(&stats.decision_errors);
+                    log::error!("HBONE request from {peer} to {authority}: {why}");
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                DecisionError::Overloaded(_) | DecisionError::Stopped => {
+                    Stats::inc(&stats.decisions_rejected);
+                    log::warn!("HBONE request from {peer} to {authority} {why}");
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            };
+            respond_status(respond, status);
+            ctx.reporter
+                .early(peer, &authority, started, why.to_string());
+            return;
         }
     };
     let transferred = Transferred::default();
-    let error = carry_stream(
-        request,
-        respond,
-        peer,
-        &authority,
-        &verdict,
-        &ctx,
-        &transferred,
-    )
-    .await;
+    let error = {
+        let carry = carry_stream(
+            request,
+            respond,
+            peer,
+            &authority,
+            &verdict,
+            &ctx,
+            &transferred,
+        );
+        tokio::select! {
+            biased;
+            error = carry => error,
+            reason = ctx.scope.cut() => {
+                Stats::inc(&stats.connections_cut);
+                Some(reason)
+            }
+        }
+    };
+    drop(stream);
     ctx.reporter.report(
         Subject::Verdict(verdict),
         peer,
@@ -249,6 +468,19 @@ async fn serve_stream(
         started,
         error,
     );
+}
+
+fn early_reset(
+    ctx: &InboundContext,
+    stream: &OpenStream,
+    peer: SocketAddr,
+    authority: &str,
+    reason: Reason,
+) {
+    Stats::inc(&ctx.shared.stats.hbone_requests_reset_by_client);
+    if !stream.reset_early() {
+        log::debug!("HBONE request from {peer} to {authority} reset by the client ({reason:?}) before its answer");
+    }
 }
 
 /// Carry out the verdict on one stream: answer it, and copy until both directions end.
@@ -263,15 +495,12 @@ async fn carry_stream(
     transferred: &Transferred,
 ) -> Option<String> {
     let stats = &ctx.shared.stats;
-    let labelled = verdict.counters();
+    let count = ConnectionCount::open(verdict.counters());
     let allow = match verdict {
         Verdict::Allow(allow) => allow.get(),
         Verdict::Deny(deny) => {
             let deny = deny.get();
-            labelled.inspect(|c| {
-                Counters::inc(&c.opened);
-                Counters::inc(&c.closed);
-            });
+            count.finish(Flag::Deny);
             Stats::inc(&stats.hbone_requests_refused);
             Stats::inc(&stats.decisions_denied);
             log::info!(
@@ -284,15 +513,25 @@ async fn carry_stream(
             return Some(format!("denied: {}", deny.reason));
         }
     };
-    let upstream = match tokio::time::timeout(
+    let connect = tokio::time::timeout(
         CONNECT_TIMEOUT,
         ctx.sockets.connect(allow.upstream, allow.source_ip),
-    )
-    .await
-    {
+    );
+    let connected = tokio::select! {
+        biased;
+        reason = client_reset(&mut respond) => {
+            Stats::inc(&stats.hbone_requests_reset_by_client);
+            return Some(format!(
+                "the client reset the stream ({reason:?}) while the upstream {} was being connected",
+                allow.upstream
+            ));
+        }
+        connected = connect => connected,
+    };
+    let upstream = match connected {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
-            labelled.inspect(|c| Counters::inc(&c.failed));
+            count.finish(Flag::Connect);
             return Some(upstream_failed(
                 respond,
                 ctx,
@@ -302,7 +541,7 @@ async fn carry_stream(
             ));
         }
         Err(_) => {
-            labelled.inspect(|c| Counters::inc(&c.failed));
+            count.finish(Flag::Connect);
             return Some(upstream_failed(
                 respond,
                 ctx,
@@ -321,14 +560,13 @@ async fn carry_stream(
         Err(e) => return Some(format!("stream gone before 200: {e}")),
     };
     let _active = ActiveGuard::new(&stats.active_tunnels);
-    let _open = OpenConnection::count(labelled);
     let (up_read, up_write) = upstream.into_split();
     let copying = copy::bidirectional(
         (H2Reader(request.into_body()), H2Writer(send)),
         (StreamReader::new(up_read), StreamWriter(up_write)),
         stats,
         transferred,
-        labelled,
+        verdict.counters(),
     );
     let result = ctx
         .shared
@@ -340,15 +578,28 @@ async fn carry_stream(
             copying,
         )
         .await;
-    result.err().map(|e| {
-        log::debug!(
-            "HBONE stream {peer} -> {} ended with error after {}/{} bytes: {e}",
-            allow.upstream,
-            transferred.sent(),
-            transferred.received()
-        );
-        e.to_string()
-    })
+    match result {
+        Ok(Ok(())) => {
+            count.finish(Flag::None);
+            None
+        }
+        Ok(Err(e)) => {
+            count.finish(Flag::Connect);
+            log::debug!(
+                "HBONE stream {peer} -> {} ended with error after {}/{} bytes: {e}",
+                allow.upstream,
+                transferred.sent(),
+                transferred.received()
+            );
+            Some(e.to_string())
+        }
+        Err(reason) => {
+            // Closed from outside: a policy change no longer allows it (Istio: a late DENY).
+            Stats::inc(&stats.connections_closed_by_policy);
+            count.finish(Flag::Deny);
+            Some(format!("closed: {reason}"))
+        }
+    }
 }
 
 fn upstream_failed(
