@@ -7,6 +7,7 @@ import ipaddress
 import signal
 import threading
 from pathlib import Path
+from typing import TypedDict
 
 from ..identity import CertificateAuthority, SpiffeId, WorkloadCertificate
 
@@ -72,3 +73,76 @@ def wait_for_termination() -> str:
     while not done.wait(1.0):
         pass
     return received[0]
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data plane's bounds, as flags (see DataPlane)."""
+    group = parser.add_argument_group("bounds")
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="connections one listener holds at most; more are closed at accept (0: no cap; "
+        "default 10000)",
+    )
+    group.add_argument(
+        "--max-connections-per-source",
+        type=int,
+        default=1_000,
+        metavar="N",
+        help="connections one source IP holds on one listener at most (0: no cap; default 1000)",
+    )
+    group.add_argument(
+        "--max-pending-decisions",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="connections waiting for a Python decision at most; more are refused at once "
+        "(default 1024)",
+    )
+    group.add_argument(
+        "--hbone-idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="an HBONE connection with no stream for this long is closed by the server "
+        "(default 600)",
+    )
+
+
+class Limits(TypedDict):
+    max_connections: int
+    max_connections_per_source: int
+    max_pending_decisions: int
+    hbone_idle_timeout: float
+
+
+def limit_options(args: argparse.Namespace) -> Limits:
+    """DataPlane keyword arguments from :func:`add_limit_arguments`' flags."""
+    for name in ("max_connections", "max_connections_per_source", "max_pending_decisions"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')}: expected 0 or more")
+    return Limits(
+        {
+            "max_connections": args.max_connections,
+            "max_connections_per_source": args.max_connections_per_source,
+            "max_pending_decisions": args.max_pending_decisions,
+            "hbone_idle_timeout": args.hbone_idle_timeout,
+        }
+    )
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit, as Istio's ztunnel does at start:
+    every proxied connection takes two or three descriptors. Returns the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft

@@ -16,7 +16,10 @@ import orjson
 from ..hbone import Allow, DataPlane, HboneTarget, StreamRequest
 from .common import (
     add_identity_arguments,
+    add_limit_arguments,
     issue_certificate,
+    limit_options,
+    raise_fd_limit,
     socket_address,
     spiffe_id,
     wait_for_termination,
@@ -72,6 +75,7 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="core worker threads")
+    add_limit_arguments(parser)
     parser.add_argument(
         "--drain-deadline",
         type=float,
@@ -98,7 +102,8 @@ def _to_authority(request: StreamRequest) -> Allow:
 
 def run_serve(args: argparse.Namespace) -> int:
     cert = issue_certificate(args)
-    with DataPlane(args.workers) as dp:
+    raise_fd_limit()
+    with DataPlane(args.workers, **limit_options(args)) as dp:
         dp.load_identity(cert)
         decide = Allow(args.upstream) if args.upstream else _to_authority
         listener = dp.serve(args.listen, cert.identity, decide)
@@ -107,7 +112,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_forward(args: argparse.Namespace) -> int:
     cert = issue_certificate(args)
-    with DataPlane(args.workers) as dp:
+    raise_fd_limit()
+    with DataPlane(args.workers, **limit_options(args)) as dp:
         dp.load_identity(cert)
         listener = dp.forward(args.listen, _target(args))
         return _serve_until_signal(dp, listener.local_address, args.drain_deadline)

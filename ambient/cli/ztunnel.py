@@ -24,7 +24,13 @@ from ..ztunnel.dump import config_dump
 from ..ztunnel.inpod import InpodPods
 from ..ztunnel.proxy import PROXY_MARK
 from ..ztunnel.reload import ConfigWatcher
-from .common import load_ca, socket_address
+from .common import (
+    add_limit_arguments,
+    limit_options,
+    load_ca,
+    raise_fd_limit,
+    socket_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +99,7 @@ def register(commands: Any) -> None:
         help=f"SPIFFE trust domain of the pods' identities (default {DEFAULT_TRUST_DOMAIN})",
     )
     z.add_argument("--workers", type=int, default=None, help="core worker threads")
+    add_limit_arguments(z)
     z.add_argument(
         "--drain-deadline",
         type=float,
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     inpod = args.zds_socket is not None
     # In-pod mode: the proxy's own sockets carry the mark the pods' rules let through untouched.
-    with DataPlane(args.workers, mark=PROXY_MARK if inpod else None) as dp:
+    raise_fd_limit()
+    with DataPlane(args.workers, mark=PROXY_MARK if inpod else None, **limit_options(args)) as dp:
         certificates = CertificateManager(ca, dp.load_identity)
         connection_metrics = ConnectionMetrics()
         ztunnel = Ztunnel(
