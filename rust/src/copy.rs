@@ -49,6 +49,12 @@ pub trait Writer: Send {
     ) -> impl std::future::Future<Output = io::Result<()>> + Send;
     /// Half-close: no more data will be written this way.
     fn finish(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Resolves if the far end can no longer take data (an HTTP/2 stream reset, its connection
+    /// gone), so a direction waiting to read knows its writes are pointless. A socket cannot tell
+    /// without writing: never resolves.
+    fn closed(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Reads from a byte stream with a buffer that grows as the flow proves to be bulk.
@@ -174,6 +180,10 @@ impl Writer for H2Writer {
         Ok(())
     }
 
+    async fn closed(&mut self) {
+        let _ = poll_fn(|cx| self.0.poll_reset(cx)).await;
+    }
+
     async fn finish(&mut self) -> io::Result<()> {
         match self.0.send_data(Bytes::new(), true) {
             Ok(()) => Ok(()),
@@ -222,7 +232,17 @@ async fn one_way(
     counters: [Option<&AtomicU64>; 3],
 ) -> io::Result<()> {
     let copied = async {
-        while let Some(chunk) = reader.read_chunk().await? {
+        loop {
+            let next = tokio::select! {
+                biased;
+                next = reader.read_chunk() => next?,
+                // The far end is gone: waiting for the reader (an app that may never send or
+                // close) would only hold this connection's sockets.
+                _ = writer.closed() => {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the far end reset"))
+                }
+            };
+            let Some(chunk) = next else { break };
             let n = chunk.len() as u64;
             writer.write_chunk(chunk).await?;
             for counter in counters.iter().flatten() {

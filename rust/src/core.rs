@@ -182,14 +182,9 @@ impl Core {
 
     /// Run a tunnel handed over by Python: a drain waits for it, the hard stop cuts it.
     fn spawn_tunnel(&self, tunnel: impl std::future::Future<Output = ()> + Send + 'static) {
-        let hard = self.shared.hard_stop.clone();
-        self.shared.tunnels.spawn(async move {
-            tokio::select! {
-                biased;
-                _ = tunnel => {}
-                _ = hard.cancelled() => {}
-            }
-        });
+        self.shared
+            .tunnels
+            .spawn(crate::scope::until_cut(tunnel, &self.shared.hard_stop));
     }
 
     fn scope(&self) -> ListenerScope {
@@ -439,7 +434,9 @@ impl Core {
             let stream = tokio::net::TcpStream::from_std(socket.into())
                 .map_err(|e| PyOSError::new_err(e.to_string()))?;
             let source = stream.peer_addr().ok();
-            self.spawn_tunnel(outbound::tunnel_stream(stream, source, plan, shared, report));
+            self.spawn_tunnel(outbound::tunnel_stream(
+                stream, source, plan, shared, report,
+            ));
         }
         Ok(())
     }

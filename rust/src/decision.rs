@@ -11,10 +11,11 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
+use tokio::sync::mpsc;
 
 use crate::metrics::Counters;
 use crate::plan::{Allow, Deny, HboneTarget, TcpTarget};
@@ -228,14 +229,14 @@ type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 
 /// The threads that run Python decisions, with a bounded queue in front of them.
 pub struct DecisionPool {
-    queue: Mutex<Option<mpsc::SyncSender<Job>>>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
     capacity: usize,
 }
 
 impl DecisionPool {
     /// `threads` threads, at most `capacity` decisions waiting.
     pub fn start(threads: usize, capacity: usize) -> std::io::Result<Arc<Self>> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(capacity);
+        let (tx, rx) = mpsc::channel::<Job>(capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
@@ -268,10 +269,10 @@ impl DecisionPool {
         };
         match sent {
             Ok(()) => {}
-            Err(mpsc::TrySendError::Full(_)) => {
+            Err(mpsc::error::TrySendError::Full(_)) => {
                 return Err(DecisionError::Overloaded(self.capacity))
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(DecisionError::Stopped),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(DecisionError::Stopped),
         }
         match rx.await {
             Ok(result) => result.map_err(DecisionError::Failed),
@@ -289,10 +290,10 @@ fn run_decisions(queue: &Mutex<mpsc::Receiver<Job>>) {
     loop {
         // One job at a time: taking several would queue them behind a slow one.
         let job = {
-            let queue = queue.lock().unwrap();
-            match queue.recv() {
-                Ok(job) => job,
-                Err(_) => return,
+            let mut queue = queue.lock().unwrap();
+            match queue.blocking_recv() {
+                Some(job) => job,
+                None => return,
             }
         };
         Python::attach(job);

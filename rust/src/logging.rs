@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use pyo3::prelude::*;
+use tokio::sync::mpsc;
 
 use crate::ratelimit::RateLimit;
 
@@ -30,7 +31,7 @@ struct Line {
 }
 
 struct CoreLogger {
-    queue: mpsc::SyncSender<Line>,
+    queue: mpsc::Sender<Line>,
     /// One bucket per call site (file, line): a bounded set, the sites are in the binary.
     sites: Mutex<HashMap<(&'static str, u32), RateLimit>>,
     suppressed: AtomicU64,
@@ -95,9 +96,9 @@ fn python_level(level: Level) -> u8 {
 }
 
 /// The thread that owns the GIL side: `logging.getLogger(target).log(level, message)`.
-fn forward(lines: mpsc::Receiver<Line>) {
+fn forward(mut lines: mpsc::Receiver<Line>) {
     let mut loggers: HashMap<String, Py<PyAny>> = HashMap::new();
-    while let Ok(first) = lines.recv() {
+    while let Some(first) = lines.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match lines.try_recv() {
@@ -132,7 +133,7 @@ fn get_logger<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
 
 /// Install the core's logger (once per process) at the level Python's `_core` logger has now.
 pub fn init(py: Python<'_>) {
-    let (queue, lines) = mpsc::sync_channel(QUEUE_CAPACITY);
+    let (queue, lines) = mpsc::channel(QUEUE_CAPACITY);
     let logger = CoreLogger {
         queue,
         sites: Mutex::new(HashMap::new()),

@@ -8,8 +8,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
+
 use std::time::Instant;
+use tokio::sync::mpsc;
 
 use pyo3::prelude::*;
 
@@ -58,7 +60,8 @@ enum Item {
 /// Most reports handed to Python in one GIL acquisition.
 const MAX_BATCH: usize = 512;
 /// Reports waiting for Python; past this they are dropped (and counted) rather than held: a
-/// reporter that cannot keep up must not grow the proxy's memory without bound.
+/// reporter that cannot keep up must not grow the proxy's memory without bound. (The queue's
+/// memory is allocated as it fills, not up front.)
 const QUEUE_CAPACITY: usize = 65_536;
 /// Early reports per listener: this many at once, then this many per second.
 const EARLY_BURST: u32 = 100;
@@ -68,7 +71,7 @@ const EARLY_PER_SECOND: u32 = 50;
 /// in batches, one GIL acquisition per batch, so a busy proxy pays one thread hand-off per batch
 /// rather than one per connection.
 pub struct ReportQueue {
-    tx: Mutex<Option<mpsc::SyncSender<Item>>>,
+    tx: Mutex<Option<mpsc::Sender<Item>>>,
     /// Reports lost because the queue was full.
     pub dropped: AtomicU64,
     /// Early reports the per-listener rate limit turned away.
@@ -77,11 +80,11 @@ pub struct ReportQueue {
 
 impl ReportQueue {
     pub fn start() -> Arc<Self> {
-        let (tx, rx) = mpsc::sync_channel::<Item>(QUEUE_CAPACITY);
+        let (tx, mut rx) = mpsc::channel::<Item>(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("ambient-report".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
@@ -109,7 +112,7 @@ impl ReportQueue {
             Some(tx) => tx.try_send(item),
             None => return,
         };
-        if let Err(mpsc::TrySendError::Full(_)) = sent {
+        if let Err(mpsc::error::TrySendError::Full(_)) = sent {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

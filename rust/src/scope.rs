@@ -4,16 +4,54 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use pin_project_lite::pin_project;
+
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::limits::{Admission, ConnectionLimiter};
 use crate::report::Reporter;
 use crate::stats::Stats;
+
+pin_project! {
+    /// A task that is dropped at the hard stop unless it finished first. It is polled before the
+    /// stop, so a task watching the stop itself (a connection reporting why it was cut) gets to
+    /// finish. A plain struct rather than an `async` block with `select!`: those hold the task
+    /// twice in their state (the captured value and the pinned one), and an idle connection's
+    /// task is what every idle connection costs.
+    pub struct UntilCut<F> {
+        #[pin]
+        task: F,
+        #[pin]
+        cut: WaitForCancellationFutureOwned,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for UntilCut<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.task.poll(cx).is_ready() || this.cut.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+/// `task`, cut when `hard` is cancelled.
+pub fn until_cut<F: Future<Output = ()>>(task: F, hard: &CancellationToken) -> UntilCut<F> {
+    UntilCut {
+        task,
+        cut: hard.clone().cancelled_owned(),
+    }
+}
 
 /// Pause after a failed accept (out of file descriptors, usually) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -49,14 +87,7 @@ impl ListenerScope {
     /// polled once more first (so a connection watching [`cut`](Self::cut) reports itself), then
     /// dropped if it has not finished.
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let hard = self.hard.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                biased;
-                _ = task => {}
-                _ = hard.cancelled() => {}
-            }
-        });
+        self.tracker.spawn(until_cut(task, &self.hard));
     }
 
     /// Resolves with the reason when this listener's connections are cut.
