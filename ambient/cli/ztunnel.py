@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             ztunnel.apply,
             interval=args.watch_interval,
             trust_domain=args.trust_domain,
+            current=mesh,
         )
         zds = ZdsClient(args.zds_socket, InpodPods(ztunnel)) if inpod else None
 
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                     localhost_only=True,
                 ),
                 Endpoint(
-                    _address(args.metrics_address), admin.metrics(registry(connection_metrics))
+                    _address(args.metrics_address),
+                    admin.metrics(registry(connection_metrics, dp.stats)),
                 ),
                 Endpoint(_address(args.readiness_address), admin.readiness(pending, stop.is_set)),
             ]

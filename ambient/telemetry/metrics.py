@@ -209,10 +209,37 @@ class ConnectionMetrics(Collector):
         yield build
 
 
-def registry(metrics: ConnectionMetrics) -> CollectorRegistry:
-    """A registry with the connection metrics and the process and platform metrics."""
+# Core statistics that are levels, not running totals.
+CORE_GAUGES = frozenset(
+    {"active_tunnels", "pool_connections", "pool_connections_goaway", "live_connections"}
+)
+
+
+class CoreStats(Collector):
+    """The data plane's own counters (``DataPlane.stats()``) as ``ambient_core_*`` metrics:
+    handshake failures, refusals at a cap, decisions refused for a full queue, connections cut
+    by a drain, suppressed log lines... everything Istio's labels have no place for."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        for name, value in sorted(self._stats().items()):
+            if name in CORE_GAUGES:
+                yield GaugeMetricFamily(f"ambient_core_{name}", f"core: {name}", value=value)
+            else:
+                yield CounterMetricFamily(f"ambient_core_{name}", f"core: {name}", value=value)
+
+
+def registry(
+    metrics: ConnectionMetrics, core_stats: Callable[[], dict[str, int]] | None = None
+) -> CollectorRegistry:
+    """A registry with the connection metrics, the core's own statistics (when given) and the
+    process and platform metrics."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(metrics)
+    if core_stats is not None:
+        reg.register(CoreStats(core_stats))
     ProcessCollector(registry=reg)
     PlatformCollector(registry=reg)
     return reg

@@ -60,7 +60,7 @@ class PodListeners:
     def _open(self, key: ListenerKey, opener: Opener) -> None:
         try:
             self.listeners[key] = opener()
-        except OSError as e:
+        except (OSError, ValueError, RuntimeError) as e:
             # One pod's unusable address must not stop the others being served.
             self.failed[key] = (opener, str(e))
             log.error("pod %s: %s", self.workload.key, e)

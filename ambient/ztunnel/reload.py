@@ -1,5 +1,7 @@
 """Config reload: on SIGHUP and when a mesh file changes. A valid new config becomes the snapshot
-for new connections; an invalid one is refused with every error, and the old one stays."""
+for new connections; an invalid one is refused with every error, and the old one stays. Whatever
+goes wrong while applying a snapshot (a bug, a resource the platform refuses) is logged and
+counted, the previous snapshot is put back, and the watcher keeps watching."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class ConfigWatcher:
         interval: float = 1.0,
         on_error: Callable[[ConfigError], None] | None = None,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        current: Mesh | None = None,
     ) -> None:
         self.paths = list(paths)
         self.trust_domain = trust_domain
@@ -40,6 +43,8 @@ class ConfigWatcher:
         self.reloads = 0
         self.refusals = 0
         self.last_error: str | None = None
+        # The snapshot applied last, put back if applying a new one fails half-way.
+        self.current = current
         self._thread = threading.Thread(target=self._poll, name="config-watch", daemon=True)
 
     def start(self) -> None:
@@ -68,27 +73,49 @@ class ConfigWatcher:
                 if self._on_error is not None:
                     self._on_error(e)
                 return False
-            self._apply(mesh)
+            try:
+                self._apply(mesh)
+            except Exception as e:
+                self.refusals += 1
+                self.last_error = f"applying the new configuration failed: {type(e).__name__}: {e}"
+                log.exception("applying the new configuration failed; keeping the current one")
+                self._restore()
+                return False
+            self.current = mesh
             self.reloads += 1
             self.last_error = None
             log.info("configuration reloaded from %s", ", ".join(map(str, self.paths)))
             return True
 
+    def _restore(self) -> None:
+        if self.current is None:
+            return
+        try:
+            self._apply(self.current)
+        except Exception:
+            log.exception("putting the previous configuration back failed too")
+
     def _poll(self) -> None:
         while not self._stop.wait(self._interval):
-            seen = self._read_stamps()
-            if seen == self._stamps:
-                continue
-            # A file being written is read only once it has stopped changing for one interval,
-            # so a half-written file is never taken for the new config.
-            while not self._stop.wait(self._interval):
-                again = self._read_stamps()
-                if again == seen:
-                    break
-                seen = again
-            else:
-                return
-            self.reload()
+            try:
+                self._poll_once()
+            except Exception:  # the watcher must outlive any bug in one round
+                log.exception("config watcher: checking the files failed; still watching")
+
+    def _poll_once(self) -> None:
+        seen = self._read_stamps()
+        if seen == self._stamps:
+            return
+        # A file being written is read only once it has stopped changing for one interval, so a
+        # half-written file is never taken for the new config.
+        while not self._stop.wait(self._interval):
+            again = self._read_stamps()
+            if again == seen:
+                break
+            seen = again
+        else:
+            return
+        self.reload()
 
     def status(self) -> dict[str, object]:
         return {
