@@ -117,9 +117,23 @@ impl<W: AsyncWrite + Unpin + Send> Writer for StreamWriter<W> {
 
 fn h2_io(err: h2::Error) -> io::Error {
     if err.is_io() {
-        err.into_io().unwrap()
-    } else {
-        io::Error::other(err)
+        return err.into_io().unwrap();
+    }
+    match err.reason() {
+        // Name the code (INTERNAL_ERROR...), as the access log should say it.
+        Some(reason) if err.is_remote() => {
+            io::Error::other(format!("the peer reset the stream with {reason:?} ({err})"))
+        }
+        _ => io::Error::other(err),
+    }
+}
+
+/// Whether the peer has reset `stream`, without waiting: `Some(reason)` if it has.
+fn reset_by_peer(stream: &mut SendStream<Bytes>) -> Option<h2::Reason> {
+    let waker = futures_util::task::noop_waker_ref();
+    match stream.poll_reset(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(Ok(reason)) => Some(reason),
+        _ => None,
     }
 }
 
@@ -175,7 +189,14 @@ impl Writer for H2Writer {
                 continue;
             }
             let part = chunk.split_to(granted.min(chunk.len()));
-            self.0.send_data(part, false).map_err(h2_io)?;
+            if let Err(e) = self.0.send_data(part, false) {
+                return Err(match reset_by_peer(&mut self.0) {
+                    Some(reason) if is_hang_up(Some(reason)) => {
+                        io::Error::new(io::ErrorKind::BrokenPipe, "the peer hung up")
+                    }
+                    _ => h2_io(e),
+                });
+            }
         }
         Ok(())
     }
@@ -187,9 +208,14 @@ impl Writer for H2Writer {
     async fn finish(&mut self) -> io::Result<()> {
         match self.0.send_data(Bytes::new(), true) {
             Ok(()) => Ok(()),
-            // Already reset by the peer: nothing left to half-close.
-            Err(e) if is_hang_up(e.reason()) => Ok(()),
-            Err(e) => Err(h2_io(e)),
+            Err(e) => match reset_by_peer(&mut self.0) {
+                // Already reset by the peer: nothing left to half-close.
+                Some(reason) if is_hang_up(Some(reason)) => Ok(()),
+                Some(reason) => Err(io::Error::other(format!(
+                    "the peer reset the stream with {reason:?}"
+                ))),
+                None => Err(h2_io(e)),
+            },
         }
     }
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
@@ -350,3 +351,113 @@ def test_rust_client_keeps_an_idle_connection_alive_with_pings(
         assert client.stats()["pool_connections"] == 1  # answered, so the connection lives on
     finally:
         h2conn.H2Connection.receive_data = real_receive
+
+
+# --- copy semantics (as Istio's ztunnel) ----------------------------------------------------------
+
+
+class Upstream:
+    """An app that reads until its peer ends, and records how it ended: a FIN (b"") or a reset."""
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "{}:{}".format(*self.listener.getsockname())
+        self.greeting = greeting
+        self.endings: list[str] = []
+        self.received = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            if self.greeting:
+                conn.sendall(self.greeting)
+            try:
+                while data := conn.recv(65536):
+                    self.received += len(data)
+                self.endings.append("fin")
+            except ConnectionResetError:
+                self.endings.append("reset")
+
+
+@pytest.mark.parametrize("code", ["NO_ERROR", "CANCEL"])
+def test_a_client_reset_with_no_error_or_cancel_ends_the_stream_cleanly(
+    loop, rust_server, client_cert, code
+):
+    """RST_STREAM NO_ERROR or CANCEL is the client hanging up: the upstream gets a FIN, not a
+    reset, and the stream is reported with no error (Istio's ztunnel reads them so)."""
+    upstream = Upstream(greeting=b"hello")
+    reports: list[tuple[object, str | None]] = []
+    listener = rust_server.serve(
+        "127.0.0.1:0",
+        SERVER,
+        Allow(upstream.address),
+        report=lambda subject, src, dst, sent, received, seconds, error: reports.append(
+            (subject, error)
+        ),
+    )
+
+    async def main() -> None:
+        client = HboneClient(client_cert, address(listener), [SERVER])
+        await client.connect()
+        stream = await client.open_stream(upstream.address)
+        await stream.write(b"x" * 1000)
+        assert await stream.read() == b"hello"
+        stream.reset(getattr(h2.errors.ErrorCodes, code))
+        await asyncio.to_thread(wait_until, lambda: bool(upstream.endings))
+        await client.close()
+
+    run(loop, main())
+    assert upstream.endings == ["fin"] and upstream.received == 1000
+    wait_until(lambda: bool(reports), what="the stream's report")
+    assert reports[0][1] is None, reports
+
+
+def test_a_protocol_error_reset_is_reported_as_an_error(loop, rust_server, client_cert):
+    """Any other reset code is a failure of the stream, and its report says so."""
+    upstream = Upstream(greeting=b"hello")
+    reports: list[str | None] = []
+    listener = rust_server.serve(
+        "127.0.0.1:0",
+        SERVER,
+        Allow(upstream.address),
+        report=lambda subject, src, dst, sent, received, seconds, error: reports.append(error),
+    )
+
+    async def main() -> None:
+        client = HboneClient(client_cert, address(listener), [SERVER])
+        await client.connect()
+        stream = await client.open_stream(upstream.address)
+        assert await stream.read() == b"hello"
+        stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        await asyncio.to_thread(wait_until, lambda: bool(upstream.endings))
+        await client.close()
+
+    run(loop, main())
+    wait_until(lambda: bool(reports), what="the stream's report")
+    assert reports[0] is not None and "INTERNAL_ERROR" in reports[0], reports
+
+
+def test_the_upstream_half_closing_lets_the_client_keep_sending(loop, rust_server, client_cert):
+    """One direction ending (the app sends its answer and FIN) does not end the other: the client
+    keeps sending until it half-closes too, and every byte arrives."""
+    upstream = Upstream(greeting=b"early answer")
+    listener = rust_server.serve("127.0.0.1:0", SERVER, Allow(upstream.address))
+
+    async def main() -> bytes:
+        client = HboneClient(client_cert, address(listener), [SERVER])
+        await client.connect()
+        stream = await client.open_stream(upstream.address)
+        answer = await stream.read()
+        for _ in range(20):
+            await stream.write(b"z" * 50_000)
+        await stream.write_eof()
+        rest = b""
+        while data := await stream.read():
+            rest += data
+        await client.close()
+        return answer + rest
+
+    assert run(loop, main()) == b"early answer"
+    wait_until(lambda: upstream.endings == ["fin"], what="the upstream to see the client's FIN")
+    assert upstream.received == 20 * 50_000
