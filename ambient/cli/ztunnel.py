@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import signal
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..config import ConfigError, load_mesh
 from ..hbone import DataPlane
+from ..identity.ca import WORKLOAD_CERT_TTL
 from ..identity.manager import CertificateManager
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..telemetry.metrics import ConnectionMetrics, registry
@@ -98,6 +100,14 @@ def register(commands: Any) -> None:
         default=DEFAULT_TRUST_DOMAIN,
         help=f"SPIFFE trust domain of the pods' identities (default {DEFAULT_TRUST_DOMAIN})",
     )
+    z.add_argument(
+        "--certificate-ttl",
+        type=float,
+        default=WORKLOAD_CERT_TTL.total_seconds(),
+        metavar="SECONDS",
+        help="lifetime of the pods' certificates, renewed at half of it (Istio's SECRET_TTL; "
+        "default 86400); short ones exercise rotation",
+    )
     z.add_argument("--workers", type=int, default=None, help="core worker threads")
     add_limit_arguments(z)
     z.add_argument(
@@ -142,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
     # In-pod mode: the proxy's own sockets carry the mark the pods' rules let through untouched.
     raise_fd_limit()
     with DataPlane(args.workers, mark=PROXY_MARK if inpod else None, **limit_options(args)) as dp:
-        certificates = CertificateManager(ca, dp.load_identity)
+        certificates = CertificateManager(
+            ca,
+            dp.load_identity,
+            uninstall=dp.core.remove_identity,
+            ttl=dt.timedelta(seconds=args.certificate_ttl),
+        )
         connection_metrics = ConnectionMetrics()
         ztunnel = Ztunnel(
             args.node,

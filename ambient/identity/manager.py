@@ -35,15 +35,22 @@ class CertificateManager:
         ca: CertificateAuthority,
         install: Callable[[WorkloadCertificate], object],
         *,
+        uninstall: Callable[[str], object] | None = None,
         ttl: dt.timedelta = WORKLOAD_CERT_TTL,
         clock: Clock = utcnow,
     ) -> None:
         self._ca = ca
         self._install = install
+        self._uninstall = uninstall
+        # Serialises installing and forgetting, so a renewal racing a forget cannot put back an
+        # identity that was just removed from the data plane.
+        self._installing = threading.Lock()
         self._ttl = ttl
         self._clock = clock
         self._certs: dict[str, WorkloadCertificate] = {}
         self._due: list[tuple[dt.datetime, str]] = []  # heap of (renewal time, identity)
+        # The renewal time in force per identity: heap entries that differ are stale.
+        self._due_at: dict[str, dt.datetime] = {}
         self._lock = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._renew_loop, name="cert-renewal", daemon=True)
@@ -58,20 +65,36 @@ class CertificateManager:
         return self._issue(identity)
 
     def forget(self, identity: str) -> None:
-        with self._lock:
-            self._certs.pop(identity, None)
+        """Stop keeping ``identity``'s certificate: it is no longer renewed, and it is removed
+        from the data plane (``uninstall``)."""
+        with self._installing:
+            with self._lock:
+                known = self._certs.pop(identity, None) is not None
+                self._due_at.pop(identity, None)
+            if known and self._uninstall is not None:
+                self._uninstall(identity)
 
     def certificates(self) -> list[WorkloadCertificate]:
         with self._lock:
             return sorted(self._certs.values(), key=lambda c: c.identity)
 
-    def _issue(self, identity: str) -> WorkloadCertificate:
-        cert = self._ca.issue(identity, now=self._clock(), ttl=self._ttl)
-        self._install(cert)
-        with self._lock:
-            self._certs[identity] = cert
-            heapq.heappush(self._due, (cert.renew_at(), identity))
-            self._lock.notify()
+    def _issue(self, identity: str, *, renewal: bool = False) -> WorkloadCertificate:
+        now = self._clock()
+        cert = self._ca.issue(identity, now=now, ttl=self._ttl)
+        # Istio's half-life counts from the backdated notBefore; a lifetime shorter than twice
+        # the backdating (a test's) would put that in the past: then half of it from now.
+        due = cert.renew_at() if cert.renew_at() > now else now + self._ttl / 2
+        with self._installing:
+            if renewal:
+                with self._lock:
+                    if identity not in self._certs:
+                        return cert  # forgotten while it was being renewed
+            self._install(cert)
+            with self._lock:
+                self._certs[identity] = cert
+                self._due_at[identity] = due
+                heapq.heappush(self._due, (due, identity))
+                self._lock.notify()
         log.info("certificate for %s issued, valid until %s", identity, cert.not_after)
         return cert
 
@@ -81,17 +104,18 @@ class CertificateManager:
         due: list[str] = []
         with self._lock:
             while self._due and self._due[0][0] <= now:
-                _, identity = heapq.heappop(self._due)
-                if identity in self._certs and self._certs[identity].renew_at() <= now:
+                at, identity = heapq.heappop(self._due)
+                if identity in self._certs and self._due_at.get(identity) == at:
                     due.append(identity)
         renewed = []
         for identity in due:
             try:
-                self._issue(identity)
+                self._issue(identity, renewal=True)
                 renewed.append(identity)
             except Exception:
                 log.exception("renewing the certificate of %s failed; retrying", identity)
                 with self._lock:
+                    self._due_at[identity] = now + RETRY_AFTER
                     heapq.heappush(self._due, (now + RETRY_AFTER, identity))
         return renewed
 

@@ -211,7 +211,6 @@ class Ztunnel:
         for cert in self.certificates.certificates():
             if cert.identity not in needed:
                 self.certificates.forget(cert.identity)
-                self.dataplane.core.remove_identity(cert.identity)
         present = {(w.workload_name or w.name, w.namespace) for w in mesh.workloads}
         unknown = (UNKNOWN, UNKNOWN)
         self.metrics.forget(
