@@ -11,6 +11,12 @@
 //!
 //! Chunks are `Bytes`, so data read from a socket goes into an HTTP/2 DATA frame without another
 //! copy, and HTTP/2 data goes to a socket straight from the frame's buffer.
+//!
+//! A connection the proxy itself cuts (a drain deadline, a removed pod, a policy that no longer
+//! allows it) is aborted on both sides, not closed: a socket gets a TCP RST, an HBONE stream an
+//! `RST_STREAM` with `CONNECT_ERROR` (RFC 9113 §8.5). A plain close would end each side with a
+//! FIN or a CANCEL — which a peer reads as a normal end — and an application would take a
+//! truncated answer for a whole one.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +25,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::poll_fn;
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Counters;
 use crate::stats::Stats;
@@ -55,6 +62,9 @@ pub trait Writer: Send {
     fn closed(&mut self) -> impl std::future::Future<Output = ()> + Send {
         std::future::pending()
     }
+    /// End this side abruptly instead of half-closing it: the other side reported an error, not
+    /// an end (RFC 9113 §8.5: a stream error becomes a TCP RST, and back).
+    fn abort(&mut self) {}
 }
 
 /// Reads from a byte stream with a buffer that grows as the flow proves to be bulk.
@@ -103,15 +113,58 @@ impl<R: AsyncRead + Unpin + Send> Reader for StreamReader<R> {
     }
 }
 
-pub struct StreamWriter<W>(pub W);
+/// Whether the proxy has cut a connection: any of the tokens that cut it (its listener's hard
+/// stop, its own close) has fired. Writers abort their side on drop when it has.
+#[derive(Clone, Default)]
+pub struct Cut(Vec<CancellationToken>);
 
-impl<W: AsyncWrite + Unpin + Send> Writer for StreamWriter<W> {
+impl Cut {
+    pub fn by(tokens: impl IntoIterator<Item = CancellationToken>) -> Self {
+        Self(tokens.into_iter().collect())
+    }
+
+    fn happened(&self) -> bool {
+        self.0.iter().any(CancellationToken::is_cancelled)
+    }
+}
+
+/// A stream that can be ended abruptly: a TCP socket is reset.
+pub trait Abort {
+    fn abort(&mut self);
+}
+
+impl Abort for tokio::net::tcp::OwnedWriteHalf {
+    fn abort(&mut self) {
+        // Closing with a zero linger time sends RST instead of FIN.
+        let _ = socket2::SockRef::from(self.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+impl Abort for tokio::net::unix::OwnedWriteHalf {
+    fn abort(&mut self) {} // a Unix socket has no reset; its close is all there is
+}
+
+pub struct StreamWriter<W: Abort>(pub W, pub Cut);
+
+impl<W: Abort> Drop for StreamWriter<W> {
+    fn drop(&mut self) {
+        if self.1.happened() {
+            self.0.abort();
+        }
+    }
+}
+
+impl<W: AsyncWrite + Abort + Unpin + Send> Writer for StreamWriter<W> {
     async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
         self.0.write_all(&chunk).await
     }
 
     async fn finish(&mut self) -> io::Result<()> {
         self.0.shutdown().await
+    }
+
+    fn abort(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -120,10 +173,12 @@ fn h2_io(err: h2::Error) -> io::Error {
         return err.into_io().unwrap();
     }
     match err.reason() {
-        // Name the code (INTERNAL_ERROR...), as the access log should say it.
-        Some(reason) if err.is_remote() => {
-            io::Error::other(format!("the peer reset the stream with {reason:?} ({err})"))
-        }
+        // Name the code (INTERNAL_ERROR...), as the access log should say it; the kind tells
+        // the copy to abort the other side rather than half-close it.
+        Some(reason) if err.is_remote() => io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("the peer reset the stream with {reason:?} ({err})"),
+        ),
         _ => io::Error::other(err),
     }
 }
@@ -159,14 +214,29 @@ impl Reader for H2Reader {
                 Ok(Some(chunk))
             }
             // The peer reset its sending side: with NO_ERROR or CANCEL it is done sending.
-            Some(Err(e)) if is_hang_up(e.reason()) => Ok(None),
+            Some(Err(e)) if is_hang_up(e.reason()) && !e.is_io() => Ok(None),
+            // The whole HBONE connection died under an open stream: the stream did not end,
+            // it was aborted, and the local side must learn so (a FIN would pass for an end).
+            Some(Err(e)) if e.is_io() || e.is_go_away() => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("the HBONE connection ended under the stream: {e}"),
+            )),
             Some(Err(e)) => Err(h2_io(e)),
         }
     }
 }
 
 /// The sending half of an HBONE stream; waits for HTTP/2 flow-control capacity.
-pub struct H2Writer(pub SendStream<Bytes>);
+pub struct H2Writer(pub SendStream<Bytes>, pub Cut);
+
+impl Drop for H2Writer {
+    fn drop(&mut self) {
+        if self.1.happened() {
+            // Dropped unfinished, h2 would send CANCEL, which the peer takes for a hang-up.
+            self.0.send_reset(h2::Reason::CONNECT_ERROR);
+        }
+    }
+}
 
 impl Writer for H2Writer {
     async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
@@ -203,6 +273,10 @@ impl Writer for H2Writer {
 
     async fn closed(&mut self) {
         let _ = poll_fn(|cx| self.0.poll_reset(cx)).await;
+    }
+
+    fn abort(&mut self) {
+        self.0.send_reset(h2::Reason::CONNECT_ERROR);
     }
 
     async fn finish(&mut self) -> io::Result<()> {
@@ -279,6 +353,13 @@ async fn one_way(
     }
     .await;
     let copied = copied.or_else(|e| if is_hang_up_io(&e) { Ok(()) } else { Err(e) });
+    if let Err(e) = &copied {
+        if e.kind() == io::ErrorKind::ConnectionAborted {
+            // The peer aborted its stream: pass the abort on rather than a clean FIN.
+            writer.abort();
+            return copied;
+        }
+    }
     let finished = writer
         .finish()
         .await
@@ -337,7 +418,7 @@ mod tests {
 
     /// A writer that records what it got and whether it was finished.
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<(Vec<u8>, bool)>>);
+    struct Sink(Arc<Mutex<(Vec<u8>, bool)>>, Arc<Mutex<bool>>);
 
     impl Writer for Sink {
         async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
@@ -347,6 +428,9 @@ mod tests {
         async fn finish(&mut self) -> io::Result<()> {
             self.0.lock().unwrap().1 = true;
             Ok(())
+        }
+        fn abort(&mut self) {
+            *self.1.lock().unwrap() = true;
         }
     }
 
@@ -382,6 +466,25 @@ mod tests {
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
         assert_eq!(*to_b.0.lock().unwrap(), (b"ping".to_vec(), true));
         assert_eq!(*to_a.0.lock().unwrap(), (b"pongmore".to_vec(), true));
+    }
+
+    #[test]
+    fn a_stream_aborted_by_the_peer_aborts_the_other_side_instead_of_half_closing_it() {
+        let a = Script(VecDeque::from([
+            data("partial"),
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "CONNECT_ERROR",
+            )),
+        ]));
+        let b = Script(VecDeque::from([Ok(None)]));
+        let (result, _, to_b) = run(a, b);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(*to_b.0.lock().unwrap(), (b"partial".to_vec(), false));
+        assert!(
+            *to_b.1.lock().unwrap(),
+            "the far side must be aborted, not finished"
+        );
     }
 
     #[test]

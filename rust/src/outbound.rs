@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio_util::sync::CancellationToken;
 
-use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
+use crate::copy::{self, Abort, Cut, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::Shared;
 use crate::decision::{DecisionError, OutboundDecider, Plan};
 use crate::hbone::client::HboneError;
@@ -27,7 +28,7 @@ use crate::stats::{ActiveGuard, Stats};
 /// A local stream the core can split into independently owned halves.
 pub trait LocalStream: Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
-    type Write: AsyncWrite + Unpin + Send + 'static;
+    type Write: AsyncWrite + Abort + Unpin + Send + 'static;
     fn halves(self) -> (Self::Read, Self::Write);
 }
 
@@ -166,16 +167,21 @@ async fn establish(
 }
 
 /// Copy between the local stream and the established far side until both directions end.
+/// `cut` says when the proxy cut the connection: both sides are then aborted, not closed.
 async fn carry<S: LocalStream>(
     local: S,
     far: Established,
     shared: &Shared,
     transferred: &Transferred,
     labelled: Option<&Counters>,
+    cut: Cut,
 ) -> io::Result<()> {
     let _active = ActiveGuard::new(&shared.stats.active_tunnels);
     let (local_read, local_write) = local.halves();
-    let local_side = (StreamReader::new(local_read), StreamWriter(local_write));
+    let local_side = (
+        StreamReader::new(local_read),
+        StreamWriter(local_write, cut.clone()),
+    );
     match far {
         Established::Hbone {
             streams: (send, recv),
@@ -183,7 +189,7 @@ async fn carry<S: LocalStream>(
         } => {
             copy::bidirectional(
                 local_side,
-                (H2Reader(recv), H2Writer(send)),
+                (H2Reader(recv), H2Writer(send, cut)),
                 &shared.stats,
                 transferred,
                 labelled,
@@ -194,7 +200,7 @@ async fn carry<S: LocalStream>(
             let (r, w) = tcp.into_split();
             copy::bidirectional(
                 local_side,
-                (StreamReader::new(r), StreamWriter(w)),
+                (StreamReader::new(r), StreamWriter(w, cut)),
                 &shared.stats,
                 transferred,
                 labelled,
@@ -375,13 +381,16 @@ async fn establish_and_carry(
             return Some(format!("the SOCKS5 client went away before its reply: {e}"));
         }
     }
-    let carrying = carry(tcp, far, shared, transferred, labelled);
+    let closing = CancellationToken::new();
+    let cut = Cut::by([ctx.scope.hard.clone(), closing.clone()]);
+    let carrying = carry(tcp, far, shared, transferred, labelled, cut);
     let result = shared
         .connections
         .run(
             Subject::Plan(plan.clone()),
             source,
             destination.to_string(),
+            closing,
             carrying,
         )
         .await;
@@ -440,7 +449,8 @@ pub async fn tunnel_stream<S: LocalStream>(
         Ok(far) => {
             on_ready(None);
             let transferred = Transferred::default();
-            let carrying = carry(local, far, &shared, &transferred, plan.counters());
+            let cut = Cut::by([shared.hard_stop.clone()]);
+            let carrying = carry(local, far, &shared, &transferred, plan.counters(), cut);
             match carrying.await {
                 Ok(()) => count.finish(Flag::None),
                 Err(e) => {

@@ -42,16 +42,17 @@ impl Drop for Registered<'_> {
 
 impl ConnectionRegistry {
     /// Run `carry` as a registered live connection. `Err(reason)` when it was closed from
-    /// outside ([`close`](Self::close)): `carry` is then dropped, which closes both sides.
+    /// outside ([`close`](Self::close)): `cancel` is then cancelled and `carry` dropped, which
+    /// aborts both sides (the writers watch `cancel`).
     pub async fn run<T>(
         &self,
         subject: Subject,
         source: SocketAddr,
         destination: String,
+        cancel: CancellationToken,
         carry: impl Future<Output = T>,
     ) -> Result<T, String> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = CancellationToken::new();
         let reason = Arc::new(Mutex::new(None));
         self.live.lock().unwrap().insert(
             id,

@@ -23,12 +23,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, PING_INTERVAL,
     PING_TIMEOUT, STREAM_WINDOW,
 };
-use crate::copy::{self, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
+use crate::copy::{self, Cut, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::Shared;
 use crate::decision::{DecisionError, InboundDecider, InboundRequest, Verdict};
 use crate::limits::Admission;
@@ -561,9 +562,11 @@ async fn carry_stream(
     };
     let _active = ActiveGuard::new(&stats.active_tunnels);
     let (up_read, up_write) = upstream.into_split();
+    let closing = CancellationToken::new();
+    let cut = Cut::by([ctx.scope.hard.clone(), closing.clone()]);
     let copying = copy::bidirectional(
-        (H2Reader(request.into_body()), H2Writer(send)),
-        (StreamReader::new(up_read), StreamWriter(up_write)),
+        (H2Reader(request.into_body()), H2Writer(send, cut.clone())),
+        (StreamReader::new(up_read), StreamWriter(up_write, cut)),
         stats,
         transferred,
         verdict.counters(),
@@ -575,6 +578,7 @@ async fn carry_stream(
             Subject::Verdict(verdict.clone()),
             peer,
             authority.to_string(),
+            closing,
             copying,
         )
         .await;
