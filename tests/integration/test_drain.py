@@ -95,6 +95,16 @@ def refused(address: str) -> bool:
     return False
 
 
+def draining(plane: DataPlane, app: App) -> bool:
+    """Whether ``plane`` has started draining: it then refuses new listeners."""
+    try:
+        plane.forward("127.40.0.5:0", TcpTarget(address_of(app))).close()
+    except RuntimeError as e:
+        assert "draining or stopped" in str(e)
+        return True
+    return False
+
+
 @pytest.fixture
 def app() -> Iterator[App]:
     echo = App("echo", ("127.40.0.1", 0))
@@ -259,9 +269,10 @@ def test_a_drain_whose_connections_end_in_time_returns_true_at_once(planes, app,
     drain = threading.Thread(target=lambda: result.append(setup.plane.drain(long_deadline)))
     drain.start()
     try:
-        if setup.listeners:
-            address = setup.listeners[0].local_address
-            wait_until(lambda: refused(address), what="the drain to stop accepting")
+        wait_until(lambda: draining(setup.plane, app), what="the drain to start")
+        for listener in setup.listeners:
+            address = listener.local_address
+            wait_until(lambda a=address: refused(a), what="the listeners to stop accepting")
         sock.sendall(b"during the drain")
         assert read_exactly(sock, 16) == b"during the drain"  # not cut: the deadline is far
         assert drain.is_alive()  # it waits for the live connection
@@ -279,7 +290,8 @@ def test_a_drain_whose_connections_end_in_time_returns_true_at_once(planes, app,
     assert setup.plane.stats()["live_connections"] == 0
     if kind != "connect":  # a tunnel made by connect has no report callback
         wait_until(lambda: setup.reports.errors != [], what="the connection's report")
-        assert setup.reports.errors == [None]  # ended well
+        # Ended well (a probe that raced the listener's close may have been carried too).
+        assert set(setup.reports.errors) == {None}
 
 
 @pytest.mark.parametrize("method", ["drain", "close"])
