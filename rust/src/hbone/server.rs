@@ -450,6 +450,7 @@ async fn serve_stream(
             &verdict,
             &ctx,
             &transferred,
+            &stream,
         );
         tokio::select! {
             biased;
@@ -486,6 +487,8 @@ fn early_reset(
 
 /// Carry out the verdict on one stream: answer it, and copy until both directions end.
 /// Returns why the stream failed or was refused, if it did.
+// The stream's parts and context, passed down one to one: a struct would only move the list.
+#[allow(clippy::too_many_arguments)]
 async fn carry_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -494,6 +497,7 @@ async fn carry_stream(
     verdict: &Verdict,
     ctx: &InboundContext,
     transferred: &Transferred,
+    stream: &OpenStream,
 ) -> Option<String> {
     let stats = &ctx.shared.stats;
     let count = ConnectionCount::open(verdict.counters());
@@ -521,7 +525,7 @@ async fn carry_stream(
     let connected = tokio::select! {
         biased;
         reason = client_reset(&mut respond) => {
-            Stats::inc(&stats.hbone_requests_reset_by_client);
+            early_reset(ctx, stream, peer, authority, reason);
             return Some(format!(
                 "the client reset the stream ({reason:?}) while the upstream {} was being connected",
                 allow.upstream
