@@ -49,6 +49,8 @@ const DEFAULT_HBONE_IDLE_TIMEOUT: f64 = 600.0;
 /// Tokio's pool for blocking work; nothing of ours runs there (decisions have their own
 /// threads), so it only needs to be bounded.
 const MAX_BLOCKING_THREADS: usize = 16;
+/// How long closing waits for the last reports to reach Python.
+const REPORTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a connection cut at the drain deadline is told.
 const DRAIN_CUT: &str = "cut: the drain deadline passed while the proxy was shutting down";
 
@@ -572,10 +574,13 @@ impl Core {
     fn close(&self, py: Python<'_>, deadline: f64) -> PyResult<bool> {
         let finished = self.drain(py, deadline)?;
         let runtime = self.runtime.lock().unwrap().take();
-        if let Some(runtime) = runtime {
-            py.detach(move || runtime.shutdown_timeout(Duration::from_secs(1)));
-        }
-        self.shared.reports.close();
+        let reports = self.shared.reports.clone();
+        py.detach(move || {
+            if let Some(runtime) = runtime {
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            }
+            reports.close_and_wait(REPORTS_FLUSH_TIMEOUT);
+        });
         self.shared.decisions.close();
         Ok(finished)
     }

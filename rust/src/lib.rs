@@ -8,6 +8,7 @@ mod allocator;
 mod copy;
 mod core;
 mod decision;
+mod ending;
 mod hbone;
 mod identity;
 mod limits;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::copy::{self, Abort, Cut, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::Shared;
 use crate::decision::{DecisionError, OutboundDecider, Plan};
+use crate::ending;
 use crate::hbone::client::HboneError;
 use crate::hbone::CONNECT_TIMEOUT;
 use crate::limits::Admission;
@@ -362,6 +363,15 @@ async fn establish_and_carry(
     let count = ConnectionCount::open(labelled);
     let far = match establish(plan, Some(source), &ctx.sockets, shared).await {
         Ok(far) => far,
+        Err(_) if ctx.scope.cut_now().is_some() => {
+            // The cut took the pooled connection this one was being established on.
+            return ending::carried(
+                Ok(Err(io::Error::other("cut"))),
+                ctx.scope.cut_now(),
+                count,
+                &shared.stats,
+            );
+        }
         Err(e) => {
             count.finish(e.flag());
             log::info!("outbound {source} -> {destination} refused: {e}");
@@ -394,21 +404,7 @@ async fn establish_and_carry(
             carrying,
         )
         .await;
-    match result {
-        Ok(Ok(())) => {
-            count.finish(Flag::None);
-            None
-        }
-        Ok(Err(e)) => {
-            count.finish(Flag::Connect);
-            Some(e.to_string())
-        }
-        Err(reason) => {
-            Stats::inc(&shared.stats.connections_closed_by_policy);
-            count.finish(Flag::Deny);
-            Some(format!("closed: {reason}"))
-        }
-    }
+    ending::carried(result, ctx.scope.cut_now(), count, &shared.stats)
 }
 
 /// Everything one outbound listener needs for its connections.
@@ -445,23 +441,48 @@ pub async fn tunnel_stream<S: LocalStream>(
     on_ready: impl FnOnce(Option<String>) + Send + 'static,
 ) {
     let count = ConnectionCount::open(plan.counters());
-    match establish(&plan, source, &shared.sockets, &shared).await {
-        Ok(far) => {
-            on_ready(None);
-            let transferred = Transferred::default();
-            let cut = Cut::by([shared.hard_stop.clone()]);
-            let carrying = carry(local, far, &shared, &transferred, plan.counters(), cut);
-            match carrying.await {
-                Ok(()) => count.finish(Flag::None),
-                Err(e) => {
-                    count.finish(Flag::Connect);
-                    log::debug!("tunnel ended with error: {e}");
-                }
-            }
-        }
+    let far = match establish(&plan, source, &shared.sockets, &shared).await {
+        Ok(far) => far,
         Err(e) => {
             count.finish(e.flag());
             on_ready(Some(e.to_string()));
+            return;
         }
+    };
+    on_ready(None);
+    let transferred = Transferred::default();
+    let closing = CancellationToken::new();
+    let hard = shared.hard_stop.clone();
+    let cut = Cut::by([hard.clone(), closing.clone()]);
+    let carrying = carry(local, far, &shared, &transferred, plan.counters(), cut);
+    // Registered like any connection, so it is listed, can be closed and is counted when cut.
+    let source = source.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let destination = plan_destination(&plan);
+    let registered = shared.connections.run(
+        Subject::Plan(plan.clone()),
+        source,
+        destination,
+        closing,
+        carrying,
+    );
+    let result = tokio::select! {
+        biased;
+        result = registered => result,
+        _ = hard.cancelled() => Ok(Err(io::Error::other("cut"))),
+    };
+    let cut_reason = hard
+        .is_cancelled()
+        .then(|| "cut: the drain deadline passed while the data plane was closing".to_string());
+    if let Some(error) = ending::carried(result, cut_reason, count, &shared.stats) {
+        log::debug!("tunnel ended: {error}");
+    }
+}
+
+/// Where a plan sends a connection, as the registry lists it.
+fn plan_destination(plan: &Plan) -> String {
+    match plan {
+        Plan::Hbone(t) => t.get().authority.clone(),
+        Plan::Tcp(t) => t.get().address.to_string(),
+        Plan::Deny(_) => String::new(),
     }
 }

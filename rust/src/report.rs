@@ -72,6 +72,8 @@ const EARLY_PER_SECOND: u32 = 50;
 /// rather than one per connection.
 pub struct ReportQueue {
     tx: Mutex<Option<mpsc::Sender<Item>>>,
+    /// Signalled by the reporter thread when it has delivered everything and ended.
+    done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     /// Reports lost because the queue was full.
     pub dropped: AtomicU64,
     /// Early reports the per-listener rate limit turned away.
@@ -81,6 +83,7 @@ pub struct ReportQueue {
 impl ReportQueue {
     pub fn start() -> Arc<Self> {
         let (tx, mut rx) = mpsc::channel::<Item>(QUEUE_CAPACITY);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("ambient-report".into())
             .spawn(move || {
@@ -98,10 +101,12 @@ impl ReportQueue {
                         }
                     });
                 }
+                let _ = done_tx.send(());
             })
             .expect("spawning the report thread");
         Arc::new(Self {
             tx: Mutex::new(Some(tx)),
+            done: Mutex::new(Some(done_rx)),
             dropped: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
         })
@@ -125,6 +130,16 @@ impl ReportQueue {
     /// Stop taking reports; the thread ends once the queue is drained.
     pub fn close(&self) {
         self.tx.lock().unwrap().take();
+    }
+
+    /// Stop taking reports and wait (up to `timeout`) until every queued one was delivered, so a
+    /// process that exits next loses none of its last access-log lines. Call without the GIL:
+    /// the reporter thread needs it.
+    pub fn close_and_wait(&self, timeout: std::time::Duration) {
+        self.close();
+        if let Some(done) = self.done.lock().unwrap().take() {
+            let _ = done.recv_timeout(timeout);
+        }
     }
 }
 

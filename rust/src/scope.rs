@@ -93,11 +93,18 @@ impl ListenerScope {
     /// Resolves with the reason when this listener's connections are cut.
     pub async fn cut(&self) -> String {
         self.hard.cancelled().await;
-        self.cut_reason
-            .lock()
-            .unwrap()
-            .clone()
-            .unwrap_or_else(|| "cut: the listener was closed".into())
+        self.cut_now().expect("the hard stop fired")
+    }
+
+    /// The reason if this listener's connections are being cut now.
+    pub fn cut_now(&self) -> Option<String> {
+        self.hard.is_cancelled().then(|| {
+            self.cut_reason
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| "cut: the listener was closed".into())
+        })
     }
 
     /// Set why connections are cut, unless a reason is already set.
@@ -128,6 +135,8 @@ impl ListenerScope {
             .unwrap_or_default();
         loop {
             let next = tokio::select! {
+                // A drain wins over a connection waiting in the queue: nothing is accepted after.
+                biased;
                 _ = self.draining.cancelled() => return,
                 next = listener.accept() => next,
             };

@@ -32,6 +32,7 @@ use super::{
 use crate::copy::{self, Cut, H2Reader, H2Writer, StreamReader, StreamWriter, Transferred};
 use crate::core::Shared;
 use crate::decision::{DecisionError, InboundDecider, InboundRequest, Verdict};
+use crate::ending;
 use crate::limits::Admission;
 use crate::metrics::{ConnectionCount, Flag};
 use crate::report::{Reporter, Subject};
@@ -586,28 +587,15 @@ async fn carry_stream(
             copying,
         )
         .await;
-    match result {
-        Ok(Ok(())) => {
-            count.finish(Flag::None);
-            None
-        }
-        Ok(Err(e)) => {
-            count.finish(Flag::Connect);
-            log::debug!(
-                "HBONE stream {peer} -> {} ended with error after {}/{} bytes: {e}",
-                allow.upstream,
-                transferred.sent(),
-                transferred.received()
-            );
-            Some(e.to_string())
-        }
-        Err(reason) => {
-            // Closed from outside: a policy change no longer allows it (Istio: a late DENY).
-            Stats::inc(&stats.connections_closed_by_policy);
-            count.finish(Flag::Deny);
-            Some(format!("closed: {reason}"))
-        }
+    if let Ok(Err(e)) = &result {
+        log::debug!(
+            "HBONE stream {peer} -> {} ended with error after {}/{} bytes: {e}",
+            allow.upstream,
+            transferred.sent(),
+            transferred.received()
+        );
     }
+    ending::carried(result, ctx.scope.cut_now(), count, stats)
 }
 
 fn upstream_failed(
