@@ -153,3 +153,27 @@ def test_outbound_connections_are_reported(plane, echo):
     by_tag = {r[0].tag: r for r in reports.items}
     assert by_tag["first"][3:] == (3, 3, None)
     assert "TCP connect to" in by_tag["second"][5] and dead in by_tag["second"][5]
+
+
+def _open_fds() -> set[int]:
+    import os
+
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.parametrize(
+    "plan", ["not a plan", None, Allow("127.0.0.1:1")], ids=["string", "none", "inbound-verdict"]
+)
+def test_a_socket_handed_to_the_core_is_closed_when_it_is_refused(dataplane_factory, plan):
+    """tunnel() detaches the socket: whatever is wrong with the call, the core owns the
+    descriptor from then on and closes it, so a refused hand-over leaks nothing."""
+    dp = dataplane_factory(1)
+    before = _open_fds()
+    for _ in range(50):
+        ours, theirs = socket.socketpair()
+        with pytest.raises(ValueError, match="plan"):
+            dp.tunnel(theirs, plan, lambda error: None)
+        ours.settimeout(5)
+        assert ours.recv(1) == b""  # the core closed its end
+        ours.close()
+    assert len(_open_fds()) <= len(before)
