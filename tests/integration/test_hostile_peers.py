@@ -11,6 +11,7 @@ core. Everything binds 127.50.0.0/16.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import socket
@@ -572,6 +573,7 @@ def test_rapid_reset_gets_enhance_your_calm_and_its_source_refused_for_a_while(b
     throughout, and the refused source is accepted again once the penalty is over."""
     gated = "127.50.0.99:80"
     entered: queue.Queue[None] = queue.Queue()
+    held = itertools.count()
 
     def resets() -> int:
         return bench.stats()["hbone_requests_reset_by_client"]
@@ -580,9 +582,9 @@ def test_rapid_reset_gets_enhance_your_calm_and_its_source_refused_for_a_while(b
         # The decision lasts until the server has seen the client reset its stream, so every
         # reset lands while a decision runs. (The resets must all fall within one 10 s window,
         # so the attack goes as fast as the server lets it: nothing in this loop waits long.)
-        seen = resets()
+        n = next(held)  # streams are opened one after the other: this is the n-th
         entered.put(None)
-        wait_until(lambda: resets() > seen, 5, "the client to reset the stream")
+        wait_until(lambda: resets() > n, 5, "the client to reset the stream")
         return Allow(bench.echo_address)
 
     bench.hooks[gated] = hold
