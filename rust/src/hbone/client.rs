@@ -107,6 +107,10 @@ pub struct HboneConnection {
     closed: Arc<AtomicBool>,
     /// When the last stream ended (for the pool's idle timeout).
     idle_since: Mutex<Instant>,
+    /// Whether the peer ever answered a request here: until it has, a connection-level HTTP/2
+    /// failure means the HTTP/2 handshake failed (h2's client handshake does not wait for the
+    /// server's preface, so a peer that sends garbage instead is only found out here).
+    answered: AtomicBool,
 }
 
 impl HboneConnection {
@@ -188,7 +192,14 @@ impl HboneConnection {
         let response = tokio::time::timeout(RESPONSE_TIMEOUT, response)
             .await
             .map_err(|_| HboneError::Timeout(peer, "the CONNECT response"))?
-            .map_err(|e| HboneError::Http2(peer, e))?;
+            .map_err(|e| {
+                if self.answered.load(Ordering::Acquire) || e.is_reset() {
+                    HboneError::Http2(peer, e)
+                } else {
+                    HboneError::Handshake(peer, e)
+                }
+            })?;
+        self.answered.store(true, Ordering::Release);
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status(peer, response.status()));
         }
@@ -280,5 +291,6 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
         active: AtomicUsize::new(0),
         closed,
         idle_since: Mutex::new(Instant::now()),
+        answered: AtomicBool::new(false),
     })
 }

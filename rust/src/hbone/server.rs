@@ -270,6 +270,17 @@ async fn serve_connection(
                     ctx.scope
                         .spawn(serve_stream(request, respond, peer, identity, ctx.clone(), stream));
                 }
+                Some(Err(e))
+                    if e.is_go_away()
+                        && !e.is_remote()
+                        && e.reason() == Some(Reason::ENHANCE_YOUR_CALM) =>
+                {
+                    // h2's own guard (too many streams reset before they were even accepted,
+                    // the classic rapid-reset burst) ended the connection: treat the source as
+                    // our budget does.
+                    reset_flood(&ctx, peer, local.as_str(), started);
+                    return;
+                }
                 Some(Err(e)) => {
                     log::debug!("HBONE connection from {peer} ended: {e}");
                     return;
@@ -282,14 +293,7 @@ async fn serve_connection(
                 conn.graceful_shutdown();
             }
             _ = activity.reset_flood.notified() => {
-                Stats::inc(&stats.hbone_connections_reset_flood);
-                ctx.scope.limiter.penalize(peer.ip(), RESET_FLOOD_PENALTY);
-                log::warn!(
-                    "HBONE connection from {peer} closed: more than {EARLY_RESET_BUDGET} streams \
-                     reset before their answer within {PING_INTERVAL:?} (rapid reset); refusing \
-                     {} for {RESET_FLOOD_PENALTY:?}",
-                    peer.ip()
-                );
+                reset_flood(&ctx, peer, local.as_str(), started);
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 // Let h2 flush the GOAWAY; the connection then ends.
                 let _ = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
@@ -316,6 +320,20 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// A connection that reset streams faster than any real client: counted, reported, and its
+/// source refused for a while.
+fn reset_flood(ctx: &InboundContext, peer: SocketAddr, local: &str, started: Instant) {
+    Stats::inc(&ctx.shared.stats.hbone_connections_reset_flood);
+    ctx.scope.limiter.penalize(peer.ip(), RESET_FLOOD_PENALTY);
+    let why = format!(
+        "closed with ENHANCE_YOUR_CALM: more than {EARLY_RESET_BUDGET} streams reset before their \
+         answer within {PING_INTERVAL:?} (rapid reset); {} refused for {RESET_FLOOD_PENALTY:?}",
+        peer.ip()
+    );
+    log::warn!("HBONE connection from {peer} {why}");
+    ctx.reporter.early(peer, local, started, why);
 }
 
 /// After refusing a handshake, make sure the alert reaches the client: with TLS 1.3 the client
