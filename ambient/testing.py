@@ -31,7 +31,10 @@ class App:
         say) — ``address`` is then ignored."""
         self.mode = mode
         self.sock = sock if sock is not None else socket.create_server(address, backlog=512)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        host, port = self.sock.getsockname()[:2]
+        # Where a local client reaches it: the bound address, or loopback for a wildcard.
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.peers: list[tuple[str, int]] = []
         self.received: list[int] = []
         self.closed = threading.Event()
