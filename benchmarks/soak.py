@@ -65,6 +65,8 @@ class FlowStats:
     corrupted: int = 0
     bytes: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    # (source address, bytes sent, bytes answered) of answers that differ from what was sent.
+    corruptions: list[tuple[str, int, int]] = field(default_factory=list)
     # Every source address the flow used (the access log names each): address -> connections.
     source_addresses: Counter[str] = field(default_factory=Counter)
 
@@ -100,7 +102,8 @@ def short_connections(stats: FlowStats, ip: str, stop: threading.Event, seed: in
         payload = rng.randbytes(rng.choice(SIZES))
         try:
             with socket.create_connection((ip, APP_PORT), timeout=SOCKET_TIMEOUT) as sock:
-                stats.source_addresses["{}:{}".format(*sock.getsockname())] += 1
+                address = "{}:{}".format(*sock.getsockname())
+                stats.source_addresses[address] += 1
                 answer = _exchange(sock, payload)
         except OSError as e:
             stats.failed += 1
@@ -115,6 +118,7 @@ def short_connections(stats: FlowStats, ip: str, stop: threading.Event, seed: in
             stats.errors["closed without an answer"] += 1
         else:
             stats.corrupted += 1
+            stats.corruptions.append((address, len(payload), len(answer)))
 
 
 def long_connection(stats: FlowStats, ip: str, stop: threading.Event) -> None:
@@ -200,15 +204,13 @@ def disturb(bed: Testbed, template: str, mesh: Path, stop: threading.Event, log:
         bed.add_pod(CHURNED_POD)
 
 
-def access_log_counts(bed: Testbed) -> dict[str, Counter[str]]:
-    """Per node: how many lines name each source address (outbound, and plaintext inbound)."""
-    counts: dict[str, Counter[str]] = {}
+def access_log_counts(bed: Testbed) -> Counter[tuple[str, str, str, str]]:
+    """Access-log lines per (node, direction, source workload, destination workload)."""
+    counts: Counter[tuple[str, str, str, str]] = Counter()
     for node in bed.nodes:
-        seen: Counter[str] = Counter()
         for line in bed.proxy(node).log_path.read_text().splitlines():
-            entry = json.loads(line)
-            seen[f"{entry.get('direction')} {entry.get('src.addr')}"] += 1
-        counts[node] = seen
+            e = json.loads(line)
+            counts[(node, e.get("direction"), e.get("src.workload"), e.get("dst.workload"))] += 1
     return counts
 
 
@@ -272,17 +274,18 @@ def _soak(bed: Testbed, template: str, mesh: Path, duration: float, seed: int):
 def report(bed, flows, longs, events, samples) -> dict[str, Any]:
     logged = access_log_counts(bed)
     node_of = {p.name: p.node for p in bed.topology.pods} if bed.topology else {}
-    unaccounted = []
+    made: Counter[tuple[str, str, str, str]] = Counter()
     for stats in [*flows, *longs]:
         # The source's ztunnel logs each connection it carried (outbound); a pod outside the
         # mesh has none, its connection is logged inbound by the destination's.
         if stats.source == "outside":
-            node, direction = node_of[stats.destination], "inbound"
+            key = (node_of[stats.destination], "inbound", stats.source, stats.destination)
         else:
-            node, direction = node_of[stats.source], "outbound"
-        for address, n in stats.source_addresses.items():
-            if logged[node][f"{direction} {address}"] < n:
-                unaccounted.append(f"{stats.source}->{stats.destination} {address}")
+            key = (node_of[stats.source], "outbound", stats.source, stats.destination)
+        made[key] += sum(stats.source_addresses.values())
+    unaccounted = [
+        f"{key}: {n} connections, {logged[key]} lines" for key, n in made.items() if logged[key] < n
+    ]
     warm = samples[min(2, len(samples) - 1)]  # after 20 s: pools and caches are warm
     last = samples[-1]
     growth = {
@@ -293,8 +296,7 @@ def report(bed, flows, longs, events, samples) -> dict[str, Any]:
         "flows": [_flow(s) for s in flows],
         "long_lived": [_flow(s) for s in longs],
         "events": dict(events),
-        "unaccounted_connections": unaccounted[:20],
-        "unaccounted_total": len(unaccounted),
+        "unaccounted": unaccounted,
         "growth_after_warmup": growth,
         "samples": samples,
     }
@@ -319,8 +321,8 @@ def problems(result: dict[str, Any], *, max_rss_growth_kib: int = 32 * 1024) -> 
             found.append(f"{name}: {flow['failed']} failures on a flow never cut: {flow['errors']}")
         if flow["ok"] == 0:
             found.append(f"{name}: nothing got through")
-    if result["unaccounted_total"]:
-        found.append(f"{result['unaccounted_total']} connections missing from the access logs")
+    for line in result["unaccounted"]:
+        found.append(f"missing from the access logs: {line}")
     for node, growth in result["growth_after_warmup"].items():
         if growth["fds"] > 20 or growth["threads"] > 5 or growth["rss_kib"] > max_rss_growth_kib:
             found.append(f"ztunnel {node} grew after warm-up: {growth}")
@@ -332,12 +334,19 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the testbed's files (access logs) here; default a temp"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("soak: needs root (network namespaces)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="ambient-soak-") as tmp:
-        result = run(args.duration, Path(tmp), args.seed)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = run(args.duration, args.workdir, args.seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ambient-soak-") as tmp:
+            result = run(args.duration, Path(tmp), args.seed)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     result["duration_s"] = args.duration
     found = problems(result)

@@ -130,41 +130,61 @@ impl Cut {
 
 /// A stream that can be ended abruptly: a TCP socket is reset.
 pub trait Abort {
-    fn abort(&mut self);
+    fn abort(self);
 }
 
 impl Abort for tokio::net::tcp::OwnedWriteHalf {
-    fn abort(&mut self) {
-        // Closing with a zero linger time sends RST instead of FIN.
+    fn abort(self) {
+        // Closing with a zero linger time sends RST instead of FIN. `forget`: tokio would
+        // otherwise shut the write side down (a FIN, which the peer reads as a clean end) when
+        // the half is dropped; the socket now closes, with its RST, when the read half goes.
         let _ = socket2::SockRef::from(self.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+        self.forget();
     }
 }
 
 impl Abort for tokio::net::unix::OwnedWriteHalf {
-    fn abort(&mut self) {} // a Unix socket has no reset; its close is all there is
+    fn abort(self) {} // a Unix socket has no reset; its close is all there is
 }
 
-pub struct StreamWriter<W: Abort>(pub W, pub Cut);
+/// The writing half of a socket; `None` once aborted.
+pub struct StreamWriter<W: Abort>(Option<W>, Cut);
+
+impl<W: Abort> StreamWriter<W> {
+    pub fn new(inner: W, cut: Cut) -> Self {
+        Self(Some(inner), cut)
+    }
+
+    fn inner(&mut self) -> io::Result<&mut W> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::ConnectionAborted, "aborted"))
+    }
+}
 
 impl<W: Abort> Drop for StreamWriter<W> {
     fn drop(&mut self) {
         if self.1.happened() {
-            self.0.abort();
+            if let Some(inner) = self.0.take() {
+                inner.abort();
+            }
         }
     }
 }
 
 impl<W: AsyncWrite + Abort + Unpin + Send> Writer for StreamWriter<W> {
     async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
-        self.0.write_all(&chunk).await
+        self.inner()?.write_all(&chunk).await
     }
 
     async fn finish(&mut self) -> io::Result<()> {
-        self.0.shutdown().await
+        self.inner()?.shutdown().await
     }
 
     fn abort(&mut self) {
-        self.0.abort();
+        if let Some(inner) = self.0.take() {
+            inner.abort();
+        }
     }
 }
 

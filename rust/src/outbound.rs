@@ -126,12 +126,17 @@ async fn establish_hbone(
 
 async fn establish_tcp(
     target: &TcpTarget,
+    client: Option<SocketAddr>,
     sockets: &SocketFactory,
     shared: &Shared,
 ) -> Result<Established, OutboundError> {
+    // Connecting from the client's own IP (in-pod, to the app): never from the client's port.
+    let avoid_port = client
+        .filter(|c| Some(c.ip()) == target.source_ip)
+        .map(|c| c.port());
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        sockets.connect(target.address, target.source_ip),
+        sockets.connect(target.address, target.source_ip, avoid_port),
     )
     .await
     {
@@ -159,7 +164,7 @@ async fn establish(
 ) -> Result<Established, OutboundError> {
     match plan {
         Plan::Hbone(target) => establish_hbone(target.get(), source, sockets, shared).await,
-        Plan::Tcp(target) => establish_tcp(target.get(), sockets, shared).await,
+        Plan::Tcp(target) => establish_tcp(target.get(), source, sockets, shared).await,
         Plan::Deny(deny) => {
             Stats::inc(&shared.stats.decisions_denied);
             Err(OutboundError::Denied(deny.get().reason.clone()))
@@ -181,7 +186,7 @@ async fn carry<S: LocalStream>(
     let (local_read, local_write) = local.halves();
     let local_side = (
         StreamReader::new(local_read),
-        StreamWriter(local_write, cut.clone()),
+        StreamWriter::new(local_write, cut.clone()),
     );
     match far {
         Established::Hbone {
@@ -201,7 +206,7 @@ async fn carry<S: LocalStream>(
             let (r, w) = tcp.into_split();
             copy::bidirectional(
                 local_side,
-                (StreamReader::new(r), StreamWriter(w, cut)),
+                (StreamReader::new(r), StreamWriter::new(w, cut)),
                 &shared.stats,
                 transferred,
                 labelled,

@@ -99,25 +99,65 @@ impl SocketFactory {
     /// Connect to `dest`, from `source` when given: the pod's own IP, or in-pod mode the
     /// client's IP on a connection to the app, so the app sees who really called
     /// (`IP_TRANSPARENT`, as Istio's ztunnel; the in-pod rules route the app's replies back).
-    pub async fn connect(&self, dest: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    /// `avoid_port`: a source port this connection must not use — the client's own, when the
+    /// client's connection to the same app was redirected inside the same pod (see below).
+    pub async fn connect(
+        &self,
+        dest: SocketAddr,
+        source: Option<IpAddr>,
+        avoid_port: Option<u16>,
+    ) -> io::Result<TcpStream> {
         let socket = self.new_socket_async(&dest).await?;
         if let Some(ip) = source {
             #[cfg(target_os = "linux")]
             if self.netns.is_some() {
                 set_transparent(&socket, ip)?;
             }
-            // Choose the source port at connect time, knowing the destination: a port bound
-            // before connect cannot be shared across destinations nor reuse TIME_WAIT ones, and
-            // a busy proxy connecting from one IP would run out of them.
-            #[cfg(target_os = "linux")]
-            set_bind_address_no_port(&socket)?;
-            socket.bind(&SocketAddr::new(ip, 0).into())?;
+            match avoid_port {
+                // A plaintext client's connection to the app was redirected to us inside the
+                // pod, so the pod's conntrack holds its tuple (client ip:port -> app). Our
+                // connection to the app from the client's IP must not pick the same port:
+                // conntrack would take it for the client's and both would stall (seen once in
+                // ~28,000 connections by the soak; reproduced by hand). So the port is chosen
+                // here, never the client's.
+                Some(port) => bind_avoiding(&socket, ip, port)?,
+                // Otherwise the kernel chooses the port at connect time, knowing the
+                // destination: a port bound before connect cannot be shared across
+                // destinations nor reuse TIME_WAIT ones, and a busy proxy connecting from one
+                // IP would run out of them.
+                None => {
+                    #[cfg(target_os = "linux")]
+                    set_bind_address_no_port(&socket)?;
+                    socket.bind(&SocketAddr::new(ip, 0).into())?;
+                }
+            }
         }
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         let stream = socket.connect(dest).await?;
         tune_stream(&stream)?;
         Ok(stream)
     }
+}
+
+/// Linux's default ephemeral port range (`net.ipv4.ip_local_port_range`).
+const EPHEMERAL_PORTS: std::ops::Range<u16> = 32768..61000;
+
+/// Bind to `ip` and a random ephemeral port other than `avoid`.
+fn bind_avoiding(socket: &Socket, ip: IpAddr, avoid: u16) -> io::Result<()> {
+    socket.set_reuse_address(true)?;
+    let mut last = io::Error::from(io::ErrorKind::AddrInUse);
+    for _ in 0..16 {
+        let port = rand::random_range(EPHEMERAL_PORTS);
+        if port == avoid {
+            continue;
+        }
+        match socket.bind(&SocketAddr::new(ip, port).into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 #[cfg(target_os = "linux")]
@@ -179,4 +219,23 @@ pub fn tune_stream(stream: &TcpStream) -> io::Result<()> {
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
     SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_chosen_to_avoid_the_clients_is_never_the_clients() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        for avoid in [EPHEMERAL_PORTS.start, 40000, EPHEMERAL_PORTS.end - 1] {
+            for _ in 0..200 {
+                let socket = new_tcp_socket(Domain::IPV4).unwrap();
+                bind_avoiding(&socket, ip, avoid).unwrap();
+                let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+                assert_ne!(port, avoid);
+                assert!(EPHEMERAL_PORTS.contains(&port));
+            }
+        }
+    }
 }

@@ -224,10 +224,13 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
     let config = material
         .client_config(&key.identities)
         .map_err(HboneError::Tls)?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, key.sockets.connect(peer, key.source_ip))
-        .await
-        .map_err(|_| HboneError::Timeout(peer, "TCP connect"))?
-        .map_err(|e| HboneError::Connect(peer, e))?;
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        key.sockets.connect(peer, key.source_ip, None),
+    )
+    .await
+    .map_err(|_| HboneError::Timeout(peer, "TCP connect"))?
+    .map_err(|e| HboneError::Connect(peer, e))?;
     // No SNI is sent (the config disables it); the name only satisfies the API.
     let name = ServerName::IpAddress(peer.ip().into());
     let tls_stream = match tokio::time::timeout(

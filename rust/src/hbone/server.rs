@@ -539,7 +539,7 @@ async fn carry_stream(
     };
     let connect = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        ctx.sockets.connect(allow.upstream, allow.source_ip),
+        ctx.sockets.connect(allow.upstream, allow.source_ip, None),
     );
     let connected = tokio::select! {
         biased;
@@ -589,7 +589,7 @@ async fn carry_stream(
     let cut = Cut::by([ctx.scope.hard.clone(), closing.clone()]);
     let copying = copy::bidirectional(
         (H2Reader(request.into_body()), H2Writer(send, cut.clone())),
-        (StreamReader::new(up_read), StreamWriter(up_write, cut)),
+        (StreamReader::new(up_read), StreamWriter::new(up_write, cut)),
         stats,
         transferred,
         verdict.counters(),
