@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,11 +17,14 @@ pub struct Caps {
     pub per_source: usize,
 }
 
-/// Counts a listener's open connections, in total and per source IP.
+/// Counts a listener's open connections, in total and per source IP; knows the source port of
+/// each, since a connection to the app from a client's IP must not take another client's port
+/// (see `SocketFactory::connect`).
 pub struct ConnectionLimiter {
     caps: Caps,
     total: AtomicUsize,
-    by_source: Mutex<HashMap<IpAddr, usize>>,
+    /// The source ports of the live connections from each source IP.
+    by_source: Mutex<HashMap<IpAddr, Vec<u16>>>,
     /// Sources refused until a time, for abusing a connection (see the HBONE server).
     penalties: Mutex<HashMap<IpAddr, Instant>>,
 }
@@ -55,18 +58,20 @@ impl fmt::Display for OverCap {
 /// One admitted connection; dropping it frees its place.
 pub struct Admission {
     limiter: Arc<ConnectionLimiter>,
-    source: Option<IpAddr>,
+    source: Option<SocketAddr>,
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
         self.limiter.total.fetch_sub(1, Ordering::AcqRel);
-        if let Some(ip) = self.source {
+        if let Some(source) = self.source {
             let mut by_source = self.limiter.by_source.lock().unwrap();
-            if let Some(n) = by_source.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    by_source.remove(&ip);
+            if let Some(ports) = by_source.get_mut(&source.ip()) {
+                if let Some(i) = ports.iter().position(|p| *p == source.port()) {
+                    ports.swap_remove(i);
+                }
+                if ports.is_empty() {
+                    by_source.remove(&source.ip());
                 }
             }
         }
@@ -111,7 +116,18 @@ impl ConnectionLimiter {
         self.by_source.lock().unwrap().len()
     }
 
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admission, OverCap> {
+    /// The source ports of the live connections from `ip`.
+    pub fn ports_of(&self, ip: IpAddr) -> Vec<u16> {
+        self.by_source
+            .lock()
+            .unwrap()
+            .get(&ip)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Admission, OverCap> {
+        let source = peer.ip();
         if let Some(left) = self.penalty(source) {
             return Err(OverCap::Penalized(source, left));
         }
@@ -125,16 +141,14 @@ impl ConnectionLimiter {
             limiter: self.clone(),
             source: None,
         };
-        if self.caps.per_source > 0 {
-            let mut by_source = self.by_source.lock().unwrap();
-            let n = by_source.entry(source).or_insert(0);
-            if *n >= self.caps.per_source {
-                // `admission` (no source yet) gives the listener-wide place back on drop.
-                return Err(OverCap::Source(source, self.caps.per_source));
-            }
-            *n += 1;
-            admission.source = Some(source);
+        let mut by_source = self.by_source.lock().unwrap();
+        let ports = by_source.entry(source).or_default();
+        if self.caps.per_source > 0 && ports.len() >= self.caps.per_source {
+            // `admission` (no source yet) gives the listener-wide place back on drop.
+            return Err(OverCap::Source(source, self.caps.per_source));
         }
+        ports.push(peer.port());
+        admission.source = Some(peer);
         Ok(admission)
     }
 }
@@ -149,16 +163,18 @@ mod tests {
             per_listener: 3,
             per_source: 2,
         });
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = limiter.admit(a).unwrap();
-        let _second = limiter.admit(a).unwrap();
-        assert!(matches!(limiter.admit(a), Err(OverCap::Source(_, 2))));
-        let _third = limiter.admit(b).unwrap();
-        assert!(matches!(limiter.admit(b), Err(OverCap::Listener(3))));
+        let a = |port| SocketAddr::new("10.0.0.1".parse().unwrap(), port);
+        let b = |port| SocketAddr::new("10.0.0.2".parse().unwrap(), port);
+        let first = limiter.admit(a(1001)).unwrap();
+        let _second = limiter.admit(a(1002)).unwrap();
+        assert!(matches!(limiter.admit(a(1003)), Err(OverCap::Source(_, 2))));
+        let _third = limiter.admit(b(2001)).unwrap();
+        assert!(matches!(limiter.admit(b(2002)), Err(OverCap::Listener(3))));
+        assert_eq!(limiter.ports_of(a(0).ip()), vec![1001, 1002]);
         drop(first);
         assert_eq!(limiter.open(), 2);
-        let _again = limiter.admit(a).unwrap();
+        assert_eq!(limiter.ports_of(a(0).ip()), vec![1002]);
+        let _again = limiter.admit(a(1004)).unwrap();
         assert_eq!(limiter.sources(), 2);
     }
 
@@ -168,11 +184,11 @@ mod tests {
             per_listener: 0,
             per_source: 0,
         });
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        limiter.penalize(a, Duration::from_secs(60));
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        limiter.penalize(a.ip(), Duration::from_secs(60));
         assert!(matches!(limiter.admit(a), Err(OverCap::Penalized(..))));
-        assert!(limiter.admit("10.0.0.2".parse().unwrap()).is_ok());
-        limiter.penalize(a, Duration::ZERO);
+        assert!(limiter.admit("10.0.0.2:1000".parse().unwrap()).is_ok());
+        limiter.penalize(a.ip(), Duration::ZERO);
         assert!(limiter.admit(a).is_ok());
     }
 }

@@ -126,17 +126,13 @@ async fn establish_hbone(
 
 async fn establish_tcp(
     target: &TcpTarget,
-    client: Option<SocketAddr>,
+    client_ports: Option<&[u16]>,
     sockets: &SocketFactory,
     shared: &Shared,
 ) -> Result<Established, OutboundError> {
-    // Connecting from the client's own IP (in-pod, to the app): never from the client's port.
-    let avoid_port = client
-        .filter(|c| Some(c.ip()) == target.source_ip)
-        .map(|c| c.port());
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        sockets.connect(target.address, target.source_ip, avoid_port),
+        sockets.connect(target.address, target.source_ip, client_ports),
     )
     .await
     {
@@ -156,15 +152,18 @@ async fn establish_tcp(
 }
 
 /// Carry out `plan` up to the point where bytes can flow, with sockets made by `sockets`.
+/// `client_ports`: when a plain TCP plan connects from the client's own IP (in-pod, to the
+/// app), the source ports of that IP's connections on this listener, which it must not take.
 async fn establish(
     plan: &Plan,
     source: Option<SocketAddr>,
+    client_ports: Option<&[u16]>,
     sockets: &SocketFactory,
     shared: &Arc<Shared>,
 ) -> Result<Established, OutboundError> {
     match plan {
         Plan::Hbone(target) => establish_hbone(target.get(), source, sockets, shared).await,
-        Plan::Tcp(target) => establish_tcp(target.get(), source, sockets, shared).await,
+        Plan::Tcp(target) => establish_tcp(target.get(), client_ports, sockets, shared).await,
         Plan::Deny(deny) => {
             Stats::inc(&shared.stats.decisions_denied);
             Err(OutboundError::Denied(deny.get().reason.clone()))
@@ -366,7 +365,22 @@ async fn establish_and_carry(
     let socks = matches!(ctx.mode, ListenMode::Socks5);
     let labelled = plan.counters();
     let count = ConnectionCount::open(labelled);
-    let far = match establish(plan, Some(source), &ctx.sockets, shared).await {
+    // Connecting to the app from the client's own IP: not from any port its connections hold.
+    let client_ports = match plan {
+        Plan::Tcp(t) if t.get().source_ip == Some(source.ip()) => {
+            Some(ctx.scope.limiter.ports_of(source.ip()))
+        }
+        _ => None,
+    };
+    let far = match establish(
+        plan,
+        Some(source),
+        client_ports.as_deref(),
+        &ctx.sockets,
+        shared,
+    )
+    .await
+    {
         Ok(far) => far,
         Err(_) if ctx.scope.cut_now().is_some() => {
             // The cut took the pooled connection this one was being established on.
@@ -446,7 +460,7 @@ pub async fn tunnel_stream<S: LocalStream>(
     on_ready: impl FnOnce(Option<String>) + Send + 'static,
 ) {
     let count = ConnectionCount::open(plan.counters());
-    let far = match establish(&plan, source, &shared.sockets, &shared).await {
+    let far = match establish(&plan, source, None, &shared.sockets, &shared).await {
         Ok(far) => far,
         Err(e) => {
             count.finish(e.flag());

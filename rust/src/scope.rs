@@ -143,7 +143,7 @@ impl ListenerScope {
             match next {
                 Ok((tcp, peer)) => {
                     Stats::inc(&stats.connections_accepted);
-                    match self.limiter.admit(peer.ip()) {
+                    match self.limiter.admit(peer) {
                         Ok(admission) => self.spawn(handle(tcp, peer, admission)),
                         Err(over) => {
                             drop(tcp);

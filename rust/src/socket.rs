@@ -99,13 +99,56 @@ impl SocketFactory {
     /// Connect to `dest`, from `source` when given: the pod's own IP, or in-pod mode the
     /// client's IP on a connection to the app, so the app sees who really called
     /// (`IP_TRANSPARENT`, as Istio's ztunnel; the in-pod rules route the app's replies back).
-    /// `avoid_port`: a source port this connection must not use — the client's own, when the
-    /// client's connection to the same app was redirected inside the same pod (see below).
+    /// `avoid_ports`: source ports this connection must not use — those of the clients from
+    /// the same IP whose connections to the app were redirected inside the same pod (below).
     pub async fn connect(
         &self,
         dest: SocketAddr,
         source: Option<IpAddr>,
-        avoid_port: Option<u16>,
+        avoid_ports: Option<&[u16]>,
+    ) -> io::Result<TcpStream> {
+        let (Some(ip), Some(avoid)) = (source, avoid_ports) else {
+            // The kernel chooses the port at connect time, knowing the destination: a port
+            // bound before connect cannot be shared across destinations nor reuse TIME_WAIT
+            // ones, and a busy proxy connecting from one IP would run out of them.
+            return self.connect_from(dest, source).await;
+        };
+        // A plaintext client's connection to the app was redirected to us inside the pod, so
+        // the pod's conntrack holds its tuple (client ip:port -> app). A connection to the app
+        // from the client's IP must not take the port of any such client: conntrack would take
+        // it for that client's and the client's connection would stall (the soak lost a
+        // long-lived connection this way about every five minutes; reproduced by hand). Nor
+        // should a later client from that IP pick the port ours holds: its SYN would reach the
+        // app's socket of our connection. So the port is chosen here, never one of the live
+        // clients', and below the kernel's ephemeral range, where clients' ports come from.
+        // A chosen port whose tuple is still in TIME_WAIT refuses the connect
+        // (EADDRNOTAVAIL, which the kernel's own choice would have skipped): another is tried.
+        let mut avoid = std::borrow::Cow::Borrowed(avoid);
+        for _ in 1..8 {
+            let socket = self.new_socket_async(&dest).await?;
+            #[cfg(target_os = "linux")]
+            if self.netns.is_some() {
+                set_transparent(&socket, ip)?;
+            }
+            let port = bind_avoiding(&socket, ip, &avoid)?;
+            match self.finish_connect(socket, dest).await {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    avoid.to_mut().push(port)
+                }
+                result => return result,
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("no free source port from {ip} to {dest} in 7 tries"),
+        ))
+    }
+
+    /// Connect from `source` (when given) and a port the kernel chooses.
+    async fn connect_from(
+        &self,
+        dest: SocketAddr,
+        source: Option<IpAddr>,
     ) -> io::Result<TcpStream> {
         let socket = self.new_socket_async(&dest).await?;
         if let Some(ip) = source {
@@ -113,25 +156,14 @@ impl SocketFactory {
             if self.netns.is_some() {
                 set_transparent(&socket, ip)?;
             }
-            match avoid_port {
-                // A plaintext client's connection to the app was redirected to us inside the
-                // pod, so the pod's conntrack holds its tuple (client ip:port -> app). Our
-                // connection to the app from the client's IP must not pick the same port:
-                // conntrack would take it for the client's and both would stall (seen once in
-                // ~28,000 connections by the soak; reproduced by hand). So the port is chosen
-                // here, never the client's.
-                Some(port) => bind_avoiding(&socket, ip, port)?,
-                // Otherwise the kernel chooses the port at connect time, knowing the
-                // destination: a port bound before connect cannot be shared across
-                // destinations nor reuse TIME_WAIT ones, and a busy proxy connecting from one
-                // IP would run out of them.
-                None => {
-                    #[cfg(target_os = "linux")]
-                    set_bind_address_no_port(&socket)?;
-                    socket.bind(&SocketAddr::new(ip, 0).into())?;
-                }
-            }
+            #[cfg(target_os = "linux")]
+            set_bind_address_no_port(&socket)?;
+            socket.bind(&SocketAddr::new(ip, 0).into())?;
         }
+        self.finish_connect(socket, dest).await
+    }
+
+    async fn finish_connect(&self, socket: Socket, dest: SocketAddr) -> io::Result<TcpStream> {
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         let stream = socket.connect(dest).await?;
         tune_stream(&stream)?;
@@ -139,21 +171,31 @@ impl SocketFactory {
     }
 }
 
-/// Linux's default ephemeral port range (`net.ipv4.ip_local_port_range`).
-const EPHEMERAL_PORTS: std::ops::Range<u16> = 32768..61000;
+/// The source ports `bind_avoiding` chooses from: below Linux's default ephemeral range
+/// (`net.ipv4.ip_local_port_range`, 32768-60999), from which clients' own ports come.
+const CHOSEN_PORTS: std::ops::Range<u16> = 10000..32768;
 
-/// Bind to `ip` and a random ephemeral port other than `avoid`.
-fn bind_avoiding(socket: &Socket, ip: IpAddr, avoid: u16) -> io::Result<()> {
+/// Bind to `ip` and a port of `CHOSEN_PORTS`, none of `avoid`; returns the port. The ports are
+/// tried in order from a random one, so a free one is found however many are avoided.
+fn bind_avoiding(socket: &Socket, ip: IpAddr, avoid: &[u16]) -> io::Result<u16> {
     socket.set_reuse_address(true)?;
-    let mut last = io::Error::from(io::ErrorKind::AddrInUse);
-    for _ in 0..16 {
-        let port = rand::random_range(EPHEMERAL_PORTS);
-        if port == avoid {
+    let (first, len) = (CHOSEN_PORTS.start, CHOSEN_PORTS.len() as u16);
+    let offset = rand::random_range(0..len);
+    let mut last = io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("every source port of {CHOSEN_PORTS:?} on {ip} is taken"),
+    );
+    let mut bind_failures = 0;
+    for port in (0..len).map(|i| first + (offset + i) % len) {
+        if avoid.contains(&port) {
             continue;
         }
         match socket.bind(&SocketAddr::new(ip, port).into()) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
+            Ok(()) => return Ok(port),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && bind_failures < 64 => {
+                bind_failures += 1;
+                last = e;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -226,16 +268,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_port_chosen_to_avoid_the_clients_is_never_the_clients() {
+    fn a_port_chosen_to_avoid_the_clients_is_never_one_of_theirs() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        for avoid in [EPHEMERAL_PORTS.start, 40000, EPHEMERAL_PORTS.end - 1] {
-            for _ in 0..200 {
-                let socket = new_tcp_socket(Domain::IPV4).unwrap();
-                bind_avoiding(&socket, ip, avoid).unwrap();
-                let port = socket.local_addr().unwrap().as_socket().unwrap().port();
-                assert_ne!(port, avoid);
-                assert!(EPHEMERAL_PORTS.contains(&port));
-            }
+        // Three ports in four taken by clients: a free one is found every time, never one of theirs.
+        let avoid: Vec<u16> = CHOSEN_PORTS.filter(|p| p % 4 != 0).collect();
+        for _ in 0..200 {
+            let socket = new_tcp_socket(Domain::IPV4).unwrap();
+            bind_avoiding(&socket, ip, &avoid).unwrap();
+            let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+            assert!(!avoid.contains(&port) && CHOSEN_PORTS.contains(&port));
         }
+    }
+
+    #[test]
+    fn a_chosen_port_whose_tuple_is_taken_is_given_up_for_another() {
+        // Two ports left to choose from; one's tuple to the destination is held by a live
+        // connection, so a connect from it fails (EADDRNOTAVAIL): the other must be taken,
+        // whichever is tried first (the choice is random: 20 rounds, each to a new destination).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let source: IpAddr = "127.0.0.1".parse().unwrap();
+            let [taken, free] = [CHOSEN_PORTS.start + 7, CHOSEN_PORTS.start + 11];
+            let avoid: Vec<u16> = CHOSEN_PORTS
+                .filter(|p| ![taken, free].contains(p))
+                .collect();
+            let factory = SocketFactory::default();
+            for _ in 0..20 {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let dest = listener.local_addr().unwrap();
+                let holder = new_tcp_socket(Domain::IPV4).unwrap();
+                holder.set_reuse_address(true).unwrap();
+                holder.bind(&SocketAddr::new(source, taken).into()).unwrap();
+                let _held = tokio::net::TcpSocket::from_std_stream(holder.into())
+                    .connect(dest)
+                    .await
+                    .unwrap();
+                let stream = factory
+                    .connect(dest, Some(source), Some(&avoid))
+                    .await
+                    .unwrap();
+                assert_eq!(stream.local_addr().unwrap().port(), free);
+            }
+        });
     }
 }
