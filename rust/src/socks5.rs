@@ -86,13 +86,6 @@ async fn negotiate(stream: &mut TcpStream) -> io::Result<Destination> {
     if request[0] != VERSION {
         return Err(protocol_error(format!("request version {}", request[0])));
     }
-    if request[1] != CMD_CONNECT {
-        reply(stream, Reply::CommandNotSupported).await?;
-        return Err(protocol_error(format!(
-            "command {} (only CONNECT)",
-            request[1]
-        )));
-    }
     let destination = match request[3] {
         ATYP_IPV4 => {
             let mut ip = [0u8; 4];
@@ -124,6 +117,15 @@ async fn negotiate(stream: &mut TcpStream) -> io::Result<Destination> {
             return Err(protocol_error(format!("address type {other}")));
         }
     };
+    // Refused only once the whole request is read: closing with the client's address still
+    // unread would reset the connection, and the client might lose the reply that says why.
+    if request[1] != CMD_CONNECT {
+        reply(stream, Reply::CommandNotSupported).await?;
+        return Err(protocol_error(format!(
+            "command {} (only CONNECT)",
+            request[1]
+        )));
+    }
     Ok(destination)
 }
 
