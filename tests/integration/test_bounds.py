@@ -273,7 +273,7 @@ def test_a_flood_of_bad_handshakes_keeps_a_good_client_served_and_the_log_small(
     CertificateAuthority.create().save(tmp_path / "ca")
     client_cert = CertificateAuthority.load(tmp_path / "ca").issue(CLIENT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ambient", "hbone", "serve", "--listen", "127.50.2.6:0",
+        [sys.executable, "-P", "-m", "ambient", "hbone", "serve", "--listen", "127.50.2.6:0",
          "--ca-dir", str(tmp_path / "ca"), "--identity", SERVER],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
