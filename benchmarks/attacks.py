@@ -74,7 +74,8 @@ class Server:
     def __init__(self, python: str, ca_dir: Path, extra: list[str]) -> None:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self.process = subprocess.Popen(
-            [python, "-m", "ambient", "hbone", "serve", "--listen", "127.0.0.1:0",
+            # -P: the ambient of that Python, not the one in the current directory.
+            [python, "-P", "-m", "ambient", "hbone", "serve", "--listen", "127.0.0.1:0",
              "--ca-dir", str(ca_dir), "--identity", SERVER_ID, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)),

@@ -7,7 +7,9 @@ then closes them and waits. Prints (and with ``--json`` writes) the server's RSS
 
     python benchmarks/idle_connections.py --connections 1000 2000 --streams 0 1
 
-The figure is (RSS held - RSS before) / N. Run it several times; the machine is noisy.
+The figure is (RSS held - RSS before) / N, each row on a fresh server; ``retained`` is what is
+still above the baseline ``--settle`` seconds after the connections closed. Run it several
+times; the machine is noisy.
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[0, 1], choices=[0, 1])
     parser.add_argument("--settle", type=float, default=3.0, help="seconds to wait at each step")
     parser.add_argument("--json", type=Path, help="write the rows and the machine here")
+    parser.add_argument(
+        "--python", default=sys.executable, help="the Python whose ambient serves (another build)"
+    )
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -178,28 +183,37 @@ def main() -> int:
         (work / "client.key").write_bytes(client.key_pem)
         upstream, _held = hold_upstream()
         up = "{}:{}".format(*upstream.getsockname())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ambient", "hbone", "serve", "--listen", "127.0.0.1:0",
-             "--ca-dir", str(work / "ca"), "--identity", SERVER_ID, "--upstream", up,
-             # One client opens them all: lift the per-source cap this measurement is not about.
-             "--max-connections-per-source", "0"],
-            stdout=subprocess.PIPE, text=True,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)),
-        )  # fmt: skip
-        try:
-            line = proc.stdout.readline() if proc.stdout else ""
-            host, _, port = line.split()[1].rpartition(":")
-            server = (host, int(port))
-            ctx = client_context(work)
-            time.sleep(1.0)
-            for streams in args.streams:
-                for n in args.connections:
-                    row = asyncio.run(measure(n, streams, proc.pid, server, ctx, up, args.settle))
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        # One client opens them all: lift the per-source cap this measurement is not about
+        # (a build without caps has no such flag).
+        help_text = subprocess.run(
+            [args.python, "-P", "-m", "ambient", "hbone", "serve", "--help"],
+            capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        caps = ["--max-connections-per-source", "0"] if "--max-connections" in help_text else []
+        ctx = client_context(work)
+        # A fresh server per row: each figure starts from the same idle process.
+        for streams in args.streams:
+            for n in args.connections:
+                proc = subprocess.Popen(
+                    # -P: the ambient of that Python, not the one in the current directory.
+                    [args.python, "-P", "-m", "ambient", "hbone", "serve",
+                     "--listen", "127.0.0.1:0", "--ca-dir", str(work / "ca"),
+                     "--identity", SERVER_ID, "--upstream", up, *caps],
+                    stdout=subprocess.PIPE, text=True,
+                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)),
+                )  # fmt: skip
+                try:
+                    line = proc.stdout.readline() if proc.stdout else ""
+                    host, _, port = line.split()[1].rpartition(":")
+                    time.sleep(1.0)
+                    row = asyncio.run(
+                        measure(n, streams, proc.pid, (host, int(port)), ctx, up, args.settle)
+                    )
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     if args.json:
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
         args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
