@@ -146,8 +146,9 @@ impl ListenerScope {
                     match self.limiter.admit(peer) {
                         Ok(admission) => self.spawn(handle(tcp, peer, admission)),
                         Err(over) => {
-                            drop(tcp);
+                            // Counted before the close, which the peer may see at once.
                             Stats::inc(&stats.connections_over_cap);
+                            drop(tcp);
                             log::warn!("{what} connection from {peer} {over}");
                             reporter.early(peer, &local, Instant::now(), over.to_string());
                         }
