@@ -314,11 +314,15 @@ def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_
                     loc, f"metadata.annotations[{translate.APP_ADDRESS_ANNOTATION}]", str(e)
                 )
             )
+    # A Service selects pods of its own namespace only: look in that one, not the whole mesh.
+    by_namespace: dict[str, list[Workload]] = {}
+    for w, _ in workloads:
+        by_namespace.setdefault(w.namespace, []).append(w)
     services: list[tuple[Service, Location]] = [
         (
             translate.service_from_k8s(
                 svc,
-                (w for w, _ in workloads),
+                by_namespace.get(svc.metadata.namespace or "default", []),
                 namespace_labels.get(svc.metadata.namespace or "default", {}),
             ),
             loc,

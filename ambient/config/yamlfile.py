@@ -1,12 +1,17 @@
 """Reading a mesh file's YAML: PyYAML's safe loader (it never builds a Python object), made to
 fail only with :class:`yaml.YAMLError` and a position, whatever the text.
 
+- The text is scanned, parsed and composed by libyaml (PyYAML's C loader, ten times faster than
+  the pure-Python one on a large mesh) when PyYAML was built with it, as its wheels are; the
+  Python constructor builds the values either way.
+
 - A tag the safe loader has no constructor for (``!Exact``, ``!Foo``, ``!!python/object``) is kept
   as a :class:`~ambient.config.tags.Tagged` value for the config layer to read or refuse.
 - A value its tag cannot hold (``!!int x``, the date ``2001-02-30``, a 5,000-digit integer), which
   PyYAML reports as a bare ``ValueError`` and the like, is a :class:`yaml.YAMLError` at that node.
-- Nesting deeper than :data:`MAX_DEPTH` is refused before PyYAML's recursive composer runs out of
-  stack.
+- Nesting deeper than :data:`MAX_DEPTH` is refused before any value is built (libyaml refuses
+  past 1,000 levels while it parses, before its recursive composer could run out of stack; the
+  pure-Python composer is stopped at :data:`MAX_DEPTH`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ def _construct_tagged(loader: Any, node: yaml.Node) -> Tagged:
         return Tagged(node.tag, "sequence", loader.construct_sequence(node, deep=True), False, line)
     if isinstance(node, yaml.MappingNode):
         return Tagged(node.tag, "mapping", loader.construct_mapping(node, deep=True), False, line)
-    return Tagged(node.tag, "scalar", node.value, node.style is None, line)
+    # Plain: no quotes (PyYAML says style None, libyaml an empty string).
+    return Tagged(node.tag, "scalar", node.value, not node.style, line)
 
 
 def _construct_object(loader: Any, node: yaml.Node, deep: bool = False) -> Any:
@@ -51,6 +57,7 @@ def _construct_object(loader: Any, node: yaml.Node, deep: bool = False) -> Any:
 
 
 def _compose_node(loader: Any, parent: yaml.Node | None, index: object) -> yaml.Node:
+    """The pure-Python composer, stopped at :data:`MAX_DEPTH` before it recurses further."""
     depth = loader.__dict__.get("_depth", 0)
     if depth >= MAX_DEPTH:
         raise ComposerError(
@@ -64,16 +71,49 @@ def _compose_node(loader: Any, parent: yaml.Node | None, index: object) -> yaml.
         loader._depth = depth
 
 
+def _check_depth(root: yaml.Node) -> None:
+    """Refuse a document nested deeper than :data:`MAX_DEPTH`, at its first node too deep
+    (without recursion: the tree may be 1,000 levels deep)."""
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", node.start_mark
+            )
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in reversed(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):
+                stack.append((value, depth + 1))
+                stack.append((key, depth + 1))
+
+
+def _methods() -> dict[str, Any]:
+    return {"construct_object": _construct_object}
+
+
 # Made with type() so that it type-checks alike with and without PyYAML's stubs installed.
-MeshLoader: Any = type(
-    "MeshLoader",
-    (yaml.SafeLoader,),
-    {"construct_object": _construct_object, "compose_node": _compose_node},
+PureMeshLoader: Any = type(
+    "PureMeshLoader", (yaml.SafeLoader,), {**_methods(), "compose_node": _compose_node}
 )
-MeshLoader.add_constructor(None, _construct_tagged)
+PureMeshLoader.add_constructor(None, _construct_tagged)
+FAST = bool(getattr(yaml, "__with_libyaml__", False))
+if FAST:
+    CMeshLoader: Any = type("CMeshLoader", (yaml.CSafeLoader,), _methods())
+    CMeshLoader.add_constructor(None, _construct_tagged)
+#: The loader :func:`load_all` uses (libyaml's when PyYAML has it).
+MeshLoader: Any = CMeshLoader if FAST else PureMeshLoader
 
 
-def load_all(text: str) -> Iterator[Any]:
-    """The documents of ``text``, as :func:`yaml.safe_load_all` reads them but for the above."""
-    documents: Iterator[Any] = yaml.load_all(text, Loader=MeshLoader)  # a SafeLoader: no objects
-    return documents
+def load_all(text: str, loader: Any = None) -> Iterator[Any]:
+    """The documents of ``text``, as :func:`yaml.safe_load_all` reads them but for the above.
+    ``loader``: :data:`MeshLoader` by default, or :data:`PureMeshLoader`."""
+    reader = (loader or MeshLoader)(text)  # a SafeLoader: no objects
+    try:
+        while reader.check_node():
+            node = reader.get_node()
+            _check_depth(node)
+            yield reader.construct_document(node)
+    finally:
+        reader.dispose()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ambient.config import ConfigError, load_mesh
+from ambient.config import ConfigError, load_mesh, yamlfile
 from ambient.mesh import HealthStatus, Protocol
 from ambient.policy.model import Action, Match, MatchKind, Scope, StringMatch
 
@@ -561,8 +561,18 @@ status: {podIP: 10.0.0.1}
 ]
 
 
+@pytest.fixture(params=["libyaml", "pure-Python"])
+def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each YAML loader in turn as the one mesh files are read with (ambient.config.yamlfile)."""
+    if request.param == "libyaml" and not yamlfile.FAST:
+        pytest.skip("this PyYAML was built without libyaml")
+    loader = yamlfile.CMeshLoader if request.param == "libyaml" else yamlfile.PureMeshLoader
+    monkeypatch.setattr(yamlfile, "MeshLoader", loader)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("text", "expected"), MALFORMED)
-def test_malformed_config_is_refused_naming_the_field(tmp_path, text, expected):
+def test_malformed_config_is_refused_naming_the_field(tmp_path, text, expected, yaml_loader):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as refused:
         load_mesh([path])

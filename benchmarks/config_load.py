@@ -1,0 +1,51 @@
+"""What a large mesh costs to load: YAML parsing with each loader, and the whole of
+``load_mesh`` (parse, validate, translate, build the snapshot), median of several runs.
+
+    python benchmarks/generate_mesh.py --pods 5000 --services 1000 --policies 1000 > big.yaml
+    python benchmarks/config_load.py big.yaml
+
+The pure-Python loader is the baseline in the same run; the libyaml one is what ambient uses
+when PyYAML has it (ambient.config.yamlfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ambient.config import load_mesh, yamlfile
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mesh", type=Path)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    text = args.mesh.read_text()
+    loaders = ["PureMeshLoader"] + (["CMeshLoader"] if yamlfile.FAST else [])
+    for name in loaders:
+        yamlfile.MeshLoader = getattr(yamlfile, name)
+        parse, total = [], []
+        for _ in range(args.runs):
+            started = time.perf_counter()
+            documents = sum(1 for _ in yamlfile.load_all(text))
+            parse.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            mesh = load_mesh([args.mesh])
+            total.append(time.perf_counter() - started)
+        print(
+            f"{name}: {documents} documents, YAML {statistics.median(parse):.2f} s, "
+            f"load_mesh {statistics.median(total):.2f} s "
+            f"({len(mesh.workloads)} workloads, {len(mesh.services)} services)"
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"peak RSS of this process: {peak} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
