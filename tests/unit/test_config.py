@@ -3,8 +3,10 @@ malformed file is refused with the file, document, object and field named."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -13,6 +15,12 @@ import pytest
 from ambient.config import ConfigError, load_mesh, yamlfile
 from ambient.mesh import HealthStatus, Protocol
 from ambient.policy.model import Action, Match, MatchKind, Scope, StringMatch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import generate_mesh  # noqa: E402
 
 # ambient's own vector in the shape of Istio ztunnel's local config (see the file's header).
 ZTUNNEL_LOCAL = Path(__file__).parent / "vectors" / "ztunnel-local.yaml"
@@ -621,6 +629,25 @@ def test_config_check_command_summarises_or_lists_errors(tmp_path, capsys):
     assert main(["config", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("error:") == 2 and "2 error(s)" in err
+
+
+def test_config_check_summarises_a_large_mesh_and_lists_it_all_on_request(tmp_path, capsys):
+    from ambient.cli import main
+
+    path = tmp_path / "big.yaml"
+    text = io.StringIO()
+    generate_mesh.write(text, pods=300, services=60, policies=50, seed=1)
+    path.write_text(text.getvalue())
+    assert main(["config", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "workloads: 300 — 300 in the mesh (HBONE), 0 outside (TCP)" in out
+    assert "... and 280 more workloads in the mesh (--all lists them)" in out
+    assert "... and 40 more services" in out and "... and 30 more policies" in out
+    assert out.count(" as spiffe://") == 20
+    assert main(["config", "check", "--all", str(path)]) == 0
+    everything = capsys.readouterr().out
+    assert everything.count(" as spiffe://") == 300 and "more" not in everything
+    assert everything.count(" endpoint(s)") == 60
 
 
 def test_local_config_fields_istio_reads_differently_are_warned_about(tmp_path):
