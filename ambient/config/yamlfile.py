@@ -89,18 +89,19 @@ def _check_depth(root: yaml.Node) -> None:
                 stack.append((key, depth + 1))
 
 
-def _methods() -> dict[str, Any]:
-    return {"construct_object": _construct_object}
-
-
 # Made with type() so that it type-checks alike with and without PyYAML's stubs installed.
 PureMeshLoader: Any = type(
-    "PureMeshLoader", (yaml.SafeLoader,), {**_methods(), "compose_node": _compose_node}
+    "PureMeshLoader",
+    (yaml.SafeLoader,),
+    {"construct_object": _construct_object, "compose_node": _compose_node},
 )
 PureMeshLoader.add_constructor(None, _construct_tagged)
 FAST = bool(getattr(yaml, "__with_libyaml__", False))
 if FAST:
-    CMeshLoader: Any = type("CMeshLoader", (yaml.CSafeLoader,), _methods())
+    # libyaml composes in C, so the depth is checked on the composed tree (load_all).
+    CMeshLoader: Any = type(
+        "CMeshLoader", (yaml.CSafeLoader,), {"construct_object": _construct_object}
+    )
     CMeshLoader.add_constructor(None, _construct_tagged)
 #: The loader :func:`load_all` uses (libyaml's when PyYAML has it).
 MeshLoader: Any = CMeshLoader if FAST else PureMeshLoader

@@ -124,12 +124,8 @@ impl SocketFactory {
         // A chosen port whose tuple is still in TIME_WAIT refuses the connect
         // (EADDRNOTAVAIL, which the kernel's own choice would have skipped): another is tried.
         let mut avoid = std::borrow::Cow::Borrowed(avoid);
-        for _ in 1..8 {
-            let socket = self.new_socket_async(&dest).await?;
-            #[cfg(target_os = "linux")]
-            if self.netns.is_some() {
-                set_transparent(&socket, ip)?;
-            }
+        for _ in 0..CONNECT_TRIES {
+            let socket = self.socket_from(dest, ip).await?;
             let port = bind_avoiding(&socket, ip, &avoid)?;
             match self.finish_connect(socket, dest).await {
                 Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
@@ -140,7 +136,7 @@ impl SocketFactory {
         }
         Err(io::Error::new(
             io::ErrorKind::AddrNotAvailable,
-            format!("no free source port from {ip} to {dest} in 7 tries"),
+            format!("no free source port from {ip} to {dest} in {CONNECT_TRIES} tries"),
         ))
     }
 
@@ -150,17 +146,28 @@ impl SocketFactory {
         dest: SocketAddr,
         source: Option<IpAddr>,
     ) -> io::Result<TcpStream> {
-        let socket = self.new_socket_async(&dest).await?;
-        if let Some(ip) = source {
-            #[cfg(target_os = "linux")]
-            if self.netns.is_some() {
-                set_transparent(&socket, ip)?;
-            }
-            #[cfg(target_os = "linux")]
-            set_bind_address_no_port(&socket)?;
-            socket.bind(&SocketAddr::new(ip, 0).into())?;
-        }
+        let Some(ip) = source else {
+            let socket = self.new_socket_async(&dest).await?;
+            return self.finish_connect(socket, dest).await;
+        };
+        let socket = self.socket_from(dest, ip).await?;
+        #[cfg(target_os = "linux")]
+        set_bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
         self.finish_connect(socket, dest).await
+    }
+
+    /// A socket to connect to `dest` from `ip`: transparent in-pod, where `ip` may be the
+    /// client's rather than the pod's.
+    async fn socket_from(&self, dest: SocketAddr, ip: IpAddr) -> io::Result<Socket> {
+        let socket = self.new_socket_async(&dest).await?;
+        #[cfg(target_os = "linux")]
+        if self.netns.is_some() {
+            set_transparent(&socket, ip)?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = ip;
+        Ok(socket)
     }
 
     async fn finish_connect(&self, socket: Socket, dest: SocketAddr) -> io::Result<TcpStream> {
@@ -170,6 +177,9 @@ impl SocketFactory {
         Ok(stream)
     }
 }
+
+/// How many chosen ports a connection to the app tries before it fails.
+const CONNECT_TRIES: usize = 7;
 
 /// The source ports `bind_avoiding` chooses from: below Linux's default ephemeral range
 /// (`net.ipv4.ip_local_port_range`, 32768-60999), from which clients' own ports come.

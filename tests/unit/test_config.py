@@ -569,13 +569,18 @@ status: {podIP: 10.0.0.1}
 ]
 
 
-@pytest.fixture(params=["libyaml", "pure-Python"])
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "CMeshLoader",
+            marks=pytest.mark.skipif(not yamlfile.FAST, reason="PyYAML was built without libyaml"),
+        ),
+        "PureMeshLoader",
+    ]
+)
 def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each YAML loader in turn as the one mesh files are read with (ambient.config.yamlfile)."""
-    if request.param == "libyaml" and not yamlfile.FAST:
-        pytest.skip("this PyYAML was built without libyaml")
-    loader = yamlfile.CMeshLoader if request.param == "libyaml" else yamlfile.PureMeshLoader
-    monkeypatch.setattr(yamlfile, "MeshLoader", loader)
+    monkeypatch.setattr(yamlfile, "MeshLoader", getattr(yamlfile, request.param))
     return str(request.param)
 
 
