@@ -11,6 +11,9 @@ def build_profile() -> str:
 def sync_level() -> None:
     """Make the core log at the level Python's `_core` logger has now (call after changing it)."""
 
+def forwarded_host(value: str) -> str | None:
+    """The `host=` of a `Forwarded` header, as the core reads it to key remembered answers."""
+
 def log_stats() -> tuple[int, int]:
     """(lines suppressed by the per-call-site rate limit, lines dropped because Python lagged)."""
 
@@ -49,11 +52,14 @@ class HboneTarget:
         *,
         source_ip: str | None = None,
         headers: list[tuple[str, str]] | None = None,
+        forwarded_host: str | None = None,
         tag: object = None,
         counters: Counters | None = None,
     ) -> None: ...
     @property
     def address(self) -> str: ...
+    @property
+    def forwarded_host(self) -> str | None: ...
     @property
     def authority(self) -> str: ...
     @property
@@ -64,6 +70,16 @@ class HboneTarget:
     def source_ip(self) -> str | None: ...
     @property
     def headers(self) -> list[tuple[str, str]]: ...
+
+class Routes:
+    """Plans by weight: the core picks one per connection (a Service's endpoints by capacity)."""
+
+    def __init__(self, plans: list[Plan], weights: list[int] | None = None) -> None: ...
+    @property
+    def plans(self) -> list[Plan]: ...
+    @property
+    def weights(self) -> list[int]: ...
+    def __len__(self) -> int: ...
 
 class TcpTarget:
     """Carry a connection as plain TCP to `address`."""
@@ -125,7 +141,7 @@ class Deny:
 Plan = HboneTarget | TcpTarget | Deny
 Verdict = Allow | Deny
 InboundCallback = Callable[[str | None, str, str, tuple[tuple[str, str], ...]], Verdict]
-OutboundCallback = Callable[[str, str], Plan]
+OutboundCallback = Callable[[str, str], "Plan | Routes"]
 # report(subject, source, destination, bytes_sent, bytes_received, seconds, error); subject is
 # None for a connection refused before any decision (a failed handshake, a full decision queue...)
 Reporter = Callable[[Plan | Verdict | None, str, str, int, int, float, str | None], object]
@@ -178,16 +194,20 @@ class Core:
         *,
         report: Reporter | None = None,
         netns: Netns | None = None,
+        remember: bool = False,
     ) -> Listener: ...
     def listen(
         self,
         address: str,
-        route: Plan | OutboundCallback,
+        route: Plan | Routes | OutboundCallback,
         *,
         mode: str = "direct",
         report: Reporter | None = None,
         netns: Netns | None = None,
+        remember: bool = False,
     ) -> Listener: ...
+    def snapshot_changed(self) -> None:
+        """Forget every remembered answer (the snapshot decisions read has changed)."""
     def tunnel_fd(self, fd: int, plan: Plan, on_ready: Callable[[str | None], object]) -> None: ...
     def probe(
         self,

@@ -40,7 +40,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._core import Allow, Core, Deny, HboneTarget, Listener, Netns, TcpTarget
+from ._core import Allow, Core, Deny, HboneTarget, Listener, Netns, Routes, TcpTarget
 from ._fast.hbone_request import InboundDispatcher, StreamRequest
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "HboneTarget",
     "Listener",
     "Netns",
+    "Routes",
     "StreamRequest",
     "TcpTarget",
     "TunnelError",
@@ -62,7 +63,7 @@ __all__ = [
 Address = tuple[str, int] | str
 Plan = HboneTarget | TcpTarget | Deny
 Decision = Callable[[StreamRequest], Allow | Deny]
-Route = Callable[[str, str], Plan]
+Route = Callable[[str, str], Plan | Routes]
 Reporter = Callable[[Any, str, str, int, int, float, str | None], object]
 
 # Cores still open at interpreter exit are closed first, so no runtime thread tries to take the
@@ -149,6 +150,7 @@ class DataPlane:
         *,
         report: Reporter | None = None,
         netns: Netns | None = None,
+        remember: bool = False,
     ) -> Listener:
         """Serve HBONE on ``address`` as ``identity`` (inside ``netns`` when given: in-pod mode,
         the listener and the connections to the app live in the pod's network namespace).
@@ -159,10 +161,19 @@ class DataPlane:
         decision; an unreachable upstream gets 503; 200 is sent only once the upstream is connected.
         ``report(verdict, source, destination, sent, received, seconds, error)`` is told how each
         stream that got a verdict ended.
+
+        ``remember``: ``decide``'s answer depends only on the peer's identity and IP, the
+        authority, the ``Forwarded`` host and the snapshot; the core keeps it per such key (no
+        Python for later streams) until :meth:`snapshot_changed`.
         """
         verdict: Any = decide if isinstance(decide, (Allow, Deny)) else InboundDispatcher(decide)
         return self.core.serve_hbone(
-            format_address(address), identity, verdict, report=report, netns=netns
+            format_address(address),
+            identity,
+            verdict,
+            report=report,
+            netns=netns,
+            remember=remember,
         )
 
     def forward(
@@ -173,17 +184,31 @@ class DataPlane:
         mode: str = "direct",
         report: Reporter | None = None,
         netns: Netns | None = None,
+        remember: bool = False,
     ) -> Listener:
         """Accept plain TCP on ``address`` and carry each connection as ``route`` says: a fixed
-        plan, or ``route(source, destination) -> plan`` asked once per connection.
+        plan, or ``route(source, destination) -> plan`` asked once per connection. ``route`` may
+        answer with :class:`Routes`: plans by weight, of which the core picks one per connection.
 
         ``mode``: how the destination is learned — ``"direct"`` (the listener's own address),
         ``"original_dst"`` (``SO_ORIGINAL_DST``, after in-pod redirection) or ``"socks5"`` (the
         client asks; ``destination`` may then be ``name:port``). ``report`` as for :meth:`serve`.
+        ``remember``: ``route``'s answer depends only on the source IP, the destination and the
+        snapshot; the core keeps it per (source IP, destination) until :meth:`snapshot_changed`.
         """
         return self.core.listen(
-            format_address(address), route, mode=mode, report=report, netns=netns
+            format_address(address),
+            route,
+            mode=mode,
+            report=report,
+            netns=netns,
+            remember=remember,
         )
+
+    def snapshot_changed(self) -> None:
+        """The snapshot decisions read has changed: the answers listeners remember are dropped
+        (each asked again on its next connection). Call it after the swap."""
+        self.core.snapshot_changed()
 
     def tunnel(
         self, sock: socket.socket, plan: Plan, on_ready: Callable[[str | None], object]

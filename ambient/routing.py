@@ -75,21 +75,28 @@ def _family_ip(workload: Workload, like: IPAddress) -> IPAddress | None:
     return workload.ips[0] if workload.ips else None
 
 
-def pick_endpoint(
-    mesh: Mesh, service: Service, port: int, rng: random.Random
-) -> tuple[Workload, int] | None:
-    """A healthy endpoint of ``service`` serving ``port``, weighted by capacity."""
-    candidates: list[tuple[Workload, int]] = []
-    weights: list[int] = []
+def endpoint_choices(
+    mesh: Mesh, service: Service, port: int
+) -> list[tuple[tuple[Workload, int], int]]:
+    """The healthy endpoints of ``service`` serving ``port`` (workload, target port), each with
+    its weight: the workload's capacity."""
+    choices: list[tuple[tuple[Workload, int], int]] = []
     for workload, endpoint in mesh.endpoints_of(service):
         target = endpoint.ports.get(port)
         if not target or workload.status is not HealthStatus.HEALTHY or workload.capacity <= 0:
             continue
-        candidates.append((workload, target))
-        weights.append(workload.capacity)
-    if not candidates:
+        choices.append(((workload, target), workload.capacity))
+    return choices
+
+
+def pick_endpoint(
+    mesh: Mesh, service: Service, port: int, rng: random.Random
+) -> tuple[Workload, int] | None:
+    """A healthy endpoint of ``service`` serving ``port``, weighted by capacity."""
+    choices = endpoint_choices(mesh, service, port)
+    if not choices:
         return None
-    return rng.choices(candidates, weights=weights)[0]
+    return rng.choices([c for c, _ in choices], weights=[w for _, w in choices])[0]
 
 
 def to_workload(
@@ -120,17 +127,21 @@ def to_workload(
     )
 
 
+# A route and its weight: the chance it is taken, among the routes of one connection.
+Choice = tuple[OutboundRoute, int]
+
+
 def _via_waypoint(
     mesh: Mesh,
     key: str | None,
     source: Workload,
     authority: str,
-    rng: random.Random,
     *,
     service: Service | None = None,
     destination: Workload | None = None,
-) -> OutboundRoute | None:
-    """The route through waypoint ``key``, or None when there is none to take."""
+) -> list[Choice] | None:
+    """The routes through waypoint ``key`` (one per ready instance, weighted by capacity), or
+    None when there is no waypoint to take."""
     waypoint = mesh.waypoint(key)
     if waypoint is None or source.uid in waypoint.workload_uids:
         return None  # no waypoint, or the traffic comes from the waypoint itself
@@ -143,24 +154,73 @@ def _via_waypoint(
         and w.capacity > 0
     ]
     if not instances:
-        return OutboundRoute(
+        refusal = OutboundRoute(
             Transport.DENY,
             service=service,
             destination=destination,
             waypoint=waypoint,
             reason=f"waypoint {waypoint.key} has no ready instance",
         )
-    chosen = rng.choices(instances, weights=[w.capacity for w in instances])[0]
-    return OutboundRoute(
-        Transport.HBONE,
-        address=(chosen.ips[0], HBONE_PORT),
-        authority=authority,
-        identities=(str(chosen.identity),),
-        destination=destination,
-        service=service,
-        waypoint=waypoint,
-        reason=f"through waypoint {waypoint.key}",
+        return [(refusal, 1)]
+    return [
+        (
+            OutboundRoute(
+                Transport.HBONE,
+                address=(chosen.ips[0], HBONE_PORT),
+                authority=authority,
+                identities=(str(chosen.identity),),
+                destination=destination,
+                service=service,
+                waypoint=waypoint,
+                reason=f"through waypoint {waypoint.key}",
+            ),
+            chosen.capacity,
+        )
+        for chosen in instances
+    ]
+
+
+def outbound_choices(
+    mesh: Mesh,
+    source: Workload,
+    dst_ip: IPAddress,
+    dst_port: int,
+    *,
+    proxy_addresses: Collection[IPAddress] = (),
+) -> list[Choice]:
+    """Every route a connection from ``source`` to ``dst_ip:dst_port`` may take, each with its
+    weight; one is taken per connection at random by weight (:func:`outbound`). The answer
+    depends only on the snapshot, the source workload and the destination, so a proxy may keep
+    it until the snapshot changes."""
+    if dst_port in PROXY_PORTS and dst_ip in proxy_addresses:
+        refusal = f"port {dst_port} is the proxy's own: refusing to loop"
+        return [(OutboundRoute(Transport.DENY, reason=refusal), 1)]
+    service = mesh.service_by_vip(dst_ip)
+    if service is not None:
+        if dst_port not in service.ports:
+            refusal = f"{service.hostname} has no port {dst_port}"
+            return [(OutboundRoute(Transport.DENY, service=service, reason=refusal), 1)]
+        authority = format_address(dst_ip, dst_port)
+        via = _via_waypoint(mesh, service.waypoint, source, authority, service=service)
+        if via is not None:
+            return via
+        endpoints = endpoint_choices(mesh, service, dst_port)
+        if not endpoints:
+            refusal = f"{service.hostname}:{dst_port} has no healthy endpoint"
+            return [(OutboundRoute(Transport.DENY, service=service, reason=refusal), 1)]
+        return [
+            (to_workload(chosen, target_port, dst_ip, service), weight)
+            for (chosen, target_port), weight in endpoints
+        ]
+    workload = mesh.workload_by_ip(dst_ip)
+    if workload is not None:
+        authority = format_address(dst_ip, dst_port)
+        via = _via_waypoint(mesh, workload.waypoint, source, authority, destination=workload)
+        return via if via is not None else [(to_workload(workload, dst_port, dst_ip, None), 1)]
+    passthrough = OutboundRoute(
+        Transport.TCP, address=(dst_ip, dst_port), reason="unknown destination: passthrough"
     )
+    return [(passthrough, 1)]
 
 
 def outbound(
@@ -172,45 +232,12 @@ def outbound(
     rng: random.Random,
     proxy_addresses: Collection[IPAddress] = (),
 ) -> OutboundRoute:
-    """Route a connection from ``source`` to ``dst_ip:dst_port``."""
-    if dst_port in PROXY_PORTS and dst_ip in proxy_addresses:
-        return OutboundRoute(
-            Transport.DENY, reason=f"port {dst_port} is the proxy's own: refusing to loop"
-        )
-    service = mesh.service_by_vip(dst_ip)
-    if service is not None:
-        if dst_port not in service.ports:
-            return OutboundRoute(
-                Transport.DENY, service=service, reason=f"{service.hostname} has no port {dst_port}"
-            )
-        via = _via_waypoint(
-            mesh, service.waypoint, source, format_address(dst_ip, dst_port), rng, service=service
-        )
-        if via is not None:
-            return via
-        picked = pick_endpoint(mesh, service, dst_port, rng)
-        if picked is None:
-            return OutboundRoute(
-                Transport.DENY,
-                service=service,
-                reason=f"{service.hostname}:{dst_port} has no healthy endpoint",
-            )
-        chosen, target_port = picked
-        return to_workload(chosen, target_port, dst_ip, service)
-    workload = mesh.workload_by_ip(dst_ip)
-    if workload is not None:
-        via = _via_waypoint(
-            mesh,
-            workload.waypoint,
-            source,
-            format_address(dst_ip, dst_port),
-            rng,
-            destination=workload,
-        )
-        return via if via is not None else to_workload(workload, dst_port, dst_ip, None)
-    return OutboundRoute(
-        Transport.TCP, address=(dst_ip, dst_port), reason="unknown destination: passthrough"
-    )
+    """Route a connection from ``source`` to ``dst_ip:dst_port``: one of
+    :func:`outbound_choices`, picked with ``rng`` by weight."""
+    choices = outbound_choices(mesh, source, dst_ip, dst_port, proxy_addresses=proxy_addresses)
+    if len(choices) == 1:
+        return choices[0][0]
+    return rng.choices([r for r, _ in choices], weights=[w for _, w in choices])[0]
 
 
 def resolve(mesh: Mesh, destination: str) -> tuple[IPAddress, int]:

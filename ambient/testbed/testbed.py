@@ -101,7 +101,12 @@ class Testbed:
             for pod in node.pods:
                 if pod.in_mesh:
                     self._hand_over(zds, pod)
+        self._start_ztunnels(ca_dir)
+
+    def _start_ztunnels(self, ca_dir: Path) -> None:
         for proxy in self.nodes.values():
+            if proxy.process is not None:
+                continue
             proxy.process = ZtunnelProcess(
                 proxy.node.name,
                 list(self.mesh_files),
@@ -119,6 +124,24 @@ class Testbed:
         for proxy in self.nodes.values():
             assert proxy.process is not None
             proxy.process.wait_ready()
+
+    def stop_proxies(self) -> None:
+        """Stop every node's ``ambient ztunnel`` and leave the rest up: the namespaces, the pods'
+        rules and each node's CNI socket (``nodes[name].zds.path``), which takes the next node
+        proxy that connects and hands it the node's pods. A benchmark runs another ztunnel
+        (Istio's) on the same pods this way; :meth:`start_proxies` brings ambient's back."""
+        for proxy in self.nodes.values():
+            if proxy.process is not None:
+                proxy.process.stop()
+                proxy.process = None
+        self._write_state("ready")
+
+    def start_proxies(self) -> None:
+        """Start an ``ambient ztunnel`` on every node that has none (after :meth:`stop_proxies`,
+        and once any other proxy on the CNI sockets has gone); return once each has served its
+        node's pods."""
+        self._start_ztunnels(self.workdir / "ca")
+        self._write_state("ready")
 
     def _hand_over(self, zds: ZdsServer, pod: PodNet) -> None:
         workload = self.workload(pod.name)

@@ -39,6 +39,7 @@ from ..hbone import (
     Listener,
     Netns,
     Reporter,
+    Routes,
     StreamRequest,
     TcpTarget,
 )
@@ -193,6 +194,9 @@ class Ztunnel:
                 addresses |= {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
             self.proxy_addresses = frozenset(addresses)
             self._forget_departed(mesh)
+            # Every answer the listeners remember came from the old snapshot (or the old pods,
+            # addresses): forgotten only now, after everything decisions read was swapped.
+            self.dataplane.snapshot_changed()
             self._schedule_retry()
         self.recheck_live_connections()
 
@@ -242,6 +246,7 @@ class Ztunnel:
                 self._inbound_hbone(uid),
                 report=self._reporter(uid, "inbound", "HBONE"),
                 netns=netns,
+                remember=True,
             )
         }
         outbound = self._outbound(uid)
@@ -261,6 +266,7 @@ class Ztunnel:
                 mode=mode,
                 report=self._reporter(uid, "inbound" if inbound else "outbound", "TCP"),
                 netns=netns,
+                remember=True,
             )
         if self.loopback and workload.app_address is not None:
             # Loopback mode: own the pod's app ports, as the in-pod capture would.
@@ -271,6 +277,7 @@ class Ztunnel:
                     address,
                     self._inbound_plaintext(uid),
                     report=self._reporter(uid, "inbound", "TCP"),
+                    remember=True,
                 )
         return specs
 
@@ -349,8 +356,12 @@ class Ztunnel:
         # In loopback mode connections leave from the pod's own IP, as they would from its netns.
         return str(workload.ips[0]) if self.loopback else None
 
-    def _outbound(self, uid: str) -> Callable[[str, str], Plan]:
-        def route(source: str, destination: str) -> Plan:
+    def _outbound(self, uid: str) -> Callable[[str, str], Plan | Routes]:
+        """The outbound decision of pod ``uid``: every route to the destination, by weight; the
+        core picks one per connection and keeps the answer until the snapshot changes (it
+        depends on nothing else)."""
+
+        def route(source: str, destination: str) -> Plan | Routes:
             mesh = self.mesh
             workload = mesh.workload_by_uid(uid)
             if workload is None:
@@ -359,15 +370,16 @@ class Ztunnel:
                 dst_ip, dst_port = routing.resolve(mesh, destination)
             except ValueError as e:
                 return Deny(str(e), tag=ConnectionInfo("outbound", "DENY", workload, reason=str(e)))
-
-            decision = routing.outbound(
-                mesh, workload, dst_ip, dst_port, rng=self.rng, proxy_addresses=self.proxy_addresses
+            choices = routing.outbound_choices(
+                mesh, workload, dst_ip, dst_port, proxy_addresses=self.proxy_addresses
             )
-            return self._plan(workload, decision, source)
+            if len(choices) == 1:
+                return self._plan(workload, choices[0][0])
+            return Routes([self._plan(workload, r) for r, _ in choices], [w for _, w in choices])
 
         return route
 
-    def _plan(self, source: Workload, route: routing.OutboundRoute, client: str = "") -> Plan:
+    def _plan(self, source: Workload, route: routing.OutboundRoute) -> Plan:
         info = ConnectionInfo(
             direction="outbound",
             transport=route.transport.value,
@@ -404,7 +416,8 @@ class Ztunnel:
                 list(route.identities),
                 str(source.identity),
                 source_ip=self._source_ip(source),
-                headers=[("baggage", baggage(source)), *_forwarded(client, route.service)],
+                headers=[("baggage", baggage(source))],
+                forwarded_host=route.service.hostname if route.service else None,
                 tag=info,
                 counters=counters,
             )
@@ -595,14 +608,6 @@ def _with_policy(info: ConnectionInfo, decision: Decision) -> ConnectionInfo:
 
 def _inode(netns: Netns | None) -> int | None:
     return netns.inode if netns is not None else None
-
-
-def _forwarded(client: str, service: Service | None) -> list[tuple[str, str]]:
-    """Istio's Forwarded header on a CONNECT: who the client is and, when it dialed a Service,
-    which (the destination side labels its telemetry with it). Empty: the core adds ``for``."""
-    if not client or service is None:
-        return []
-    return [("forwarded", f'for="{client}";host={service.hostname}')]
 
 
 def _forwarded_host(headers: tuple[tuple[str, str], ...]) -> str | None:

@@ -323,7 +323,10 @@ impl Core {
     /// a callable `(peer_identity, authority, peer_address, headers) -> Allow | Deny`.
     /// `report` as for `listen`, once per stream. With `netns` (in-pod mode) the listener and the
     /// connections to the app are made in that pod's network namespace.
-    #[pyo3(signature = (address, identity, decide, *, report=None, netns=None))]
+    /// `remember`: the callable's answer depends only on the peer's identity and IP, the
+    /// authority, the `Forwarded` host and the snapshot, so the core keeps it until
+    /// `snapshot_changed` (see the `table` module).
+    #[pyo3(signature = (address, identity, decide, *, report=None, netns=None, remember=false))]
     fn serve_hbone(
         &self,
         address: &str,
@@ -331,6 +334,7 @@ impl Core {
         decide: &Bound<'_, PyAny>,
         report: Option<&Bound<'_, PyAny>>,
         netns: Option<&Bound<'_, Netns>>,
+        remember: bool,
     ) -> PyResult<Listener> {
         let reporter =
             Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
@@ -339,7 +343,7 @@ impl Core {
                 "serve_hbone: no certificate loaded for {identity} (call set_identity first)"
             )));
         }
-        let decider = InboundDecider::from_py(decide).map_err(PyValueError::new_err)?;
+        let decider = InboundDecider::from_py(decide, remember).map_err(PyValueError::new_err)?;
         let sockets = self.sockets_for(netns);
         let tcp = self.bind(address, &sockets)?;
         let local = tcp
@@ -366,7 +370,12 @@ impl Core {
     /// `report(subject, source, destination, sent, received, seconds, error)` is told how each
     /// connection ended. With `netns` (in-pod mode) the listener and the far side's sockets are
     /// made in that pod's network namespace, so connections leave with the pod's own IP.
-    #[pyo3(signature = (address, route, *, mode="direct", report=None, netns=None))]
+    /// A callable may answer with `Routes` (the core picks one plan per connection);
+    /// `remember`: its answer depends only on the destination and the snapshot, so the core
+    /// keeps it until `snapshot_changed`.
+    #[pyo3(signature = (address, route, *, mode="direct", report=None, netns=None, remember=false))]
+    // Python keyword arguments, mirrored one to one.
+    #[allow(clippy::too_many_arguments)]
     fn listen(
         &self,
         address: &str,
@@ -374,8 +383,9 @@ impl Core {
         mode: &str,
         report: Option<&Bound<'_, PyAny>>,
         netns: Option<&Bound<'_, Netns>>,
+        remember: bool,
     ) -> PyResult<Listener> {
-        let decider = OutboundDecider::from_py(route).map_err(PyValueError::new_err)?;
+        let decider = OutboundDecider::from_py(route, remember).map_err(PyValueError::new_err)?;
         let mode = ListenMode::parse(mode).map_err(PyValueError::new_err)?;
         let reporter =
             Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
@@ -504,6 +514,12 @@ impl Core {
         self.shared.connections.close(id, reason)
     }
 
+    /// Python swapped its snapshot: remembered answers are forgotten, each asked again on its
+    /// next connection.
+    fn snapshot_changed(&self) {
+        self.shared.decisions.generation.advance();
+    }
+
     /// Counters, read without stopping traffic.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
@@ -520,6 +536,12 @@ impl Core {
         out.set_item(
             "reports_suppressed",
             self.shared.reports.suppressed.load(Ordering::Relaxed),
+        )?;
+        let decisions = &self.shared.decisions;
+        out.set_item("decisions_asked", decisions.asked.load(Ordering::Relaxed))?;
+        out.set_item(
+            "decisions_remembered",
+            decisions.remembered.load(Ordering::Relaxed),
         )?;
         let (suppressed, dropped) = crate::logging::log_stats();
         out.set_item("log_lines_suppressed", suppressed)?;

@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Counters;
 use crate::plan::{Allow, Deny, HboneTarget, TcpTarget};
+use crate::table::{forwarded_host, Answer, Generation, InboundKey, Table};
 
 // Plans hold `Arc<Py<..>>` so a fixed plan is shared by every connection with a reference-count
 // bump, without taking the GIL; the classes are frozen, so the core reads them without it too.
@@ -39,6 +41,14 @@ pub enum Verdict {
 }
 
 impl Plan {
+    pub fn to_py(&self, py: Python<'_>) -> Py<PyAny> {
+        match self {
+            Plan::Hbone(t) => t.clone_ref(py).into_any(),
+            Plan::Tcp(t) => t.clone_ref(py).into_any(),
+            Plan::Deny(d) => d.clone_ref(py).into_any(),
+        }
+    }
+
     /// The metric counters the decision attached, if any.
     pub fn counters(&self) -> Option<&Counters> {
         match self {
@@ -91,74 +101,143 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// A decision given when the listener was made, or a Python callable asked each time.
-pub enum Decider<T> {
+/// A decision given when the listener was made, a Python callable asked each time, or a Python
+/// callable whose answers are remembered per key until the snapshot changes (see `table`).
+pub enum Decider<K, T> {
     Fixed(T),
     Callback(Arc<Py<PyAny>>),
+    Remembered(Arc<Py<PyAny>>, Table<K, T>),
 }
 
-impl<T> Decider<T> {
-    fn callback(obj: &Bound<'_, PyAny>) -> Result<Self, String> {
-        if obj.is_callable() {
-            Ok(Decider::Callback(Arc::new(obj.clone().unbind())))
-        } else {
-            Err(format!("expected a callable, got {}", type_name(obj)))
+impl<K: Eq + std::hash::Hash, T: Clone> Decider<K, T> {
+    fn callback(obj: &Bound<'_, PyAny>, remember: bool) -> Result<Self, String> {
+        if !obj.is_callable() {
+            return Err(format!("expected a callable, got {}", type_name(obj)));
         }
+        let callback = Arc::new(obj.clone().unbind());
+        Ok(if remember {
+            Decider::Remembered(callback, Table::new())
+        } else {
+            Decider::Callback(callback)
+        })
+    }
+
+    fn remembers(&self) -> bool {
+        matches!(self, Decider::Remembered(..))
+    }
+
+    /// The answer for `key`: fixed, remembered, or asked of Python with `ask`.
+    async fn answer<F>(
+        &self,
+        pool: &DecisionPool,
+        key: Option<K>,
+        ask: F,
+    ) -> Result<T, DecisionError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Py<PyAny>, Python<'_>) -> Result<T, String> + Send + 'static,
+    {
+        let (cb, table) = match self {
+            Decider::Fixed(answer) => return Ok(answer.clone()),
+            Decider::Callback(cb) => (cb, None),
+            Decider::Remembered(cb, table) => (cb, Some(table)),
+        };
+        let (Some(table), Some(key)) = (table, key) else {
+            let cb = cb.clone();
+            return pool.call(move |py| ask(&cb, py)).await;
+        };
+        let asked = pool.generation.current();
+        if let Some(answer) = table.get(asked, &key) {
+            pool.remembered.fetch_add(1, Ordering::Relaxed);
+            return Ok(answer);
+        }
+        let cb = cb.clone();
+        let answer = pool.call(move |py| ask(&cb, py)).await?;
+        table.put(asked, pool.generation.current(), key, answer.clone());
+        Ok(answer)
     }
 }
 
-pub type OutboundDecider = Decider<Plan>;
-pub type InboundDecider = Decider<Verdict>;
+/// Outbound answers are remembered per (source IP, destination).
+pub type OutboundDecider = Decider<(std::net::IpAddr, String), Answer>;
+pub type InboundDecider = Decider<InboundKey, Verdict>;
 
 impl OutboundDecider {
-    pub fn from_py(obj: &Bound<'_, PyAny>) -> Result<Self, String> {
-        match Plan::from_py(obj) {
-            Ok(plan) => Ok(Decider::Fixed(plan)),
-            Err(_) => Self::callback(obj).map_err(|_| {
+    /// A fixed plan, or a callable (`remember`: its answer depends only on the source IP, the
+    /// destination and the snapshot).
+    pub fn from_py(obj: &Bound<'_, PyAny>, remember: bool) -> Result<Self, String> {
+        match Answer::from_py(obj) {
+            Ok(answer) => Ok(Decider::Fixed(answer)),
+            Err(_) => Self::callback(obj, remember).map_err(|_| {
                 format!(
-                    "route: expected HboneTarget, TcpTarget, Deny or a callable, got {}",
+                    "route: expected HboneTarget, TcpTarget, Deny, Routes or a callable, got {}",
                     type_name(obj)
                 )
             }),
         }
     }
 
-    /// Ask for the plan of a connection from `source` to `destination` (`ip:port`, or
-    /// `name:port` when a SOCKS5 client asked by name).
+    /// The plan of a connection from `source` to `destination` (`ip:port`, or `name:port` when
+    /// a SOCKS5 client asked by name).
     pub async fn decide(
         &self,
         pool: &DecisionPool,
         source: SocketAddr,
         destination: String,
     ) -> Result<Plan, DecisionError> {
-        match self {
-            Decider::Fixed(plan) => Ok(plan.clone()),
-            Decider::Callback(cb) => {
-                let cb = cb.clone();
-                pool.call(move |py| {
-                    let args = (source.to_string(), destination);
-                    let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
-                    Plan::from_py(&result).map_err(|e| format!("route callback returned: {e}"))
-                })
-                .await
-            }
-        }
+        let key = self.remembers().then(|| (source.ip(), destination.clone()));
+        let answer = self
+            .answer(pool, key, move |cb, py| {
+                let args = (source.to_string(), destination);
+                let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
+                Answer::from_py(&result).map_err(|e| format!("route callback returned: {e}"))
+            })
+            .await?;
+        Ok(answer.pick())
     }
 }
 
 /// What an inbound decision is told about a CONNECT stream.
 pub struct InboundRequest {
-    pub peer_identity: Option<String>,
+    pub peer_identity: Option<Arc<str>>,
     pub authority: String,
     pub peer_address: SocketAddr,
-    pub headers: Vec<(String, String)>,
+    pub headers: http::HeaderMap,
+}
+
+impl InboundRequest {
+    fn key(&self) -> InboundKey {
+        InboundKey {
+            peer_identity: self.peer_identity.clone(),
+            peer_ip: self.peer_address.ip(),
+            authority: self.authority.clone(),
+            forwarded_host: self
+                .headers
+                .get("forwarded")
+                .and_then(|v| forwarded_host(&String::from_utf8_lossy(v.as_bytes()))),
+        }
+    }
+
+    fn header_pairs(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    }
 }
 
 impl InboundDecider {
-    pub fn from_py(obj: &Bound<'_, PyAny>) -> Result<Self, String> {
+    /// A fixed verdict, or a callable (`remember`: its answer depends only on the peer's
+    /// identity and IP, the authority and the `Forwarded` host, and the snapshot).
+    pub fn from_py(obj: &Bound<'_, PyAny>, remember: bool) -> Result<Self, String> {
         match Verdict::from_py(obj) {
             Ok(v) => Ok(Decider::Fixed(v)),
-            Err(_) => Self::callback(obj).map_err(|_| {
+            Err(_) => Self::callback(obj, remember).map_err(|_| {
                 format!(
                     "decide: expected Allow, Deny or a callable, got {}",
                     type_name(obj)
@@ -172,24 +251,19 @@ impl InboundDecider {
         pool: &DecisionPool,
         request: InboundRequest,
     ) -> Result<Verdict, DecisionError> {
-        match self {
-            Decider::Fixed(v) => Ok(v.clone()),
-            Decider::Callback(cb) => {
-                let cb = cb.clone();
-                pool.call(move |py| {
-                    let headers = PyTuple::new(py, request.headers).map_err(|e| describe(py, e))?;
-                    let args = (
-                        request.peer_identity,
-                        request.authority,
-                        request.peer_address.to_string(),
-                        headers,
-                    );
-                    let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
-                    Verdict::from_py(&result).map_err(|e| format!("decide callback returned: {e}"))
-                })
-                .await
-            }
-        }
+        let key = self.remembers().then(|| request.key());
+        self.answer(pool, key, move |cb, py| {
+            let headers = PyTuple::new(py, request.header_pairs()).map_err(|e| describe(py, e))?;
+            let args = (
+                request.peer_identity.as_deref().map(str::to_string),
+                request.authority,
+                request.peer_address.to_string(),
+                headers,
+            );
+            let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
+            Verdict::from_py(&result).map_err(|e| format!("decide callback returned: {e}"))
+        })
+        .await
     }
 }
 
@@ -231,6 +305,11 @@ type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 pub struct DecisionPool {
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     capacity: usize,
+    /// The snapshot remembered answers belong to.
+    pub generation: Generation,
+    /// Decisions asked of Python, and answered from a table instead.
+    pub asked: AtomicU64,
+    pub remembered: AtomicU64,
 }
 
 impl DecisionPool {
@@ -247,6 +326,9 @@ impl DecisionPool {
         Ok(Arc::new(Self {
             queue: Mutex::new(Some(tx)),
             capacity,
+            generation: Generation::default(),
+            asked: AtomicU64::new(0),
+            remembered: AtomicU64::new(0),
         }))
     }
 
@@ -257,6 +339,7 @@ impl DecisionPool {
         T: Send + 'static,
         F: FnOnce(Python<'_>) -> Result<T, String> + Send + 'static,
     {
+        self.asked.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |py| {
             if !tx.is_closed() {

@@ -26,6 +26,7 @@ mod scope;
 mod socket;
 mod socks5;
 mod stats;
+mod table;
 mod tls;
 
 use pyo3::prelude::*;
@@ -57,5 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::TcpTarget>()?;
     m.add_class::<plan::Allow>()?;
     m.add_class::<plan::Deny>()?;
+    m.add_class::<table::Routes>()?;
+    m.add_function(wrap_pyfunction!(table::py_forwarded_host, m)?)?;
     Ok(())
 }

@@ -107,7 +107,12 @@ async fn establish_hbone(
         .map_err(OutboundError::Hbone)?;
     match lease
         .conn
-        .connect(&target.authority, &target.headers, source)
+        .connect(
+            &target.authority,
+            &target.headers,
+            source,
+            target.forwarded_host.as_deref(),
+        )
         .await
     {
         Ok(streams) => {

@@ -54,8 +54,11 @@ pub struct HboneTarget {
     pub source_identity: Arc<str>,
     /// Source IP of the outer connection (the pod's IP).
     pub source_ip: Option<IpAddr>,
-    /// Extra CONNECT headers (baggage, forwarded with a host...).
+    /// Extra CONNECT headers (baggage...).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The Service the client dialed, sent as `Forwarded: for="<client>";host=<this>` (the core
+    /// adds the client, which differs per connection) so the destination labels its telemetry.
+    pub forwarded_host: Option<String>,
     /// Anything the decision wants back in the connection's report (telemetry, access log).
     #[pyo3(get)]
     pub tag: Option<Py<PyAny>>,
@@ -68,7 +71,7 @@ pub struct HboneTarget {
 #[pymethods]
 impl HboneTarget {
     #[new]
-    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None, tag=None, counters=None))]
+    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None, forwarded_host=None, tag=None, counters=None))]
     // Python keyword arguments, mirrored one to one: a struct would only move the list.
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -78,9 +81,17 @@ impl HboneTarget {
         source_identity: &str,
         source_ip: Option<&str>,
         headers: Option<Vec<(String, String)>>,
+        forwarded_host: Option<String>,
         tag: Option<Py<PyAny>>,
         counters: Option<Py<Counters>>,
     ) -> PyResult<Self> {
+        if let Some(host) = &forwarded_host {
+            if host.is_empty() || HeaderValue::try_from(format!("host={host}")).is_err() {
+                return Err(PyValueError::new_err(format!(
+                    "HboneTarget.forwarded_host: expected a host name, got {host:?}"
+                )));
+            }
+        }
         let address = parse_address("HboneTarget", "address", address)?;
         if authority.is_empty() || http::uri::Authority::try_from(authority).is_err() {
             return Err(PyValueError::new_err(format!(
@@ -121,6 +132,7 @@ impl HboneTarget {
             source_identity: Arc::from(source_identity),
             source_ip: parse_ip("HboneTarget", "source_ip", source_ip)?,
             headers,
+            forwarded_host,
             tag,
             counters,
         })
@@ -129,6 +141,10 @@ impl HboneTarget {
     #[getter]
     fn address(&self) -> String {
         self.address.to_string()
+    }
+    #[getter]
+    fn forwarded_host(&self) -> Option<&str> {
+        self.forwarded_host.as_deref()
     }
     #[getter]
     fn authority(&self) -> &str {

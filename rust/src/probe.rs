@@ -52,7 +52,10 @@ async fn one_stream(
             .map_err(|e| e.to_string())?;
         &*lease.conn
     };
-    let (mut send, recv) = match conn.connect(&target.authority, &target.headers, None).await {
+    let (mut send, recv) = match conn
+        .connect(&target.authority, &target.headers, None, None)
+        .await
+    {
         Ok(streams) => {
             Stats::inc(&shared.stats.hbone_streams_opened);
             streams

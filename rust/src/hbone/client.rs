@@ -159,6 +159,7 @@ impl HboneConnection {
         authority: &str,
         headers: &[(HeaderName, HeaderValue)],
         forwarded_for: Option<SocketAddr>,
+        forwarded_host: Option<&str>,
     ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
         let peer = self.peer;
         let mut request = Request::builder()
@@ -172,7 +173,12 @@ impl HboneConnection {
         }
         if let Some(client) = forwarded_for {
             if !map.contains_key("forwarded") {
-                if let Ok(v) = HeaderValue::try_from(format!("for=\"{client}\"")) {
+                // As Istio's ztunnel: `for` always, `host` when the client dialed a Service.
+                let value = match forwarded_host {
+                    Some(host) => format!("for=\"{client}\";host={host}"),
+                    None => format!("for=\"{client}\""),
+                };
+                if let Ok(v) = HeaderValue::try_from(value) {
                     map.insert("forwarded", v);
                 }
             }

@@ -413,21 +413,11 @@ async fn serve_stream(
             return;
         }
     };
-    let headers = request
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
     let asked = InboundRequest {
-        peer_identity: peer_identity.map(|id| id.to_string()),
+        peer_identity,
         authority: authority.clone(),
         peer_address: peer,
-        headers,
+        headers: request.headers().clone(),
     };
     let decision = tokio::select! {
         biased;
