@@ -55,6 +55,7 @@ class HboneTarget:
         forwarded_host: str | None = None,
         tag: object = None,
         counters: Counters | None = None,
+        log: LogTemplate | None = None,
     ) -> None: ...
     @property
     def address(self) -> str: ...
@@ -70,6 +71,43 @@ class HboneTarget:
     def source_ip(self) -> str | None: ...
     @property
     def headers(self) -> list[tuple[str, str]]: ...
+
+class AccessLog:
+    """Access-log lines the core writes to (a duplicate of) ``fd``, JSON or ``key=value`` text,
+    from a thread of its own; lines are dropped (counted) rather than queued without bound."""
+
+    def __init__(self, fd: int, *, text: bool = False) -> None: ...
+    @property
+    def written(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    def close(self, timeout: float = 5.0) -> None: ...
+
+class LogTemplate:
+    """A decision's access-log line: ``fields`` in order, each value a string or a hole
+    (``SOURCE``, ``DESTINATION``) filled per connection; the core appends the byte counts (when
+    ``bytes``; swapped when ``flip``), ``duration_ms`` and ``error``."""
+
+    SOURCE: int
+    DESTINATION: int
+
+    def __init__(
+        self,
+        log: AccessLog,
+        fields: list[tuple[str, str | int]],
+        *,
+        flip: bool = False,
+        bytes: bool = True,
+    ) -> None: ...
+    def render(
+        self,
+        source: str,
+        destination: str,
+        sent: int,
+        received: int,
+        seconds: float,
+        error: str | None = None,
+    ) -> str: ...
 
 class Routes:
     """Plans by weight: the core picks one per connection (a Service's endpoints by capacity)."""
@@ -94,6 +132,7 @@ class TcpTarget:
         source_ip: str | None = None,
         tag: object = None,
         counters: Counters | None = None,
+        log: LogTemplate | None = None,
     ) -> None: ...
     @property
     def address(self) -> str: ...
@@ -113,6 +152,7 @@ class Allow:
         source_ip: str | None = None,
         tag: object = None,
         counters: Counters | None = None,
+        log: LogTemplate | None = None,
     ) -> None: ...
     @property
     def upstream(self) -> str: ...
@@ -132,6 +172,7 @@ class Deny:
         status: int = 401,
         tag: object = None,
         counters: Counters | None = None,
+        log: LogTemplate | None = None,
     ) -> None: ...
     @property
     def status(self) -> int: ...
@@ -145,6 +186,8 @@ OutboundCallback = Callable[[str, str], "Plan | Routes"]
 # report(subject, source, destination, bytes_sent, bytes_received, seconds, error); subject is
 # None for a connection refused before any decision (a failed handshake, a full decision queue...)
 Reporter = Callable[[Plan | Verdict | None, str, str, int, int, float, str | None], object]
+# A listener reports with a Python callable, or has the core write its early lines itself.
+Report = Reporter | LogTemplate
 
 class Netns:
     """A pod's network namespace the core makes sockets in (in-pod mode). ``fd`` is duplicated:
@@ -192,7 +235,7 @@ class Core:
         identity: str,
         decide: Verdict | InboundCallback,
         *,
-        report: Reporter | None = None,
+        report: Report | None = None,
         netns: Netns | None = None,
         remember: bool = False,
     ) -> Listener: ...
@@ -202,7 +245,7 @@ class Core:
         route: Plan | Routes | OutboundCallback,
         *,
         mode: str = "direct",
-        report: Reporter | None = None,
+        report: Report | None = None,
         netns: Netns | None = None,
         remember: bool = False,
     ) -> Listener: ...

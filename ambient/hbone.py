@@ -40,7 +40,17 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._core import Allow, Core, Deny, HboneTarget, Listener, Netns, Routes, TcpTarget
+from ._core import (
+    Allow,
+    Core,
+    Deny,
+    HboneTarget,
+    Listener,
+    LogTemplate,
+    Netns,
+    Routes,
+    TcpTarget,
+)
 from ._fast.hbone_request import InboundDispatcher, StreamRequest
 
 if TYPE_CHECKING:
@@ -148,7 +158,7 @@ class DataPlane:
         identity: str,
         decide: Decision | Allow | Deny,
         *,
-        report: Reporter | None = None,
+        report: Reporter | LogTemplate | None = None,
         netns: Netns | None = None,
         remember: bool = False,
     ) -> Listener:
@@ -182,7 +192,7 @@ class DataPlane:
         route: Plan | Route,
         *,
         mode: str = "direct",
-        report: Reporter | None = None,
+        report: Reporter | LogTemplate | None = None,
         netns: Netns | None = None,
         remember: bool = False,
     ) -> Listener:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import routing
-from .._core import Counters
+from .._core import Counters, LogTemplate
 from ..hbone import (
     Allow,
     DataPlane,
@@ -48,7 +48,14 @@ from ..mesh import IPAddress, Mesh, Service, Workload
 from ..policy.engine import Authorizer, Decision, connection
 from ..routing import Transport
 from ..telemetry.metrics import UNKNOWN, ConnectionMetrics, Labels
-from .connection import ConnectionInfo, access_log_entry, early_access_log_entry
+from .connection import (
+    AccessLog,
+    ConnectionInfo,
+    access_log_entry,
+    early_access_log_entry,
+    early_line_template,
+    line_template,
+)
 from .listeners import ListenerKey, PodListeners
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,8 @@ class Ztunnel:
         self.inpod = inpod
         self.loopback = loopback and not inpod
         self.access_log = access_log
+        # Lines the core writes itself (no Python per connection), where the log is a file.
+        self.core_log = access_log.core() if isinstance(access_log, AccessLog) else None
         self.metrics = metrics if metrics is not None else ConnectionMetrics()
         self.rng = rng or random.Random()
         # The snapshot and its compiled policies, swapped together: decisions read it once.
@@ -311,16 +320,28 @@ class Ztunnel:
             if self._retry is not None:
                 self._retry.cancel()
             self.pods = {}
-        return self.dataplane.drain(deadline)
+        drained = self.dataplane.drain(deadline)
+        if self.core_log is not None:
+            self.core_log.close()  # the last lines (cut connections') reach the file
+        return drained
 
     @property
     def pending(self) -> list[str]:
         """What keeps this proxy from being ready (empty when ready)."""
         return [f"{p.workload.key}: {e}" for p in self.pods.values() for e in p.errors]
 
-    def _reporter(self, uid: str, direction: str, transport: str) -> Reporter:
-        """The report callback of one listener of pod ``uid``: an access-log line per connection,
-        also for one refused before any decision (``subject`` None)."""
+    def _line(self, info: ConnectionInfo) -> LogTemplate | None:
+        """The access-log line the core writes for a connection ``info`` describes."""
+        return line_template(self.core_log, info) if self.core_log is not None else None
+
+    def _reporter(self, uid: str, direction: str, transport: str) -> Reporter | LogTemplate:
+        """What one listener of pod ``uid`` reports with: the core's access log (decided
+        connections carry their own line; this is the line of one refused before any decision),
+        or a Python callback writing a line per connection (``subject`` None for an early one)."""
+        if self.core_log is not None:
+            pod = self.pods.get(uid)
+            workload = pod.workload if pod is not None else self.mesh.workload_by_uid(uid)
+            return early_line_template(self.core_log, direction, transport, workload)
 
         def report(
             subject: Any,
@@ -369,7 +390,8 @@ class Ztunnel:
             try:
                 dst_ip, dst_port = routing.resolve(mesh, destination)
             except ValueError as e:
-                return Deny(str(e), tag=ConnectionInfo("outbound", "DENY", workload, reason=str(e)))
+                info = ConnectionInfo("outbound", "DENY", workload, reason=str(e))
+                return Deny(str(e), tag=info, log=self._line(info))
             choices = routing.outbound_choices(
                 mesh, workload, dst_ip, dst_port, proxy_addresses=self.proxy_addresses
             )
@@ -396,7 +418,7 @@ class Ztunnel:
         if route.transport is Transport.DENY:
             # Refused before a connection is made (no endpoint, a loop...): as Istio's ztunnel,
             # logged but not counted in the connection metrics.
-            return Deny(route.reason, tag=info)
+            return Deny(route.reason, tag=info, log=self._line(info))
         counters = self.metrics.counters(
             Labels.of(
                 reporter="source",
@@ -419,9 +441,16 @@ class Ztunnel:
                 headers=[("baggage", baggage(source))],
                 forwarded_host=route.service.hostname if route.service else None,
                 tag=info,
+                log=self._line(info),
                 counters=counters,
             )
-        return TcpTarget(route.dial, source_ip=self._source_ip(source), tag=info, counters=counters)
+        return TcpTarget(
+            route.dial,
+            source_ip=self._source_ip(source),
+            tag=info,
+            log=self._line(info),
+            counters=counters,
+        )
 
     def _client_source_ip(self, address: str) -> str | None:
         """Connect to the app from the client's IP where the platform allows it: in-pod mode
@@ -467,24 +496,32 @@ class Ztunnel:
             if not check.allowed or check.upstream is None or peer_ip is None:
                 # A malformed or misdirected request: refused before it is a connection, as
                 # Istio's ztunnel, logged but not counted.
-                return Deny(check.reason, status=check.status, tag=info)
+                return Deny(
+                    check.reason,
+                    status=check.status,
+                    tag=info,
+                    log=self._line(info),
+                )
             refusal = routing.waypoint_only_refusal(mesh, workload, request.peer_identity)
             if refusal:
-                return Deny(refusal, status=401, tag=info, counters=counted())
+                return Deny(refusal, status=401, tag=info, log=self._line(info), counters=counted())
             decision = self._authorize(
                 authorizer, workload, peer_ip, request.authority, request.peer_identity
             )
+            info = _with_policy(info, decision)
             if not decision.allowed:
                 return Deny(
                     decision.reason,
                     status=401,
-                    tag=_with_policy(info, decision),
+                    tag=info,
+                    log=self._line(info),
                     counters=counted(),
                 )
             return Allow(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(request.peer_address),
-                tag=_with_policy(info, decision),
+                tag=info,
+                log=self._line(info),
                 counters=counted(),
             )
 
@@ -511,21 +548,24 @@ class Ztunnel:
             )
             check = routing.inbound_plaintext(workload, dst_ip, dst_port)
             if not check.allowed or check.upstream is None or src_ip is None:
-                return Deny(check.reason, tag=info)  # logged, not counted (see above)
+                return Deny(
+                    check.reason, tag=info, log=self._line(info)
+                )  # logged, not counted (see above)
             counters = self._inbound_counters(
                 info.source_workload, None, workload, mutual_tls=False, service=service
             )
             refusal = routing.waypoint_only_refusal(mesh, workload, None)
             if refusal:
-                return Deny(refusal, tag=info, counters=counters)
+                return Deny(refusal, tag=info, log=self._line(info), counters=counters)
             decision = self._authorize(authorizer, workload, src_ip, destination, None)
             info = _with_policy(info, decision)
             if not decision.allowed:
-                return Deny(decision.reason, tag=info, counters=counters)
+                return Deny(decision.reason, tag=info, log=self._line(info), counters=counters)
             return TcpTarget(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(source),
                 tag=info,
+                log=self._line(info),
                 counters=counters,
             )
 

@@ -4,6 +4,7 @@
 //! connection goes, whether a stream is allowed) is asked of Python through `decision`, once per
 //! connection or stream, never per byte.
 
+mod accesslog;
 mod allocator;
 mod copy;
 mod core;
@@ -59,6 +60,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::Allow>()?;
     m.add_class::<plan::Deny>()?;
     m.add_class::<table::Routes>()?;
+    m.add_class::<accesslog::AccessLog>()?;
+    m.add_class::<accesslog::LogTemplate>()?;
     m.add_function(wrap_pyfunction!(table::py_forwarded_host, m)?)?;
     Ok(())
 }

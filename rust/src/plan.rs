@@ -10,6 +10,7 @@ use http::{HeaderName, HeaderValue};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::accesslog::LogTemplate;
 use crate::metrics::Counters;
 
 fn parse_address(class: &str, field: &str, text: &str) -> PyResult<SocketAddr> {
@@ -66,12 +67,15 @@ pub struct HboneTarget {
     /// same labels).
     #[pyo3(get)]
     pub counters: Option<Py<Counters>>,
+    /// The connection's access-log line, written by the core when it ends.
+    #[pyo3(get)]
+    pub log: Option<Py<LogTemplate>>,
 }
 
 #[pymethods]
 impl HboneTarget {
     #[new]
-    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None, forwarded_host=None, tag=None, counters=None))]
+    #[pyo3(signature = (address, authority, identities, source_identity, *, source_ip=None, headers=None, forwarded_host=None, tag=None, counters=None, log=None))]
     // Python keyword arguments, mirrored one to one: a struct would only move the list.
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -84,6 +88,7 @@ impl HboneTarget {
         forwarded_host: Option<String>,
         tag: Option<Py<PyAny>>,
         counters: Option<Py<Counters>>,
+        log: Option<Py<LogTemplate>>,
     ) -> PyResult<Self> {
         if let Some(host) = &forwarded_host {
             if host.is_empty() || HeaderValue::try_from(format!("host={host}")).is_err() {
@@ -135,6 +140,7 @@ impl HboneTarget {
             forwarded_host,
             tag,
             counters,
+            log,
         })
     }
 
@@ -190,23 +196,28 @@ pub struct TcpTarget {
     /// same labels).
     #[pyo3(get)]
     pub counters: Option<Py<Counters>>,
+    /// The connection's access-log line, written by the core when it ends.
+    #[pyo3(get)]
+    pub log: Option<Py<LogTemplate>>,
 }
 
 #[pymethods]
 impl TcpTarget {
     #[new]
-    #[pyo3(signature = (address, *, source_ip=None, tag=None, counters=None))]
+    #[pyo3(signature = (address, *, source_ip=None, tag=None, counters=None, log=None))]
     fn new(
         address: &str,
         source_ip: Option<&str>,
         tag: Option<Py<PyAny>>,
         counters: Option<Py<Counters>>,
+        log: Option<Py<LogTemplate>>,
     ) -> PyResult<Self> {
         Ok(Self {
             address: parse_address("TcpTarget", "address", address)?,
             source_ip: parse_ip("TcpTarget", "source_ip", source_ip)?,
             tag,
             counters,
+            log,
         })
     }
 
@@ -237,23 +248,28 @@ pub struct Allow {
     /// same labels).
     #[pyo3(get)]
     pub counters: Option<Py<Counters>>,
+    /// The connection's access-log line, written by the core when it ends.
+    #[pyo3(get)]
+    pub log: Option<Py<LogTemplate>>,
 }
 
 #[pymethods]
 impl Allow {
     #[new]
-    #[pyo3(signature = (upstream, *, source_ip=None, tag=None, counters=None))]
+    #[pyo3(signature = (upstream, *, source_ip=None, tag=None, counters=None, log=None))]
     fn new(
         upstream: &str,
         source_ip: Option<&str>,
         tag: Option<Py<PyAny>>,
         counters: Option<Py<Counters>>,
+        log: Option<Py<LogTemplate>>,
     ) -> PyResult<Self> {
         Ok(Self {
             upstream: parse_address("Allow", "upstream", upstream)?,
             source_ip: parse_ip("Allow", "source_ip", source_ip)?,
             tag,
             counters,
+            log,
         })
     }
 
@@ -284,17 +300,21 @@ pub struct Deny {
     /// same labels).
     #[pyo3(get)]
     pub counters: Option<Py<Counters>>,
+    /// The connection's access-log line, written by the core when it ends.
+    #[pyo3(get)]
+    pub log: Option<Py<LogTemplate>>,
 }
 
 #[pymethods]
 impl Deny {
     #[new]
-    #[pyo3(signature = (reason, *, status=401, tag=None, counters=None))]
+    #[pyo3(signature = (reason, *, status=401, tag=None, counters=None, log=None))]
     fn new(
         reason: String,
         status: u16,
         tag: Option<Py<PyAny>>,
         counters: Option<Py<Counters>>,
+        log: Option<Py<LogTemplate>>,
     ) -> PyResult<Self> {
         if !(400..=599).contains(&status) {
             return Err(PyValueError::new_err(format!(
@@ -306,6 +326,7 @@ impl Deny {
             reason,
             tag,
             counters,
+            log,
         })
     }
 

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use pyo3::prelude::*;
 
+use crate::accesslog::LogTemplate;
 use crate::copy::Transferred;
 use crate::decision::{Plan, Verdict};
 use crate::ratelimit::RateLimit;
@@ -27,6 +28,17 @@ pub enum Subject {
 }
 
 impl Subject {
+    /// The access-log line the decision attached, if any.
+    fn log(&self) -> Option<&LogTemplate> {
+        let log = match self {
+            Subject::Plan(Plan::Hbone(t)) => &t.get().log,
+            Subject::Plan(Plan::Tcp(t)) => &t.get().log,
+            Subject::Plan(Plan::Deny(d)) | Subject::Verdict(Verdict::Deny(d)) => &d.get().log,
+            Subject::Verdict(Verdict::Allow(a)) => &a.get().log,
+        };
+        log.as_ref().map(|l| l.get())
+    }
+
     pub fn to_py(&self, py: Python<'_>) -> Py<PyAny> {
         match self {
             Subject::Plan(Plan::Hbone(t)) => t.clone_ref(py).into_any(),
@@ -163,12 +175,20 @@ fn deliver(py: Python<'_>, item: Item) {
     }
 }
 
-/// A listener's reporter: `report(subject, source, destination, sent, received, seconds, error)`.
+/// A listener's reporter: `report(subject, source, destination, sent, received, seconds, error)`
+/// (a Python callable, called on the reporter thread), or a [`LogTemplate`] for the lines of
+/// connections refused before any decision, written by the core. Either way a decision's own
+/// `LogTemplate`, when it attached one, is written by the core.
 #[derive(Clone, Default)]
 pub struct Reporter(Option<Arc<ReporterInner>>);
 
+enum Target {
+    Python(Arc<Py<PyAny>>),
+    Log(Py<LogTemplate>),
+}
+
 pub struct ReporterInner {
-    callback: Arc<Py<PyAny>>,
+    target: Target,
     queue: Arc<ReportQueue>,
     /// Early reports of this listener.
     early: RateLimit,
@@ -179,16 +199,20 @@ impl Reporter {
         obj: Option<&Bound<'_, PyAny>>,
         queue: &Arc<ReportQueue>,
     ) -> Result<Self, String> {
-        match obj {
-            None => Ok(Reporter(None)),
-            Some(o) if o.is_none() => Ok(Reporter(None)),
-            Some(o) if o.is_callable() => Ok(Reporter(Some(Arc::new(ReporterInner {
-                callback: Arc::new(o.clone().unbind()),
-                queue: queue.clone(),
-                early: RateLimit::new(EARLY_BURST, EARLY_PER_SECOND),
-            })))),
-            Some(_) => Err("report: expected a callable or None".into()),
-        }
+        let target = match obj {
+            None => return Ok(Reporter(None)),
+            Some(o) if o.is_none() => return Ok(Reporter(None)),
+            Some(o) => match o.cast::<LogTemplate>() {
+                Ok(t) => Target::Log(t.clone().unbind()),
+                Err(_) if o.is_callable() => Target::Python(Arc::new(o.clone().unbind())),
+                Err(_) => return Err("report: expected a callable, a LogTemplate or None".into()),
+            },
+        };
+        Ok(Reporter(Some(Arc::new(ReporterInner {
+            target,
+            queue: queue.clone(),
+            early: RateLimit::new(EARLY_BURST, EARLY_PER_SECOND),
+        }))))
     }
 
     /// Report one finished (or refused) connection that had a decision, without waiting.
@@ -201,17 +225,31 @@ impl Reporter {
         started: Instant,
         error: Option<String>,
     ) {
+        let seconds = started.elapsed().as_secs_f64();
+        if let Some(log) = subject.log() {
+            log.write(
+                source,
+                destination,
+                transferred.sent(),
+                transferred.received(),
+                seconds,
+                error.as_deref(),
+            );
+        }
         let Some(r) = &self.0 else {
             return;
         };
+        let Target::Python(callback) = &r.target else {
+            return;
+        };
         r.queue.send(Item::Report(Report {
-            callback: r.callback.clone(),
+            callback: callback.clone(),
             subject: Some(subject),
             source,
             destination: destination.to_string(),
             sent: transferred.sent(),
             received: transferred.received(),
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
             error,
         }));
     }
@@ -230,15 +268,21 @@ impl Reporter {
         } else {
             error
         };
-        r.queue.send(Item::Report(Report {
-            callback: r.callback.clone(),
-            subject: None,
-            source,
-            destination: destination.to_string(),
-            sent: 0,
-            received: 0,
-            seconds: started.elapsed().as_secs_f64(),
-            error: Some(error),
-        }));
+        let seconds = started.elapsed().as_secs_f64();
+        match &r.target {
+            Target::Log(log) => log
+                .get()
+                .write(source, destination, 0, 0, seconds, Some(&error)),
+            Target::Python(callback) => r.queue.send(Item::Report(Report {
+                callback: callback.clone(),
+                subject: None,
+                source,
+                destination: destination.to_string(),
+                sent: 0,
+                received: 0,
+                seconds,
+                error: Some(error),
+            })),
+        }
     }
 }
