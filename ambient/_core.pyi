@@ -109,6 +109,23 @@ class LogTemplate:
         error: str | None = None,
     ) -> str: ...
 
+class RememberedDecisions:
+    """A listener's remembered-decision path driven from Python (the same keys, tables and
+    picks; Python asked inline)."""
+
+    def __init__(self, route: OutboundCallback, decide: InboundCallback) -> None: ...
+    def outbound(self, source: str, destination: str) -> Plan: ...
+    def inbound(
+        self,
+        peer_identity: str | None,
+        authority: str,
+        peer_address: str,
+        headers: list[tuple[str, str]],
+    ) -> Verdict: ...
+    def snapshot_changed(self) -> None: ...
+    @property
+    def asked(self) -> int: ...
+
 class Routes:
     """Plans by weight: the core picks one per connection (a Service's endpoints by capacity)."""
 

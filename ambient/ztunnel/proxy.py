@@ -30,7 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import routing
-from .._core import Counters, LogTemplate
+from .._core import Counters, LogTemplate, RememberedDecisions
+from .._fast.hbone_request import InboundDispatcher
 from ..hbone import (
     Allow,
     DataPlane,
@@ -195,19 +196,29 @@ class Ztunnel:
                     f"cut: a listener of pod {workload.key} changed with the config",
                 )
             self.pods = pods  # readers (admin, readiness) see the old set or the new one
-            # The addresses this proxy serves, for the no-loop check of every outbound connection.
-            addresses = {ip for p in pods.values() for ip in p.workload.ips}
-            if self.inpod:
-                # In a pod's namespace the proxy also listens on localhost (REDIRECT delivers
-                # there): a pod dialing 127.0.0.1:15001 itself must not start a loop.
-                addresses |= {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
-            self.proxy_addresses = frozenset(addresses)
+            self.proxy_addresses = self._proxy_addresses(desired)
             self._forget_departed(mesh)
             # Every answer the listeners remember came from the old snapshot (or the old pods,
             # addresses): forgotten only now, after everything decisions read was swapped.
             self.dataplane.snapshot_changed()
             self._schedule_retry()
         self.recheck_live_connections()
+
+    def _proxy_addresses(self, served: dict[str, Workload]) -> frozenset[IPAddress]:
+        """The addresses this proxy serves, for the no-loop check of every outbound connection."""
+        addresses = {ip for w in served.values() for ip in w.ips}
+        if self.inpod:
+            # In a pod's namespace the proxy also listens on localhost (REDIRECT delivers
+            # there): a pod dialing 127.0.0.1:15001 itself must not start a loop.
+            addresses |= {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+        return frozenset(addresses)
+
+    def decide_on(self, mesh: Mesh) -> None:
+        """Make decisions read ``mesh`` without opening or closing any listener: what
+        :meth:`apply` swaps for them (tests and ``explain`` drive decisions this way)."""
+        with self._apply_lock:
+            self.authorizer = Authorizer(mesh)
+            self.proxy_addresses = self._proxy_addresses(self.local_workloads(mesh))
 
     def _stop_pod(self, pod: PodListeners, what: str) -> None:
         pod.close(f"cut: pod {pod.workload.key} {what} ztunnel {self.node}")
@@ -329,6 +340,12 @@ class Ztunnel:
     def pending(self) -> list[str]:
         """What keeps this proxy from being ready (empty when ready)."""
         return [f"{p.workload.key}: {e}" for p in self.pods.values() for e in p.errors]
+
+    def remembered_decisions(self, uid: str) -> RememberedDecisions:
+        """Pod ``uid``'s outbound and inbound HBONE decisions behind the core's per-snapshot
+        tables, driven from Python: what its listeners would answer each connection (the
+        differential test holds these to the decisions asked afresh)."""
+        return RememberedDecisions(self._outbound(uid), InboundDispatcher(self._inbound_hbone(uid)))
 
     def _line(self, info: ConnectionInfo) -> LogTemplate | None:
         """The access-log line the core writes for a connection ``info`` describes."""

@@ -159,7 +159,13 @@ impl<K: Eq + std::hash::Hash, T: Clone> Decider<K, T> {
 }
 
 /// Outbound answers are remembered per (source IP, destination).
-pub type OutboundDecider = Decider<(std::net::IpAddr, String), Answer>;
+pub type OutboundKey = (std::net::IpAddr, String);
+pub type OutboundDecider = Decider<OutboundKey, Answer>;
+
+/// What an outbound answer may depend on: not the source port.
+pub fn outbound_key(source: SocketAddr, destination: &str) -> OutboundKey {
+    (source.ip(), destination.to_string())
+}
 pub type InboundDecider = Decider<InboundKey, Verdict>;
 
 impl OutboundDecider {
@@ -185,7 +191,7 @@ impl OutboundDecider {
         source: SocketAddr,
         destination: String,
     ) -> Result<Plan, DecisionError> {
-        let key = self.remembers().then(|| (source.ip(), destination.clone()));
+        let key = self.remembers().then(|| outbound_key(source, &destination));
         let answer = self
             .answer(pool, key, move |cb, py| {
                 let args = (source.to_string(), destination);
@@ -206,7 +212,7 @@ pub struct InboundRequest {
 }
 
 impl InboundRequest {
-    fn key(&self) -> InboundKey {
+    pub fn key(&self) -> InboundKey {
         InboundKey {
             peer_identity: self.peer_identity.clone(),
             peer_ip: self.peer_address.ip(),
@@ -218,7 +224,7 @@ impl InboundRequest {
         }
     }
 
-    fn header_pairs(&self) -> Vec<(String, String)> {
+    pub fn header_pairs(&self) -> Vec<(String, String)> {
         self.headers
             .iter()
             .map(|(n, v)| {
@@ -380,5 +386,126 @@ fn run_decisions(queue: &Mutex<mpsc::Receiver<Job>>) {
             }
         };
         Python::attach(job);
+    }
+}
+
+/// The remembered path of a listener, driven synchronously from Python: the same keys, tables
+/// and picks as a listener with `remember=True`, with Python asked inline instead of on a
+/// decision thread. The differential test holds what it serves to Python's own answers.
+#[pyclass(frozen, module = "ambient._core")]
+pub struct RememberedDecisions {
+    route: Py<PyAny>,
+    decide: Py<PyAny>,
+    outbound: Table<OutboundKey, Answer>,
+    inbound: Table<InboundKey, Verdict>,
+    generation: Generation,
+    asked: AtomicU64,
+}
+
+#[pymethods]
+impl RememberedDecisions {
+    /// `route(source, destination)` and `decide(peer_identity, authority, peer_address,
+    /// headers)`, as a listener would call them.
+    #[new]
+    fn new(route: Py<PyAny>, decide: Py<PyAny>) -> Self {
+        Self {
+            route,
+            decide,
+            outbound: Table::new(),
+            inbound: Table::new(),
+            generation: Generation::default(),
+            asked: AtomicU64::new(0),
+        }
+    }
+
+    /// The plan the core would carry a connection from `source` to `destination` with.
+    fn outbound(&self, py: Python<'_>, source: &str, destination: &str) -> PyResult<Py<PyAny>> {
+        let source: SocketAddr = source.parse().map_err(|_| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "source: expected ip:port, got {source:?}"
+            ))
+        })?;
+        let key = outbound_key(source, destination);
+        let now = self.generation.current();
+        let answer = match self.outbound.get(now, &key) {
+            Some(answer) => answer,
+            None => {
+                self.asked.fetch_add(1, Ordering::Relaxed);
+                let result = self
+                    .route
+                    .bind(py)
+                    .call1((source.to_string(), destination))?;
+                let answer =
+                    Answer::from_py(&result).map_err(pyo3::exceptions::PyTypeError::new_err)?;
+                self.outbound
+                    .put(now, self.generation.current(), key, answer.clone());
+                answer
+            }
+        };
+        Ok(answer.pick().to_py(py))
+    }
+
+    /// The verdict the core would give a CONNECT stream.
+    fn inbound(
+        &self,
+        py: Python<'_>,
+        peer_identity: Option<String>,
+        authority: String,
+        peer_address: &str,
+        headers: Vec<(String, String)>,
+    ) -> PyResult<Py<PyAny>> {
+        let bad = |what: String| pyo3::exceptions::PyValueError::new_err(what);
+        let mut map = http::HeaderMap::new();
+        for (name, value) in &headers {
+            let name = http::HeaderName::try_from(name.as_str()).map_err(|e| bad(e.to_string()))?;
+            let value =
+                http::HeaderValue::try_from(value.as_str()).map_err(|e| bad(e.to_string()))?;
+            map.append(name, value);
+        }
+        let request = InboundRequest {
+            peer_identity: peer_identity.map(Arc::from),
+            authority,
+            peer_address: peer_address.parse().map_err(|_| {
+                bad(format!(
+                    "peer_address: expected ip:port, got {peer_address:?}"
+                ))
+            })?,
+            headers: map,
+        };
+        let key = request.key();
+        let now = self.generation.current();
+        let verdict = match self.inbound.get(now, &key) {
+            Some(verdict) => verdict,
+            None => {
+                self.asked.fetch_add(1, Ordering::Relaxed);
+                let pairs = PyTuple::new(py, request.header_pairs())?;
+                let args = (
+                    request.peer_identity.as_deref().map(str::to_string),
+                    request.authority,
+                    request.peer_address.to_string(),
+                    pairs,
+                );
+                let result = self.decide.bind(py).call1(args)?;
+                let verdict =
+                    Verdict::from_py(&result).map_err(pyo3::exceptions::PyTypeError::new_err)?;
+                self.inbound
+                    .put(now, self.generation.current(), key, verdict.clone());
+                verdict
+            }
+        };
+        Ok(match verdict {
+            Verdict::Allow(a) => a.clone_ref(py).into_any(),
+            Verdict::Deny(d) => d.clone_ref(py).into_any(),
+        })
+    }
+
+    fn snapshot_changed(&self) {
+        self.generation.advance();
+    }
+
+    /// How many answers were asked of Python (the rest came from the tables).
+    #[getter]
+    fn asked(&self) -> u64 {
+        self.asked.load(Ordering::Relaxed)
     }
 }

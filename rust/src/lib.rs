@@ -60,6 +60,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::Allow>()?;
     m.add_class::<plan::Deny>()?;
     m.add_class::<table::Routes>()?;
+    m.add_class::<decision::RememberedDecisions>()?;
     m.add_class::<accesslog::AccessLog>()?;
     m.add_class::<accesslog::LogTemplate>()?;
     m.add_function(wrap_pyfunction!(table::py_forwarded_host, m)?)?;

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from ambient.config import ConfigError, load_mesh
+from ambient.hbone import Allow, Deny
 from ambient.policy.engine import Authorizer, PolicySet, connection
 from ambient.policy.model import Action, Scope
+from ambient.ztunnel.proxy import Ztunnel
 
 POD_IP = "10.0.0.10"  # the destination: pod "web" in namespace "prod"
 
@@ -631,10 +633,39 @@ CASES = [
 ]
 
 
+def decide_as_ztunnel(
+    tmp_path, policies, *, src="10.1.0.5", identity=SLEEP, port=8080, dst=POD_IP, workload="web"
+):
+    """The same question through the compiled path: the ztunnel's inbound HBONE decision behind
+    the core's table, asked twice from different peer ports (the second answer is the
+    remembered one)."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(textwrap.dedent(BASE) + "".join(policies))
+    mesh = load_mesh([path])
+    target = next(w for w in mesh.workloads if w.name == workload)
+    ztunnel = Ztunnel(target.node, None, None)  # type: ignore[arg-type]  # decisions only
+    ztunnel.decide_on(mesh)
+    table = ztunnel.remembered_decisions(target.uid)
+    first = table.inbound(identity, f"{dst}:{port}", f"{src}:40001", [])
+    again = table.inbound(identity, f"{dst}:{port}", f"{src}:40002", [])
+    assert table.asked == 1
+    assert (type(again), getattr(again, "reason", None)) == (
+        type(first),
+        getattr(first, "reason", None),
+    )
+    return again
+
+
 @pytest.mark.parametrize(("rule", "policies", "conn", "allowed"), CASES, ids=[c[0] for c in CASES])
 def test_policy_rule(tmp_path, rule, policies, conn, allowed):
     decision = decide(tmp_path, policies, **conn)
     assert decision.allowed is allowed, decision.reason
+
+
+@pytest.mark.parametrize(("rule", "policies", "conn", "allowed"), CASES, ids=[c[0] for c in CASES])
+def test_policy_rule_through_the_compiled_path(tmp_path, rule, policies, conn, allowed):
+    verdict = decide_as_ztunnel(tmp_path, policies, **conn)
+    assert isinstance(verdict, Allow if allowed else Deny), verdict
 
 
 def test_the_deciding_policy_is_named(tmp_path):
