@@ -56,7 +56,8 @@ def _resource_name(doc: dict[str, Any]) -> str | None:
     return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
 
 
-def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
+def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, bool, Location]]:
+    """The documents of ``path``, each with whether it holds a YAML tag, and where it is."""
     try:
         text = path.read_bytes().decode("utf-8")  # YAML files are UTF-8, whatever the locale
     except OSError as e:
@@ -71,14 +72,14 @@ def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
             )
         )
         return []
-    docs: list[tuple[Any, Location]] = []
+    docs: list[tuple[Any, bool, Location]] = []
     if not text.strip():
         # An empty file is more likely one being written than a mesh with nothing in it.
         out.issues.append(ConfigIssue(Location(str(path)), "", "the file is empty"))
         return docs
     try:
-        for n, doc in enumerate(yamlfile.load_all(text), start=1):
-            docs.append((doc, Location(str(path), n)))
+        for n, (doc, tagged) in enumerate(yamlfile.load_documents(text), start=1):
+            docs.append((doc, tagged, Location(str(path), n)))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -89,7 +90,7 @@ def _read_documents(path: Path, out: _Collected) -> list[tuple[Any, Location]]:
     return docs
 
 
-def _classify(doc: Any, location: Location, out: _Collected) -> None:
+def _classify(doc: Any, tagged: bool, location: Location, out: _Collected) -> None:
     if doc is None:
         return  # an empty document (e.g. a trailing ---)
     if isinstance(doc, tags.Tagged):
@@ -102,11 +103,11 @@ def _classify(doc: Any, location: Location, out: _Collected) -> None:
         return
     if "kind" in doc or "apiVersion" in doc:
         location = Location(location.file, location.document, _resource_name(doc))
-        if not _refuse_stray_tags(doc, location, lambda _: False, out):
+        if not (tagged and _refuse_stray_tags(doc, location, lambda _: False, out)):
             _kubernetes_object(doc, location, out)
     elif doc.keys() and set(doc) <= LOCAL_CONFIG_KEYS:
         location = Location(location.file, location.document, LOCAL_CONFIG)
-        if _refuse_stray_tags(doc, location, local.is_string_match, out):
+        if tagged and _refuse_stray_tags(doc, location, local.is_string_match, out):
             return
         try:
             out.local_configs.append((local.LocalConfig.model_validate(doc), location))
@@ -274,8 +275,8 @@ def load_mesh(paths: Sequence[str | Path], *, trust_domain: str = DEFAULT_TRUST_
     problem of every file."""
     out = _Collected()
     for path in map(Path, paths):
-        for doc, location in _read_documents(path, out):
-            _classify(doc, location, out)
+        for doc, tagged, location in _read_documents(path, out):
+            _classify(doc, tagged, location, out)
 
     _check_unique(
         (
