@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_mesh
+from ..config import ConfigError, MeshCache, load_mesh
 from ..hbone import DataPlane
 from ..identity.ca import WORKLOAD_CERT_TTL
 from ..identity.manager import CertificateManager
@@ -131,8 +131,9 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    cache = MeshCache()  # kept for the reloads
     try:
-        mesh = load_mesh(args.config, trust_domain=args.trust_domain)
+        mesh = load_mesh(args.config, trust_domain=args.trust_domain, cache=cache)
     except ConfigError as e:
         for issue in e.issues:
             print(f"error: {issue}", file=sys.stderr)
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
             interval=args.watch_interval,
             trust_domain=args.trust_domain,
             current=mesh,
+            cache=cache,
         )
         zds = ZdsClient(args.zds_socket, InpodPods(ztunnel)) if inpod else None
 

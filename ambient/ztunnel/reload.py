@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..config import ConfigError, load_mesh
+from ..config import ConfigError, MeshCache, load_mesh
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh
 
@@ -31,8 +31,11 @@ class ConfigWatcher:
         on_error: Callable[[ConfigError], None] | None = None,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         current: Mesh | None = None,
+        cache: MeshCache | None = None,
     ) -> None:
         self.paths = list(paths)
+        # What the last load read and made: a reload parses and translates only what changed.
+        self.cache = cache if cache is not None else MeshCache()
         self.trust_domain = trust_domain
         self._apply = apply
         self._on_error = on_error
@@ -65,7 +68,7 @@ class ConfigWatcher:
         with self._lock:
             self._stamps = self._read_stamps()
             try:
-                mesh = load_mesh(self.paths, trust_domain=self.trust_domain)
+                mesh = load_mesh(self.paths, trust_domain=self.trust_domain, cache=self.cache)
             except ConfigError as e:
                 self.refusals += 1
                 self.last_error = str(e)

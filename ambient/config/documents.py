@@ -1,0 +1,89 @@
+"""A mesh file's YAML documents, each read once and remembered by its text.
+
+Reloading a 5,000-pod mesh because one pod changed must not cost what the first load did: the
+file is split at its document markers (a ``---`` line, which YAML forbids anywhere else at the
+start of a line, even inside a block or quoted scalar), and each document whose text is unchanged
+since the last load is taken from a :class:`DocumentCache` instead of being parsed again. A
+document is parsed on its own with as many blank lines before it as precede it in the file, so
+its line numbers (in errors, in tags) are the file's.
+
+A file with directives (``%YAML``, ``%TAG``: they belong to the document after them) is read
+whole, as before; so is any file when no cache is given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import yamlfile
+
+# A document start marker: `---` at the start of a line, then a space, a tab or the line's end.
+DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n]|\Z)", re.MULTILINE)
+DIRECTIVE = re.compile(r"^%", re.MULTILINE)
+
+
+def split(text: str) -> list[tuple[int, str]] | None:
+    """The file's chunks (each one document, or nothing before the first marker) with the
+    0-based line each starts at; None when the file has directives."""
+    if DIRECTIVE.search(text):
+        return None
+    starts = [m.start() for m in DOCUMENT_START.finditer(text)]
+    bounds = [0, *[s for s in starts if s > 0], len(text)]
+    chunks: list[tuple[int, str]] = []
+    line = 0
+    for begin, end in itertools.pairwise(bounds):
+        chunk = text[begin:end]
+        chunks.append((line, chunk))
+        line += chunk.count("\n")
+    return chunks
+
+
+@dataclass
+class Parsed:
+    """One chunk's documents (value, whether it holds a YAML tag), as parsed at ``line``; and
+    what the config layer made of them, for it to reuse (see ``loader``)."""
+
+    line: int
+    documents: list[tuple[Any, bool]]
+    made: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DocumentCache:
+    """Parsed chunks by their text, kept from one load to the next; chunks no longer in any
+    file are dropped at the end of each load (:meth:`sweep`)."""
+
+    chunks: dict[str, Parsed] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+    parsed: int = 0  # chunks parsed by the last load (the rest came from the cache)
+
+    def begin(self) -> None:
+        self.used = set()
+        self.parsed = 0
+
+    def sweep(self) -> None:
+        self.chunks = {k: v for k, v in self.chunks.items() if k in self.used}
+
+
+def documents(text: str, cache: DocumentCache | None) -> Iterator[tuple[Any, bool, Parsed | None]]:
+    """Every document of ``text`` (value, holds a tag, its cached chunk or None). YAML errors
+    propagate as :func:`yamlfile.load_documents` raises them, with the file's line numbers."""
+    chunks = split(text) if cache is not None else None
+    if cache is None or chunks is None:
+        for value, tagged in yamlfile.load_documents(text):
+            yield value, tagged, None
+        return
+    for line, chunk in chunks:
+        parsed = cache.chunks.get(chunk)
+        if parsed is None or (parsed.line != line and any(t for _, t in parsed.documents)):
+            # Parsed anew, with the file's line numbers (a tag records its line).
+            parsed = Parsed(line, list(yamlfile.load_documents("\n" * line + chunk)))
+            cache.chunks[chunk] = parsed
+            cache.parsed += 1
+        cache.used.add(chunk)
+        for value, tagged in parsed.documents:
+            yield value, tagged, parsed
