@@ -119,13 +119,17 @@ def listening_ports(pod: str) -> set[int]:
 
 
 def namespaces_held(pid: int) -> set[str]:
-    """Network namespaces any thread of ``pid`` is in or holds a descriptor of."""
+    """Network namespaces any thread of ``pid`` is in or holds a descriptor of (one opened
+    through a ``/run/netns/<name>`` bind mount reads as that path: it is known by its inode)."""
     held = set()
     for link in [*Path(f"/proc/{pid}/task").glob("*/ns/net"), *Path(f"/proc/{pid}/fd").iterdir()]:
         try:
-            held.add(str(link.readlink()))
+            target = str(link.readlink())
+            if "/netns/" in target:
+                target = f"net:[{link.stat().st_ino}]"
         except OSError:
             continue
+        held.add(target)
     return {h for h in held if h.startswith("net:[")}
 
 

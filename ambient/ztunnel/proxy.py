@@ -351,10 +351,12 @@ class Ztunnel:
         """The access-log line the core writes for a connection ``info`` describes."""
         return line_template(self.core_log, info) if self.core_log is not None else None
 
-    def _reporter(self, uid: str, direction: str, transport: str) -> Reporter | LogTemplate:
+    def _reporter(self, uid: str, direction: str, transport: str) -> Reporter | LogTemplate | None:
         """What one listener of pod ``uid`` reports with: the core's access log (decided
         connections carry their own line; this is the line of one refused before any decision),
         or a Python callback writing a line per connection (``subject`` None for an early one)."""
+        if self.access_log is None:
+            return None  # nothing to report: the core hands nothing to Python
         if self.core_log is not None:
             pod = self.pods.get(uid)
             workload = pod.workload if pod is not None else self.mesh.workload_by_uid(uid)
