@@ -14,10 +14,15 @@ of ZDS on its socket. The mesh is ONE file in Istio ztunnel's local config forma
 
 - ``capture-off``: the pods' redirection rules removed; plain TCP, routed by the two nodes.
 - ``ambient``: one ``ambient ztunnel`` per node in in-pod mode, as the testbed starts them.
-- ``istio``: (``--istio-ztunnel PATH``, a ztunnel built from Istio's source with
-  ``--features testing``, which ``FAKE_CA`` needs; this project never downloads or builds it)
-  one per node, in the node's namespace, on the same ZDS sockets: ``FAKE_CA=true XDS_ADDRESS=""
-  LOCAL_XDS_PATH=<mesh> PROXY_MODE=shared INPOD_UDS=<node socket> NODE_NAME=<node>``.
+- ``istio``: (``--istio-ztunnel PATH``) Istio's own ztunnel, one per node, in the node's
+  namespace, on the same ZDS sockets: ``FAKE_CA=true XDS_ADDRESS="" LOCAL_XDS_PATH=<mesh>
+  PROXY_MODE=shared INPOD_UDS=<node socket> NODE_NAME=<node> CLUSTER_ID=Kubernetes
+  ISTIO_META_DNS_CAPTURE=false``; ready when ``127.0.0.1:15021/healthz/ready`` in the node's
+  namespace says 200 and the CNI side has its snapshot acked. FAKE_CA (certificates from a test
+  root compiled in, so the two trust each other) needs a build with ``--features testing``:
+  ``cargo build --release --features testing`` in a checkout of github.com/istio/ztunnel (its
+  ``.cargo/config.toml`` puts the binary in ``out/rust/release/ztunnel``). This project never
+  downloads or builds it. Without it, ambient is compared with capture-off only.
 
 Each round measures every system once, the order rotated by one per round. A proxied system
 gets a fresh pair of proxies at the start of its reading (the other pair is stopped; the CNI
@@ -37,8 +42,21 @@ iperf3 their byte counters by at least what iperf3 received; with capture off, n
 counter of the running pair may move. Others are reported as invalid and left out. Benchmarks
 never fail on a figure: the exit status is 0 unless nothing at all could be measured.
 
+Fairness: both proxies run their default worker threads; ambient's connection caps are off
+(``--max-connections 0 --max-connections-per-source 0``: Istio's ztunnel has none, and 5,000
+held connections from one pod exceed ambient's default 1,000 per source); access logs are off for
+both (ambient ``--access-log off``, Istio ``RUST_LOG=error``), or with ``--access-log file`` one
+line per connection to a file for both (Istio ``RUST_LOG=error,access=info``, stdout to a file).
+Both pods get ``tcp_tw_reuse=1`` and source ports 1024-65535, so tens of thousands of short
+connections from one address do not run out of ports (TIME_WAIT), whichever system runs.
+
 ``--pin``: every load tool (iperf3 both ends, loadgen, the echo upstream) on CPU 0, both
 proxies (all their threads) on CPU 1.
+
+The JSON report (``--out``) holds the command line, the machine, the versions (ambient's git
+revision and core's sha256, the Istio binary's ``ztunnel version`` and sha256), per system and
+figure the median, min-max and spread over the rounds, the same-round ratios ambient/Istio and
+ambient/capture-off, and per round each figure with what its check counted (no raw samples).
 """
 
 from __future__ import annotations
@@ -204,20 +222,36 @@ def ambient_revision() -> dict[str, Any]:
         return {"git_revision": f"unknown ({e})"}
 
 
-def istio_version(path: Path) -> dict[str, Any]:
-    """What Istio's binary says it is (``ztunnel version``; it has no ``--version``) and its
-    sha256."""
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def core_sha256() -> str | None:
+    """The sha256 of the ``ambient._core`` every new ambient ztunnel loads (each ambient reading
+    starts a fresh pair, so a core rebuilt during the run would change what is measured)."""
+    import importlib.util
+
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        spec = importlib.util.find_spec("ambient._core")
+        if spec is not None and spec.origin:
+            return sha256(Path(spec.origin))
+    return None
+
+
+def istio_version(path: Path) -> dict[str, Any]:
+    """What Istio's binary says it is (``ztunnel version``; it has no ``--version``) and its
+    sha256."""
     try:
         said = subprocess.run(
             [str(path), "version"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         said = f"unavailable ({e})"
-    return {"binary": harness.portable_path(path), "version": said, "sha256": digest.hexdigest()}
+    return {"binary": harness.portable_path(path), "version": said, "sha256": sha256(path)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,7 +484,10 @@ class Bench:
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         env={**os.environ, **self.istio_env(node)},
-                        start_new_session=True,  # Ctrl-C reaches us; we stop it
+                        # In our session, as the testbed starts ambient's: with the scheduler's
+                        # autogroups a session of its own gets a CPU share of its own when the
+                        # cores are contended, and would favour one pair over the other.
+                        start_new_session=False,
                     )
                 pair.processes[node], pair.pids[node], pair.logs[node] = proc, proc.pid, log
                 pair.metrics[node] = ISTIO_METRICS
@@ -746,10 +783,15 @@ def figures_of(r: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
             return None
         return p
 
+    def cores(prefix: str, p: dict[str, Any]) -> None:
+        """The proxies' cores during the figure, and how busy the whole machine was."""
+        for k in ("proxy_cores", "machine_busy_cores"):
+            if k in p:
+                fig[f"{prefix}_{k}"] = p[k]
+
     if (p := part("iperf3")) is not None:
         fig["iperf3_gbps"] = p["gbps"]
-        if "proxy_cores" in p:
-            fig["iperf3_proxy_cores"] = p["proxy_cores"]
+        cores("iperf3", p)
     if (p := part("fixed_rate")) is not None:
         if p.get("failed"):
             problems.append(f"fixed_rate: {p['failed']} requests failed: {p.get('first_error')}")
@@ -758,18 +800,19 @@ def figures_of(r: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
             fig["rate_achieved_rps"] = p["requests_per_second"]
             if "proxy_cores_per_1k_rps" in p:
                 fig["rate_proxy_cores_per_1k_rps"] = p["proxy_cores_per_1k_rps"]
+            cores("rate", p)
     if (p := part("max_rps")) is not None:
         fig["max_rps"] = p["requests_per_second"]
-        if "proxy_cores" in p:
-            fig["max_rps_proxy_cores"] = p["proxy_cores"]
+        cores("max_rps", p)
     if (p := part("new_connections")) is not None:
         fig["conn_per_s"] = p["connections_per_second"]
-        if "proxy_cores" in p:
-            fig["conn_proxy_cores"] = p["proxy_cores"]
+        cores("conn", p)
         if "proxy_cpu_s_per_1k" in p:
             fig["conn_cpu_s_per_1k"] = p["proxy_cpu_s_per_1k"]
         if p.get("failed"):
             problems.append(f"new_connections: {p['failed']} failed: {p.get('first_error')}")
+    if r.get("pair_start_s"):  # from starting the pair to both proxies ready
+        fig["pair_start_s"] = r["pair_start_s"]
     mem = r.get("memory")
     if isinstance(mem, dict):
         if "error" in mem:
@@ -819,16 +862,12 @@ def checks_of(r: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# The figures that are the proxies' cost (for capture-off: the idle pair's).
-PROXY_COST = frozenset(
-    {
-        "iperf3_proxy_cores",
-        "rate_proxy_cores_per_1k_rps",
-        "max_rps_proxy_cores",
-        "conn_proxy_cores",
-        "conn_cpu_s_per_1k",
-    }
-)
+def ratio_of(key: str, other: str) -> bool:
+    """Whether the same-round ratio of ``key`` to ``other`` means something: not for how busy the
+    machine was, nor for the proxies' cost beside capture-off (the pair only idles then)."""
+    if key.endswith("_machine_busy_cores") or key == "rate_achieved_rps":
+        return False
+    return other != BASELINE or not ("proxy_cores" in key or key == "conn_cpu_s_per_1k")
 
 
 def stats(values: list[float]) -> dict[str, Any]:
@@ -883,12 +922,14 @@ def summarise(
     for other in [s for s in ("istio", BASELINE) if s in systems]:
         per_key = {}
         # With capture off the proxies only idle: no ratio to their cost then.
-        for k in [k for k in keys if other != BASELINE or k not in PROXY_COST]:
+        for k in [k for k in keys if ratio_of(k, other)]:
             by_round = harness.same_round_ratios(flat, "ambient", other, key=k)
             if by_round:
                 per_key[k] = {
                     "median": round(statistics.median(by_round.values()), 4),
-                    "by_round": {str(n): round(v, 4) for n, v in by_round.items()},
+                    "min": round(min(by_round.values()), 4),
+                    "max": round(max(by_round.values()), 4),
+                    "rounds": len(by_round),
                 }
         ratios[f"ambient/{other}"] = per_key
     return summary, ratios, flat
@@ -1003,6 +1044,7 @@ def show(system: str, rnd: int, reading: dict[str, Any]) -> None:
         f"p50/p99 {g('rate_p50_us', '{:.0f}')}/{g('rate_p99_us', '{:.0f}')} µs",
         f"max {g('max_rps', '{:.0f}')} req/s",
         f"{g('conn_per_s', '{:.0f}')} conn/s",
+        f"machine busy {g('conn_machine_busy_cores', '{:.2f}')} cores",
     ]
     if system != BASELINE:
         parts += [
@@ -1109,7 +1151,7 @@ def main(argv: list[str] | None = None) -> int:
             "will be meaningless and no report will be written",
             file=sys.stderr,
         )
-    versions: dict[str, Any] = {"ambient": ambient_revision()}
+    versions: dict[str, Any] = {"ambient": {**ambient_revision(), "core_sha256": core_sha256()}}
     if args.istio_ztunnel:
         versions["istio_ztunnel"] = istio_version(args.istio_ztunnel)
     ambient_args = [*AMBIENT_ARGS]
@@ -1183,9 +1225,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare_istio.py: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     elapsed = time.monotonic() - started
+    core_changed = core_sha256() != versions["ambient"]["core_sha256"]
+    if core_changed:
+        versions["ambient"]["core_sha256_at_end"] = core_sha256()
 
     summary, ratios, per_round = summarise(rounds, systems)
     table = markdown_table(summary, ratios, systems, args)
+    if core_changed:
+        table += (
+            "\n\nWARNING: ambient._core was replaced during the run: later ambient readings "
+            "ran another core than earlier ones."
+        )
     if not release:
         table += (
             f"\n\nWARNING: ambient._core build profile is {profile!r}, not 'release': "
