@@ -8,9 +8,11 @@ any, no snapshot is built, so nothing ever starts from a half-read config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import gc
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -242,10 +244,20 @@ def _collect(resource: Any, location: Location, out: _Collected) -> None:
         getattr(out, group).append((resource, location))
 
 
+class _NetworkAddress(tuple[str, Any]):
+    """(network, IP): a key compared without formatting the IP (12,000 of them per load of a
+    5,000-pod mesh), shown as ``network/ip`` in a message."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(f"{self[0]}/{self[1]}")
+
+
 def _check_unique(
-    items: Iterable[tuple[str, Location]], what: str, out: _Collected, field_name: str
+    items: Iterable[tuple[Any, Location]], what: str, out: _Collected, field_name: str
 ) -> None:
-    seen: dict[str, Location] = {}
+    seen: dict[Any, Location] = {}
     for key, location in items:
         if key in seen:
             out.issues.append(
@@ -264,26 +276,24 @@ def _cross_checks(
 ) -> None:
     _check_unique(((w.uid, loc) for w, loc in workloads), "workload uid", out, "uid")
     _check_unique(
-        ((f"{w.network}/{ip}", loc) for w, loc in workloads for ip in w.ips),
+        ((_NetworkAddress((w.network, ip)), loc) for w, loc in workloads for ip in w.ips),
         "workload IP",
         out,
         "IPs",
     )
     _check_unique(
-        ((f"{net}/{ip}", loc) for s, loc in services for net, ip in s.vips),
+        ((_NetworkAddress((net, ip)), loc) for s, loc in services for net, ip in s.vips),
         "service VIP",
         out,
         "VIPs",
     )
     _check_unique(((s.key, loc) for s, loc in services), "service", out, "hostname")
-    pod_ips = {f"{w.network}/{ip}": loc for w, loc in workloads for ip in w.ips}
+    pod_ips = {(w.network, ip): loc for w, loc in workloads for ip in w.ips}
     for s, loc in services:
         for net, ip in s.vips:
-            if f"{net}/{ip}" in pod_ips:
+            if (net, ip) in pod_ips:
                 out.issues.append(
-                    ConfigIssue(
-                        loc, "VIPs", f"VIP {ip} is also a workload IP ({pod_ips[f'{net}/{ip}']})"
-                    )
+                    ConfigIssue(loc, "VIPs", f"VIP {ip} is also a workload IP ({pod_ips[net, ip]})")
                 )
 
 
@@ -343,10 +353,26 @@ def load_mesh(
     only what changed is parsed, validated and translated again."""
     if cache is not None:
         cache.begin()
-    mesh = _load(paths, trust_domain, cache)
+    with _no_cyclic_gc():
+        mesh = _load(paths, trust_domain, cache)
     if cache is not None:
         cache.end()  # only after a good load: a refused file leaves the last good cache
     return mesh
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Loading makes many objects and no garbage cycles; a full collection triggered on the way
+    walks every object alive, the previous snapshot's too (measured: half of a one-pod reload
+    of a 5,000-pod mesh). Reference counting still frees everything at once; cycles wait for
+    the next collection after the load."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | None) -> Mesh:
