@@ -44,12 +44,12 @@ def split(text: str) -> list[tuple[int, str]] | None:
 
 @dataclass
 class Parsed:
-    """One chunk's documents (value, whether it holds a YAML tag), as parsed at ``line``; and
-    what the config layer made of them, for it to reuse (see ``loader``)."""
+    """One chunk's documents (value, whether it holds a YAML tag), as parsed at ``line``; and,
+    for a chunk of one document, the object the config layer validated it into (reused)."""
 
     line: int
     documents: list[tuple[Any, bool]]
-    made: dict[str, Any] = field(default_factory=dict)
+    resource: Any = None
 
 
 @dataclass

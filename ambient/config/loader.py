@@ -203,10 +203,10 @@ def _stray_tag_message(tagged: tags.Tagged) -> str:
 def _kubernetes_object(
     doc: dict[str, Any], location: Location, out: _Collected, parsed: Parsed | None = None
 ) -> None:
-    # A chunk of one document validated in an earlier load: its object, as it was made.
-    reuse = parsed is not None and len(parsed.documents) == 1
-    if reuse and parsed is not None and "resource" in parsed.made:
-        _collect(parsed.made["resource"], location, out)
+    # A chunk of one document keeps the object it was validated into, for the next load.
+    single = parsed if parsed is not None and len(parsed.documents) == 1 else None
+    if single is not None and single.resource is not None:
+        _collect(single.resource, location, out)
         return
     kind = doc.get("kind")
     if not isinstance(kind, str) or "apiVersion" not in doc:
@@ -222,8 +222,8 @@ def _kubernetes_object(
     except ValidationError as e:
         out.issues.extend(issues_from_validation(e, location))
         return
-    if reuse and parsed is not None:
-        parsed.made["resource"] = resource
+    if single is not None:
+        single.resource = resource
     _collect(resource, location, out)
 
 

@@ -170,7 +170,7 @@ class Ztunnel:
         what they depend on changed, so live connections continue."""
         with self._apply_lock:
             desired = self.local_workloads(mesh)
-            self.authorizer = Authorizer(mesh)  # decisions read this on every connection
+            self.decide_on(mesh)
             pods = dict(self.pods)
             for uid in [u for u in pods if u not in desired]:
                 self._stop_pod(pods.pop(uid), "is no longer served by")
@@ -196,7 +196,6 @@ class Ztunnel:
                     f"cut: a listener of pod {workload.key} changed with the config",
                 )
             self.pods = pods  # readers (admin, readiness) see the old set or the new one
-            self.proxy_addresses = self._proxy_addresses(desired)
             self._forget_departed(mesh)
             # Every answer the listeners remember came from the old snapshot (or the old pods,
             # addresses): forgotten only now, after everything decisions read was swapped.
@@ -204,9 +203,9 @@ class Ztunnel:
             self._schedule_retry()
         self.recheck_live_connections()
 
-    def _proxy_addresses(self, served: dict[str, Workload]) -> frozenset[IPAddress]:
+    def _proxy_addresses(self, mesh: Mesh) -> frozenset[IPAddress]:
         """The addresses this proxy serves, for the no-loop check of every outbound connection."""
-        addresses = {ip for w in served.values() for ip in w.ips}
+        addresses = {ip for w in self.local_workloads(mesh).values() for ip in w.ips}
         if self.inpod:
             # In a pod's namespace the proxy also listens on localhost (REDIRECT delivers
             # there): a pod dialing 127.0.0.1:15001 itself must not start a loop.
@@ -214,11 +213,12 @@ class Ztunnel:
         return frozenset(addresses)
 
     def decide_on(self, mesh: Mesh) -> None:
-        """Make decisions read ``mesh`` without opening or closing any listener: what
-        :meth:`apply` swaps for them (tests and ``explain`` drive decisions this way)."""
+        """Make decisions read ``mesh`` (its compiled policies, the addresses served), without
+        opening or closing any listener: :meth:`apply` starts with it; tests drive decisions
+        this way."""
         with self._apply_lock:
-            self.authorizer = Authorizer(mesh)
-            self.proxy_addresses = self._proxy_addresses(self.local_workloads(mesh))
+            self.authorizer = Authorizer(mesh)  # decisions read this on every connection
+            self.proxy_addresses = self._proxy_addresses(mesh)
 
     def _stop_pod(self, pod: PodListeners, what: str) -> None:
         pod.close(f"cut: pod {pod.workload.key} {what} ztunnel {self.node}")
@@ -347,9 +347,11 @@ class Ztunnel:
         differential test holds these to the decisions asked afresh)."""
         return RememberedDecisions(self._outbound(uid), InboundDispatcher(self._inbound_hbone(uid)))
 
-    def _line(self, info: ConnectionInfo) -> LogTemplate | None:
-        """The access-log line the core writes for a connection ``info`` describes."""
-        return line_template(self.core_log, info) if self.core_log is not None else None
+    def _about(self, info: ConnectionInfo) -> dict[str, Any]:
+        """A plan's ``tag`` (what the connection is) and ``log`` (its access-log line, which the
+        core writes when the log is a file)."""
+        line = line_template(self.core_log, info) if self.core_log is not None else None
+        return {"tag": info, "log": line}
 
     def _reporter(self, uid: str, direction: str, transport: str) -> Reporter | LogTemplate | None:
         """What one listener of pod ``uid`` reports with: the core's access log (decided
@@ -358,8 +360,7 @@ class Ztunnel:
         if self.access_log is None:
             return None  # nothing to report: the core hands nothing to Python
         if self.core_log is not None:
-            pod = self.pods.get(uid)
-            workload = pod.workload if pod is not None else self.mesh.workload_by_uid(uid)
+            workload = self.mesh.workload_by_uid(uid)
             return early_line_template(self.core_log, direction, transport, workload)
 
         def report(
@@ -410,7 +411,7 @@ class Ztunnel:
                 dst_ip, dst_port = routing.resolve(mesh, destination)
             except ValueError as e:
                 info = ConnectionInfo("outbound", "DENY", workload, reason=str(e))
-                return Deny(str(e), tag=info, log=self._line(info))
+                return Deny(str(e), **self._about(info))
             choices = routing.outbound_choices(
                 mesh, workload, dst_ip, dst_port, proxy_addresses=self.proxy_addresses
             )
@@ -437,7 +438,7 @@ class Ztunnel:
         if route.transport is Transport.DENY:
             # Refused before a connection is made (no endpoint, a loop...): as Istio's ztunnel,
             # logged but not counted in the connection metrics.
-            return Deny(route.reason, tag=info, log=self._line(info))
+            return Deny(route.reason, **self._about(info))
         counters = self.metrics.counters(
             Labels.of(
                 reporter="source",
@@ -459,15 +460,13 @@ class Ztunnel:
                 source_ip=self._source_ip(source),
                 headers=[("baggage", baggage(source))],
                 forwarded_host=route.service.hostname if route.service else None,
-                tag=info,
-                log=self._line(info),
+                **self._about(info),
                 counters=counters,
             )
         return TcpTarget(
             route.dial,
             source_ip=self._source_ip(source),
-            tag=info,
-            log=self._line(info),
+            **self._about(info),
             counters=counters,
         )
 
@@ -518,12 +517,11 @@ class Ztunnel:
                 return Deny(
                     check.reason,
                     status=check.status,
-                    tag=info,
-                    log=self._line(info),
+                    **self._about(info),
                 )
             refusal = routing.waypoint_only_refusal(mesh, workload, request.peer_identity)
             if refusal:
-                return Deny(refusal, status=401, tag=info, log=self._line(info), counters=counted())
+                return Deny(refusal, status=401, **self._about(info), counters=counted())
             decision = self._authorize(
                 authorizer, workload, peer_ip, request.authority, request.peer_identity
             )
@@ -532,15 +530,13 @@ class Ztunnel:
                 return Deny(
                     decision.reason,
                     status=401,
-                    tag=info,
-                    log=self._line(info),
+                    **self._about(info),
                     counters=counted(),
                 )
             return Allow(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(request.peer_address),
-                tag=info,
-                log=self._line(info),
+                **self._about(info),
                 counters=counted(),
             )
 
@@ -567,24 +563,21 @@ class Ztunnel:
             )
             check = routing.inbound_plaintext(workload, dst_ip, dst_port)
             if not check.allowed or check.upstream is None or src_ip is None:
-                return Deny(
-                    check.reason, tag=info, log=self._line(info)
-                )  # logged, not counted (see above)
+                return Deny(check.reason, **self._about(info))  # logged, not counted (see above)
             counters = self._inbound_counters(
                 info.source_workload, None, workload, mutual_tls=False, service=service
             )
             refusal = routing.waypoint_only_refusal(mesh, workload, None)
             if refusal:
-                return Deny(refusal, tag=info, log=self._line(info), counters=counters)
+                return Deny(refusal, **self._about(info), counters=counters)
             decision = self._authorize(authorizer, workload, src_ip, destination, None)
             info = _with_policy(info, decision)
             if not decision.allowed:
-                return Deny(decision.reason, tag=info, log=self._line(info), counters=counters)
+                return Deny(decision.reason, **self._about(info), counters=counters)
             return TcpTarget(
                 routing.format_address(*check.upstream),
                 source_ip=self._client_source_ip(source),
-                tag=info,
-                log=self._line(info),
+                **self._about(info),
                 counters=counters,
             )
 

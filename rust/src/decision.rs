@@ -75,6 +75,13 @@ impl Plan {
 }
 
 impl Verdict {
+    pub fn to_py(&self, py: Python<'_>) -> Py<PyAny> {
+        match self {
+            Verdict::Allow(a) => a.clone_ref(py).into_any(),
+            Verdict::Deny(d) => d.clone_ref(py).into_any(),
+        }
+    }
+
     /// The metric counters the decision attached, if any.
     pub fn counters(&self) -> Option<&Counters> {
         match self {
@@ -94,7 +101,7 @@ impl Verdict {
     }
 }
 
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
+pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
         .name()
         .map(|n| n.to_string())
@@ -194,8 +201,8 @@ impl OutboundDecider {
         let key = self.remembers().then(|| outbound_key(source, &destination));
         let answer = self
             .answer(pool, key, move |cb, py| {
-                let args = (source.to_string(), destination);
-                let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
+                let result =
+                    ask_route(cb.bind(py), source, &destination).map_err(|e| describe(py, e))?;
                 Answer::from_py(&result).map_err(|e| format!("route callback returned: {e}"))
             })
             .await?;
@@ -224,8 +231,10 @@ impl InboundRequest {
         }
     }
 
-    pub fn header_pairs(&self) -> Vec<(String, String)> {
-        self.headers
+    /// Call `decide(peer_identity, authority, peer_address, headers)`.
+    fn ask<'py>(&self, decide: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let headers: Vec<(String, String)> = self
+            .headers
             .iter()
             .map(|(n, v)| {
                 (
@@ -233,8 +242,23 @@ impl InboundRequest {
                     String::from_utf8_lossy(v.as_bytes()).into_owned(),
                 )
             })
-            .collect()
+            .collect();
+        decide.call1((
+            self.peer_identity.as_deref(),
+            self.authority.as_str(),
+            self.peer_address.to_string(),
+            PyTuple::new(decide.py(), headers)?,
+        ))
     }
+}
+
+/// Call `route(source, destination)`.
+fn ask_route<'py>(
+    route: &Bound<'py, PyAny>,
+    source: SocketAddr,
+    destination: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    route.call1((source.to_string(), destination))
 }
 
 impl InboundDecider {
@@ -259,14 +283,7 @@ impl InboundDecider {
     ) -> Result<Verdict, DecisionError> {
         let key = self.remembers().then(|| request.key());
         self.answer(pool, key, move |cb, py| {
-            let headers = PyTuple::new(py, request.header_pairs()).map_err(|e| describe(py, e))?;
-            let args = (
-                request.peer_identity.as_deref().map(str::to_string),
-                request.authority,
-                request.peer_address.to_string(),
-                headers,
-            );
-            let result = cb.bind(py).call1(args).map_err(|e| describe(py, e))?;
+            let result = request.ask(cb.bind(py)).map_err(|e| describe(py, e))?;
             Verdict::from_py(&result).map_err(|e| format!("decide callback returned: {e}"))
         })
         .await
@@ -431,10 +448,7 @@ impl RememberedDecisions {
             Some(answer) => answer,
             None => {
                 self.asked.fetch_add(1, Ordering::Relaxed);
-                let result = self
-                    .route
-                    .bind(py)
-                    .call1((source.to_string(), destination))?;
+                let result = ask_route(self.route.bind(py), source, destination)?;
                 let answer =
                     Answer::from_py(&result).map_err(pyo3::exceptions::PyTypeError::new_err)?;
                 self.outbound
@@ -478,14 +492,7 @@ impl RememberedDecisions {
             Some(verdict) => verdict,
             None => {
                 self.asked.fetch_add(1, Ordering::Relaxed);
-                let pairs = PyTuple::new(py, request.header_pairs())?;
-                let args = (
-                    request.peer_identity.as_deref().map(str::to_string),
-                    request.authority,
-                    request.peer_address.to_string(),
-                    pairs,
-                );
-                let result = self.decide.bind(py).call1(args)?;
+                let result = request.ask(self.decide.bind(py))?;
                 let verdict =
                     Verdict::from_py(&result).map_err(pyo3::exceptions::PyTypeError::new_err)?;
                 self.inbound
@@ -493,10 +500,7 @@ impl RememberedDecisions {
                 verdict
             }
         };
-        Ok(match verdict {
-            Verdict::Allow(a) => a.clone_ref(py).into_any(),
-            Verdict::Deny(d) => d.clone_ref(py).into_any(),
-        })
+        Ok(verdict.to_py(py))
     }
 
     fn snapshot_changed(&self) {

@@ -88,13 +88,8 @@ impl NetnsHandle {
         result
     }
 
-    /// A TCP socket in this namespace (listener setup, called from Python).
-    pub fn tcp_socket_blocking(&self, domain: Domain) -> io::Result<Socket> {
-        self.run(|| new_tcp_socket(domain))
-    }
-
-    /// A TCP socket in this namespace, for a connection made on the runtime.
-    pub async fn tcp_socket(&self, domain: Domain) -> io::Result<Socket> {
+    /// A TCP socket in this namespace.
+    pub fn tcp_socket(&self, domain: Domain) -> io::Result<Socket> {
         self.run(|| new_tcp_socket(domain))
     }
 }

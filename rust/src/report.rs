@@ -41,12 +41,8 @@ impl Subject {
 
     pub fn to_py(&self, py: Python<'_>) -> Py<PyAny> {
         match self {
-            Subject::Plan(Plan::Hbone(t)) => t.clone_ref(py).into_any(),
-            Subject::Plan(Plan::Tcp(t)) => t.clone_ref(py).into_any(),
-            Subject::Plan(Plan::Deny(d)) | Subject::Verdict(Verdict::Deny(d)) => {
-                d.clone_ref(py).into_any()
-            }
-            Subject::Verdict(Verdict::Allow(a)) => a.clone_ref(py).into_any(),
+            Subject::Plan(plan) => plan.to_py(py),
+            Subject::Verdict(verdict) => verdict.to_py(py),
         }
     }
 }

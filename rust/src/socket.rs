@@ -70,16 +70,7 @@ impl SocketFactory {
     fn new_socket(&self, addr: &SocketAddr) -> io::Result<Socket> {
         let domain = Domain::for_address(*addr);
         let socket = match &self.netns {
-            Some(netns) => netns.tcp_socket_blocking(domain)?,
-            None => new_tcp_socket(domain)?,
-        };
-        self.configure(socket)
-    }
-
-    async fn new_socket_async(&self, addr: &SocketAddr) -> io::Result<Socket> {
-        let domain = Domain::for_address(*addr);
-        let socket = match &self.netns {
-            Some(netns) => netns.tcp_socket(domain).await?,
+            Some(netns) => netns.tcp_socket(domain)?,
             None => new_tcp_socket(domain)?,
         };
         self.configure(socket)
@@ -147,7 +138,7 @@ impl SocketFactory {
         source: Option<IpAddr>,
     ) -> io::Result<TcpStream> {
         let Some(ip) = source else {
-            let socket = self.new_socket_async(&dest).await?;
+            let socket = self.new_socket(&dest)?;
             return self.finish_connect(socket, dest).await;
         };
         let socket = self.socket_from(dest, ip).await?;
@@ -160,7 +151,7 @@ impl SocketFactory {
     /// A socket to connect to `dest` from `ip`: transparent in-pod, where `ip` may be the
     /// client's rather than the pod's.
     async fn socket_from(&self, dest: SocketAddr, ip: IpAddr) -> io::Result<Socket> {
-        let socket = self.new_socket_async(&dest).await?;
+        let socket = self.new_socket(&dest)?;
         #[cfg(target_os = "linux")]
         if self.netns.is_some() {
             set_transparent(&socket, ip)?;

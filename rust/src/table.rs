@@ -200,9 +200,12 @@ impl Answer {
         if let Ok(routes) = obj.cast::<Routes>() {
             return Ok(Answer::Choice(Arc::new(routes.clone().unbind())));
         }
-        Plan::from_py(obj)
-            .map(Answer::One)
-            .map_err(|e| e.replace("expected HboneTarget", "expected Routes, HboneTarget"))
+        Plan::from_py(obj).map(Answer::One).map_err(|_| {
+            format!(
+                "expected Routes, HboneTarget, TcpTarget or Deny, got {}",
+                crate::decision::type_name(obj)
+            )
+        })
     }
 
     pub fn pick(&self) -> Plan {
