@@ -72,6 +72,23 @@ class HboneTarget:
     @property
     def headers(self) -> list[tuple[str, str]]: ...
 
+class CertificateSigner:
+    """A root CA's signing half (see ambient.identity.ca): rcgen over ring."""
+
+    @staticmethod
+    def create(
+        trust_domain: str, common_name: str, not_before: int, not_after: int
+    ) -> CertificateSigner: ...
+    @staticmethod
+    def load(cert_pem: bytes, key_pem: bytes) -> CertificateSigner: ...
+    def issue(self, identity: str, not_before: int, not_after: int) -> tuple[bytes, bytes]: ...
+    @property
+    def cert_pem(self) -> bytes: ...
+    @property
+    def key_pem(self) -> bytes: ...
+    @property
+    def organization(self) -> str | None: ...
+
 class AccessLog:
     """Access-log lines the core writes to (a duplicate of) ``fd``, JSON or ``key=value`` text,
     from a thread of its own; lines are dropped (counted) rather than queued without bound."""

@@ -6,6 +6,7 @@
 
 mod accesslog;
 mod allocator;
+mod ca;
 mod copy;
 mod core;
 mod decision;
@@ -51,6 +52,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logging::log_stats, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<ca::CertificateSigner>()?;
     m.add_class::<core::Core>()?;
     m.add_class::<core::Listener>()?;
     m.add_class::<metrics::Counters>()?;
