@@ -66,7 +66,9 @@ class ZtunnelProcess:
         self.admin = ""
         self.metrics = ""
         self.readiness = ""
-        self._offset = 0
+        # The proxy appends to its log: a process started again on the same workdir (the
+        # testbed's start_proxies) reads only its own lines, not its predecessor's.
+        self._offset = self.log_path.stat().st_size
         # Access-log entries read but not yet claimed by a caller looking for others.
         self._unclaimed: list[dict[str, Any]] = []
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
