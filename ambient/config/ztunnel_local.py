@@ -27,6 +27,7 @@ from . import tags
 from .types import IPAddress, IPNetwork
 
 Port = Annotated[StrictInt, Field(ge=0, le=65535)]
+# Empty defaults from a factory: pydantic deep-copies a literal `[]`/`{}` for every object.
 
 
 def _network_address(text: str) -> str:
@@ -105,8 +106,8 @@ class LocalWorkload(Model):
     network_gateway: GatewayAddress | None = None
     native_tunnel: StrictBool = False
     application_tunnel: ApplicationTunnel | None = None
-    authorization_policies: list[NamespacedHostname] = []
-    services: dict[NamespacedHostname, dict[Port, Port]] = {}
+    authorization_policies: list[NamespacedHostname] = Field(default_factory=list)
+    services: dict[NamespacedHostname, dict[Port, Port]] = Field(default_factory=dict)
 
 
 class LocalService(Model):
@@ -115,13 +116,13 @@ class LocalService(Model):
     hostname: str = Field(min_length=1)
     vips: list[NetworkAddress]
     ports: dict[Port, Port]
-    subject_alt_names: list[str] = []
+    subject_alt_names: list[str] = Field(default_factory=list)
     waypoint: GatewayAddress | None = None
     canonical: StrictBool = False
     # Accepted for compatibility with files written for ztunnel; not used yet.
-    endpoints: dict[str, object] = {}
-    cidr_vips: list[str] = []
-    weighted_waypoints: list[dict[str, object]] = []
+    endpoints: dict[str, object] = Field(default_factory=dict)
+    cidr_vips: list[str] = Field(default_factory=list)
+    weighted_waypoints: list[dict[str, object]] = Field(default_factory=list)
     load_balancer: dict[str, object] | None = None
     load_balancing: dict[str, object] | None = None
     ip_families: str | None = None
@@ -149,18 +150,18 @@ class ServiceAccountMatch(Model):
 
 
 class RbacMatch(Model):
-    namespaces: list[StringMatch] = []
-    not_namespaces: list[StringMatch] = []
-    service_accounts: list[ServiceAccountMatch] = []
-    not_service_accounts: list[ServiceAccountMatch] = []
-    principals: list[StringMatch] = []
-    not_principals: list[StringMatch] = []
-    source_ips: list[IPNetwork] = []
-    not_source_ips: list[IPNetwork] = []
-    destination_ips: list[IPNetwork] = []
-    not_destination_ips: list[IPNetwork] = []
-    destination_ports: list[Port] = []
-    not_destination_ports: list[Port] = []
+    namespaces: list[StringMatch] = Field(default_factory=list)
+    not_namespaces: list[StringMatch] = Field(default_factory=list)
+    service_accounts: list[ServiceAccountMatch] = Field(default_factory=list)
+    not_service_accounts: list[ServiceAccountMatch] = Field(default_factory=list)
+    principals: list[StringMatch] = Field(default_factory=list)
+    not_principals: list[StringMatch] = Field(default_factory=list)
+    source_ips: list[IPNetwork] = Field(default_factory=list)
+    not_source_ips: list[IPNetwork] = Field(default_factory=list)
+    destination_ips: list[IPNetwork] = Field(default_factory=list)
+    not_destination_ips: list[IPNetwork] = Field(default_factory=list)
+    destination_ports: list[Port] = Field(default_factory=list)
+    not_destination_ports: list[Port] = Field(default_factory=list)
 
 
 # The fields of a policy's match that hold string matches, as written (camelCase; the snake_case
@@ -195,9 +196,9 @@ class LocalPolicy(Model):
 
 
 class LocalConfig(Model):
-    workloads: list[LocalWorkload] = []
-    services: list[LocalService] = []
-    policies: list[LocalPolicy] = []
+    workloads: list[LocalWorkload] = Field(default_factory=list)
+    services: list[LocalService] = Field(default_factory=list)
+    policies: list[LocalPolicy] = Field(default_factory=list)
 
 
 def istio_differences(doc: dict[str, object]) -> list[str]:
