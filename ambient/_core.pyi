@@ -1,12 +1,16 @@
 """Stubs of the Rust extension `ambient._core` (rust/src). Addresses are 'ip:port' strings."""
 
 from collections.abc import Callable
-from typing import TypedDict
+from typing import Any, TypedDict
 
 __version__: str
 
 def build_profile() -> str:
     """'release' or 'debug'."""
+
+def yaml_documents(text: str, max_depth: int) -> list[Any] | None:
+    """The documents of `text` as PyYAML's safe loader reads them, or None where PyYAML must read
+    it (tags, anchors, YAML 1.1's other scalars, errors, nesting past `max_depth`)."""
 
 def sync_level() -> None:
     """Make the core log at the level Python's `_core` logger has now (call after changing it)."""

@@ -30,6 +30,7 @@ mod socks5;
 mod stats;
 mod table;
 mod tls;
+mod yaml;
 
 use pyo3::prelude::*;
 
@@ -51,6 +52,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logging::sync_level, m)?)?;
     m.add_function(wrap_pyfunction!(logging::log_stats, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
+    m.add_function(wrap_pyfunction!(yaml::yaml_documents, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<ca::CertificateSigner>()?;
     m.add_class::<core::Core>()?;

@@ -571,6 +571,7 @@ status: {podIP: 10.0.0.1}
 
 @pytest.fixture(
     params=[
+        "core",
         pytest.param(
             "CMeshLoader",
             marks=pytest.mark.skipif(not yamlfile.FAST, reason="PyYAML was built without libyaml"),
@@ -579,8 +580,11 @@ status: {podIP: 10.0.0.1}
     ]
 )
 def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each YAML loader in turn as the one mesh files are read with (ambient.config.yamlfile)."""
-    monkeypatch.setattr(yamlfile, "MeshLoader", getattr(yamlfile, request.param))
+    """Each way mesh files can be read in turn (ambient.config.yamlfile): the core's fast path
+    (with PyYAML behind it), and each PyYAML loader alone."""
+    if request.param != "core":
+        monkeypatch.setattr(yamlfile, "CORE", False)
+        monkeypatch.setattr(yamlfile, "MeshLoader", getattr(yamlfile, request.param))
     return str(request.param)
 
 
