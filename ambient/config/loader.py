@@ -138,6 +138,10 @@ def _read_documents(
 def _classify(
     doc: Any, tagged: bool, location: Location, out: _Collected, parsed: Parsed | None = None
 ) -> None:
+    if parsed is not None and parsed.resource is not None:
+        # Unchanged since a load that validated it: only the object was kept.
+        _collect(parsed.resource, Location(location.file, location.document, parsed.name), out)
+        return
     if doc is None:
         return  # an empty document (e.g. a trailing ---)
     if isinstance(doc, tags.Tagged):
@@ -205,9 +209,6 @@ def _kubernetes_object(
 ) -> None:
     # A chunk of one document keeps the object it was validated into, for the next load.
     single = parsed if parsed is not None and len(parsed.documents) == 1 else None
-    if single is not None and single.resource is not None:
-        _collect(single.resource, location, out)
-        return
     kind = doc.get("kind")
     if not isinstance(kind, str) or "apiVersion" not in doc:
         missing = "kind" if not isinstance(kind, str) else "apiVersion"
@@ -223,7 +224,7 @@ def _kubernetes_object(
         out.issues.extend(issues_from_validation(e, location))
         return
     if single is not None:
-        single.resource = resource
+        single.validated(resource, location.resource)
     _collect(resource, location, out)
 
 
