@@ -5,8 +5,9 @@
     python benchmarks/config_load.py big.yaml
 
 The pure-Python loader is the baseline in the same run; then libyaml's; then the core's fast
-path with PyYAML behind it, which is what ambient uses (ambient.config.yamlfile). Then a reload, as ztunnel's config watcher does it
-(with the MeshCache of the load before), after one pod's labels changed in the file.
+path with PyYAML behind it, which is what ambient uses (ambient.config.yamlfile). Then a
+reload, as ztunnel's config watcher does it (with the MeshCache of the load before), after one
+pod's labels changed in the file.
 """
 
 from __future__ import annotations
