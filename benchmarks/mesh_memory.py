@@ -248,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     result = {
         "benchmark": "RSS of a node proxy holding a generated mesh and serving no pod",
-        # The binary by name only: no machine's paths in a committed result.
+        # Paths (the binary, --out) by name only: no machine's paths in a committed result.
         "command": [
             "python",
             "benchmarks/mesh_memory.py",
-            *(Path(a).name if a == str(args.istio_ztunnel) else a for a in (argv or sys.argv[1:])),
+            *(Path(a).name if a.startswith("/") else a for a in (argv or sys.argv[1:])),
         ],
         "mesh": {"workloads": len(mesh.workloads), "services": len(mesh.services)},
         "runs": args.runs,
