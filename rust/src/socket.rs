@@ -116,7 +116,7 @@ impl SocketFactory {
         // (EADDRNOTAVAIL, which the kernel's own choice would have skipped): another is tried.
         let mut avoid = std::borrow::Cow::Borrowed(avoid);
         for _ in 0..CONNECT_TRIES {
-            let socket = self.socket_from(dest, ip).await?;
+            let socket = self.socket_from(dest, ip)?;
             let port = bind_avoiding(&socket, ip, &avoid)?;
             match self.finish_connect(socket, dest).await {
                 Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
@@ -141,7 +141,7 @@ impl SocketFactory {
             let socket = self.new_socket(&dest)?;
             return self.finish_connect(socket, dest).await;
         };
-        let socket = self.socket_from(dest, ip).await?;
+        let socket = self.socket_from(dest, ip)?;
         #[cfg(target_os = "linux")]
         set_bind_address_no_port(&socket)?;
         socket.bind(&SocketAddr::new(ip, 0).into())?;
@@ -150,7 +150,7 @@ impl SocketFactory {
 
     /// A socket to connect to `dest` from `ip`: transparent in-pod, where `ip` may be the
     /// client's rather than the pod's.
-    async fn socket_from(&self, dest: SocketAddr, ip: IpAddr) -> io::Result<Socket> {
+    fn socket_from(&self, dest: SocketAddr, ip: IpAddr) -> io::Result<Socket> {
         let socket = self.new_socket(&dest)?;
         #[cfg(target_os = "linux")]
         if self.netns.is_some() {
