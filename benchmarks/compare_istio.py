@@ -302,6 +302,28 @@ def rss_kib(pid: int) -> int:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
+def istio_ztunnel_env(
+    mesh: Path, zds_socket: Path, node: str, *, access_log: bool = False
+) -> dict[str, str]:
+    """The environment Istio's ztunnel runs in here: its local config file ``mesh`` instead of
+    istiod, a fake CA, in-pod mode with pods from the CNI socket ``zds_socket``, serving
+    ``node``."""
+    return {
+        "FAKE_CA": "true",
+        "XDS_ADDRESS": "",
+        "LOCAL_XDS_PATH": str(mesh),
+        "PROXY_MODE": "shared",
+        "INPOD_UDS": str(zds_socket),
+        "NODE_NAME": node,
+        "CLUSTER_ID": "Kubernetes",
+        "ISTIO_META_DNS_CAPTURE": "false",
+        # As the testbed's ambient ztunnels (--drain-deadline 1).
+        "CONNECTION_TERMINATION_DEADLINE": "1s",
+        # Errors only; with access_log, also its access log (one line per connection).
+        "RUST_LOG": "error,access=info" if access_log else "error",
+    }
+
+
 @dataclass
 class Pair:
     """The node proxies running now: ambient's (the testbed's) or Istio's (ours)."""
@@ -456,20 +478,12 @@ class Bench:
             time.sleep(0.02)
 
     def istio_env(self, node: str) -> dict[str, str]:
-        return {
-            "FAKE_CA": "true",
-            "XDS_ADDRESS": "",
-            "LOCAL_XDS_PATH": str(self.mesh),
-            "PROXY_MODE": "shared",
-            "INPOD_UDS": str(self.bed.nodes[node].zds.path),
-            "NODE_NAME": node,
-            "CLUSTER_ID": "Kubernetes",
-            "ISTIO_META_DNS_CAPTURE": "false",
-            # As the testbed's ambient ztunnels (--drain-deadline 1).
-            "CONNECTION_TERMINATION_DEADLINE": "1s",
-            # Errors only; with --access-log file, also its access log (one line per connection).
-            "RUST_LOG": "error,access=info" if self.args.access_log == "file" else "error",
-        }
+        return istio_ztunnel_env(
+            self.mesh,
+            self.bed.nodes[node].zds.path,
+            node,
+            access_log=self.args.access_log == "file",
+        )
 
     def start_istio(self) -> Pair:
         binary = self.args.istio_ztunnel.resolve()

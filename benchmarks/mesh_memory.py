@@ -38,8 +38,11 @@ if str(HERE.parent) not in sys.path:
 from ambient.config import load_mesh  # noqa: E402
 from ambient.identity import CertificateAuthority  # noqa: E402
 from ambient.mesh import Mesh  # noqa: E402
+from ambient.testbed import netns  # noqa: E402
 from ambient.zds import ZdsServer  # noqa: E402
-from benchmarks import generate_mesh  # noqa: E402
+from benchmarks import compare_istio as ci  # noqa: E402
+from benchmarks import generate_mesh, harness  # noqa: E402
+from benchmarks.compare_throughput import machine_info  # noqa: E402
 
 NODE = "node-none"  # no workload is on it: nothing to serve, only the mesh to hold
 SETTLE = 3.0  # seconds between ready and reading RSS
@@ -84,39 +87,23 @@ def local_config(mesh: Mesh) -> dict[str, Any]:
     return {"workloads": workloads, "services": services}
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise ValueError(f"no VmRSS for pid {pid}")
-
-
 @contextmanager
-def netns(name: str) -> Iterator[str]:
-    subprocess.run(["ip", "netns", "add", name], check=True)
+def own_netns(name: str) -> Iterator[str]:
+    """A network namespace of its own for one proxy (each binds the same ports)."""
+    netns.create(name)
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        netns.run(["ip", "link", "set", "lo", "up"], netns=name)
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        netns.delete(name)
 
 
-def http_ok(ns: str, url: str) -> bool:
-    code = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", _PROBE, url],
-        capture_output=True,
-        timeout=10,
-    ).returncode
-    return code == 0
-
-
-_PROBE = """
-import sys, urllib.request
-try:
-    sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)
-except Exception:
-    sys.exit(1)
-"""
+def answers_ready(ns: str) -> bool:
+    """Both proxies answer readiness on 15021 once their CNI snapshot is acknowledged."""
+    try:
+        return ci.http_get(ns, "http://127.0.0.1:15021/healthz/ready", 1.0)[0] == 200
+    except OSError:
+        return False
 
 
 def wait_until(ready: Any, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
@@ -135,7 +122,7 @@ def measure(system: str, config: Path, work: Path, istio: Path | None) -> dict[s
     zds.start()
     log = work / f"{system}.log"
     try:
-        with netns(f"mm-{system}-{os.getpid()}") as ns, open(log, "wb") as out:
+        with own_netns(f"mm-{system}-{os.getpid()}") as ns, open(log, "wb") as out:
             if system == "ambient":
                 argv = [
                     *("ip", "netns", "exec", ns, sys.executable, "-m", "ambient", "ztunnel"),
@@ -149,38 +136,17 @@ def measure(system: str, config: Path, work: Path, istio: Path | None) -> dict[s
             else:
                 assert istio is not None
                 argv = ["ip", "netns", "exec", ns, str(istio)]
-                env = {
-                    **os.environ,
-                    "FAKE_CA": "true",
-                    "XDS_ADDRESS": "",
-                    "LOCAL_XDS_PATH": str(config),
-                    "PROXY_MODE": "shared",
-                    "INPOD_UDS": str(zds.path),
-                    "NODE_NAME": NODE,
-                    "CLUSTER_ID": "Kubernetes",
-                    "ISTIO_META_DNS_CAPTURE": "false",
-                    "RUST_LOG": "error",
-                }
+                env = {**os.environ, **ci.istio_ztunnel_env(config, zds.path, NODE)}
             started = time.monotonic()
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
             try:
-                wait_until(
-                    lambda: zds.connected and http_ok(ns, "http://127.0.0.1:15021/healthz/ready"),
-                    proc,
-                    system,
-                    log,
-                )
+                wait_until(lambda: zds.connected and answers_ready(ns), proc, system, log)
                 ready_s = time.monotonic() - started
                 time.sleep(SETTLE)
                 # `ip netns exec` execs the proxy: the pid is the proxy's own.
-                return {"rss_kib": rss_kib(proc.pid), "ready_s": round(ready_s, 3)}
+                return {"rss_kib": ci.rss_kib(proc.pid), "ready_s": round(ready_s, 3)}
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                harness.stop_process(proc, timeout=10)
     finally:
         zds.close()
 
@@ -248,12 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     result = {
         "benchmark": "RSS of a node proxy holding a generated mesh and serving no pod",
-        # Paths (the binary, --out) by name only: no machine's paths in a committed result.
-        "command": [
-            "python",
-            "benchmarks/mesh_memory.py",
-            *(Path(a).name if a.startswith("/") else a for a in (argv or sys.argv[1:])),
-        ],
+        "command": harness.command_line(),
+        "machine": machine_info(argparse.Namespace(python=sys.executable)),
         "mesh": {"workloads": len(mesh.workloads), "services": len(mesh.services)},
         "runs": args.runs,
         "summary": summary,

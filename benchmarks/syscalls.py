@@ -32,6 +32,8 @@ if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import compare_istio as ci  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.compare_throughput import machine_info  # noqa: E402
 from benchmarks.compare_ztunnel import go_build  # noqa: E402
 
 WINDOW = 8  # seconds counted, inside a 10 s run
@@ -115,28 +117,23 @@ def main(argv: list[str] | None = None) -> int:
             ci.set_pod_sysctls()
             bench = ci.Bench(cargs, bed, work, mesh)
             bench.pair = bench.ambient_pair()
-            upstream = subprocess.Popen(
-                [
-                    *ci.harness.netns_prefix(ci.SERVER_POD),
-                    str(work / "upstream"),
-                    *("-address", f"0.0.0.0:{ci.APP_PORT}"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1)
-            try:
-                for rnd in range(args.rounds):
-                    for system in ("ambient", "istio"):
-                        pair = bench.use(system)
-                        time.sleep(1)
-                        for figure in ("keepalive", "conn"):
-                            r = measure(bench, pair, figure, work)
-                            readings.setdefault(system, {}).setdefault(figure, []).append(r)
-                            print(f"round {rnd + 1} {system} {figure}: {r}", flush=True)
-            finally:
-                upstream.terminate()
-                bench.stop_pair()
+            upstream = [
+                *harness.netns_prefix(ci.SERVER_POD),
+                str(work / "upstream"),
+                *("-address", f"0.0.0.0:{ci.APP_PORT}"),
+            ]
+            with harness.running(upstream):
+                try:
+                    for rnd in range(args.rounds):
+                        for system in ("ambient", "istio"):
+                            pair = bench.use(system)
+                            time.sleep(1)
+                            for figure in ("keepalive", "conn"):
+                                r = measure(bench, pair, figure, work)
+                                readings.setdefault(system, {}).setdefault(figure, []).append(r)
+                                print(f"round {rnd + 1} {system} {figure}: {r}", flush=True)
+                finally:
+                    bench.stop_pair()
     summary = {
         system: {
             figure: {
@@ -151,14 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "syscalls, futex calls and context switches of both proxies of a pair, "
         "per request (16 keep-alive connections at 1,000 req/s) and per new connection "
         "(16 in flight, one 1 KB request each)",
-        "command": [
-            "python",
-            "benchmarks/syscalls.py",
-            "--istio-ztunnel",
-            "ztunnel",
-            "--rounds",
-            str(args.rounds),
-        ],
+        "command": harness.command_line(),
+        "machine": machine_info(argparse.Namespace(python=sys.executable)),
         "summary": summary,
         "rounds": readings,
     }
