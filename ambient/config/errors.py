@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
 
 @dataclass(frozen=True)
 class Location:
@@ -45,7 +43,7 @@ class ConfigError(Exception):
 
 
 def field_path(loc: Iterable[int | str], prefix: str = "") -> str:
-    """pydantic's ``("spec", "ports", 0, "port")`` → ``spec.ports[0].port``."""
+    """``("spec", "ports", 0, "port")`` → ``spec.ports[0].port``."""
     path = prefix
     for part in loc:
         if isinstance(part, int):
@@ -53,36 +51,6 @@ def field_path(loc: Iterable[int | str], prefix: str = "") -> str:
         else:
             path += f".{part}" if path else str(part)
     return path
-
-
-def issues_from_validation(
-    error: ValidationError, location: Location, prefix: str = ""
-) -> list[ConfigIssue]:
-    out = []
-    for e in error.errors(include_url=False):
-        loc = [p for p in e["loc"] if not _is_union_branch(p)]
-        message = e["msg"]
-        if e["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif e["type"] == "missing":
-            message = "required field is missing"
-        elif e["type"] == "value_error":
-            # Our own validators' messages say what was expected; pydantic's prefix adds nothing.
-            message = message.removeprefix("Value error, ")
-            if "input" in e and _short(e["input"]) not in message:
-                message = f"{message} (got {_short(e['input'])})"
-        elif "input" in e and e["type"] not in ("missing",):
-            message = f"{message} (got {_short(e['input'])})"
-        out.append(ConfigIssue(location, field_path(loc, prefix), message))
-    return out
-
-
-def _is_union_branch(part: int | str) -> bool:
-    # pydantic names union branches in the location ("int", "str", "function-after[...]");
-    # they are not fields a user wrote.
-    return isinstance(part, str) and (
-        part in ("int", "str", "float", "bool", "list", "dict") or "[" in part
-    )
 
 
 def _short(value: object) -> str:

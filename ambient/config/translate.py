@@ -120,9 +120,12 @@ def service_from_k8s(
     meta, spec = svc.metadata, svc.spec
     namespace = meta.namespace or "default"
     vips: list[IPAddress] = []
-    for ip in [spec.clusterIP, *spec.clusterIPs]:
-        if ip not in (None, "None", "") and ip not in vips:
-            vips.append(ip)  # type: ignore[arg-type]
+    for text in [spec.clusterIP, *spec.clusterIPs]:
+        if text is None or text in k8s.CLUSTER_IP_KEYWORDS:
+            continue  # headless
+        ip = ipaddress.ip_address(text)  # validated: ClusterIP
+        if ip not in vips:
+            vips.append(ip)
     ports: dict[int, int] = {}
     for p in spec.ports:
         if p.protocol != "TCP":
@@ -189,7 +192,7 @@ def services_from_local(
 ) -> list[Service]:
     out = []
     for s in services:
-        key = f"{s.namespace}/{s.hostname}"
+        key = local.NamespacedHostname(f"{s.namespace}/{s.hostname}")
         endpoints = tuple(
             Endpoint(workload_from_local(w).uid, MappingProxyType(dict(w.services[key])))
             for w in workloads

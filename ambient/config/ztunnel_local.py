@@ -7,63 +7,77 @@ policy rules as rules → clauses → matches, and string matches as YAML tags o
 (``!Exact s``, ``!Prefix s``, ``!Suffix s``, ``!Presence``), the only tags the file may hold.
 """
 
+# mypy reads a msgspec struct that inherits `frozen=True` without restating it as not frozen
+# ("non-frozen dataclass cannot inherit from a frozen dataclass"); at runtime it is frozen.
+# mypy: disable-error-code="misc"
+
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    model_validator,
-)
-from pydantic.alias_generators import to_camel
+from msgspec import Meta, Struct, field, structs
 
 from . import tags
-from .types import IPAddress, IPNetwork
+from .types import IPAddress, IPNetwork, decoder
 
-Port = Annotated[StrictInt, Field(ge=0, le=65535)]
-# Empty defaults from a factory: pydantic deep-copies a literal `[]`/`{}` for every object.
+Port = Annotated[int, Meta(ge=0, le=65535)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
-def _network_address(text: str) -> str:
-    _, sep, ip = text.partition("/")
+class NetworkAddress(str):
+    """``network/ip`` (the network may be empty)."""
+
+    __slots__ = ()
+
+
+class NamespacedHostname(str):
+    """``namespace/hostname``."""
+
+    __slots__ = ()
+
+
+class Destination(str):
+    """A waypoint or gateway: ``network/ip`` or ``namespace/hostname``."""
+
+    __slots__ = ()
+
+
+@decoder(NetworkAddress)
+def _network_address(text: object) -> NetworkAddress:
+    _, sep, ip = text.partition("/") if isinstance(text, str) else ("", "", "")
     if not sep:
         raise ValueError(f"expected 'network/ip' (the network may be empty), got {text!r}")
-    ipaddress.ip_address(ip)  # raises with the offending value
-    return text
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"expected 'network/ip' with an IP address, got {text!r}") from None
+    return NetworkAddress(text)
 
 
-def _namespaced_hostname(text: str) -> str:
-    namespace, sep, hostname = text.partition("/")
+@decoder(NamespacedHostname)
+def _namespaced_hostname(text: object) -> NamespacedHostname:
+    namespace, sep, hostname = text.partition("/") if isinstance(text, str) else ("", "", "")
     if not sep or not namespace or not hostname:
         raise ValueError(f"expected 'namespace/hostname', got {text!r}")
-    return text
+    return NamespacedHostname(text)
 
 
-def _destination(text: str) -> str:
-    """A waypoint or gateway: ``network/ip`` or ``namespace/hostname``."""
-    _, _, rest = text.partition("/")
-    try:
-        ipaddress.ip_address(rest)
-    except ValueError:
-        return _namespaced_hostname(text)
-    return text
+@decoder(Destination)
+def _destination(text: object) -> Destination:
+    if isinstance(text, str):
+        try:
+            ipaddress.ip_address(text.partition("/")[2])
+        except ValueError:
+            pass
+        else:
+            return Destination(text)
+    return Destination(_namespaced_hostname(text))
 
 
-NetworkAddress = Annotated[str, AfterValidator(_network_address)]
-NamespacedHostname = Annotated[str, AfterValidator(_namespaced_hostname)]
-Destination = Annotated[str, AfterValidator(_destination)]
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
-    )
+class Model(Struct, forbid_unknown_fields=True, frozen=True, rename="camel"):
+    """A structure of the file: camelCase names (as serde's ``rename_all``), unknown fields
+    refused (as ``deny_unknown_fields``)."""
 
 
 class GatewayAddress(Model):
@@ -84,7 +98,7 @@ class ApplicationTunnel(Model):
 
 class LocalWorkload(Model):
     workload_ips: list[IPAddress]
-    namespace: str = Field(min_length=1)
+    namespace: NonEmpty
     uid: str = ""
     name: str = ""
     service_account: str = "default"
@@ -100,48 +114,61 @@ class LocalWorkload(Model):
     workload_type: str = ""
     cluster_id: str = ""
     status: Literal["Healthy", "Unhealthy"] = "Healthy"
-    capacity: Annotated[StrictInt, Field(ge=0)] = 1
-    locality: Locality = Locality()
+    capacity: Annotated[int, Meta(ge=0)] = 1
+    locality: Locality = field(default_factory=Locality)
     waypoint: GatewayAddress | None = None
     network_gateway: GatewayAddress | None = None
-    native_tunnel: StrictBool = False
+    native_tunnel: bool = False
     application_tunnel: ApplicationTunnel | None = None
-    authorization_policies: list[NamespacedHostname] = Field(default_factory=list)
-    services: dict[NamespacedHostname, dict[Port, Port]] = Field(default_factory=dict)
+    authorization_policies: list[NamespacedHostname] = field(default_factory=list)
+    services: dict[NamespacedHostname, dict[Port, Port]] = field(default_factory=dict)
 
 
 class LocalService(Model):
-    name: str = Field(min_length=1)
-    namespace: str = Field(min_length=1)
-    hostname: str = Field(min_length=1)
+    name: NonEmpty
+    namespace: NonEmpty
+    hostname: NonEmpty
     vips: list[NetworkAddress]
     ports: dict[Port, Port]
-    subject_alt_names: list[str] = Field(default_factory=list)
+    subject_alt_names: list[str] = field(default_factory=list)
     waypoint: GatewayAddress | None = None
-    canonical: StrictBool = False
+    canonical: bool = False
     # Accepted for compatibility with files written for ztunnel; not used yet.
-    endpoints: dict[str, object] = Field(default_factory=dict)
-    cidr_vips: list[str] = Field(default_factory=list)
-    weighted_waypoints: list[dict[str, object]] = Field(default_factory=list)
-    load_balancer: dict[str, object] | None = None
-    load_balancing: dict[str, object] | None = None
+    endpoints: dict[str, Any] = field(default_factory=dict)
+    cidr_vips: list[str] = field(default_factory=list)
+    weighted_waypoints: list[dict[str, Any]] = field(default_factory=list)
+    load_balancer: dict[str, Any] | None = None
+    load_balancing: dict[str, Any] | None = None
     ip_families: str | None = None
     visibility: str | None = None
 
 
-class StringMatch(BaseModel):
+class StringMatch:
     """A string match, written as Istio's ztunnel reads it: ``!Exact s``, ``!Prefix s``,
     ``!Suffix s`` or ``!Presence`` (see :mod:`ambient.config.tags`)."""
 
-    model_config = ConfigDict(frozen=True)
-    kind: Literal["Exact", "Prefix", "Suffix", "Presence"]
-    value: str = ""
+    __slots__ = ("kind", "value")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_tag(cls, data: object) -> dict[str, str]:
-        kind, value = tags.string_match(data)
-        return {"kind": kind, "value": value}
+    def __init__(self, kind: Literal["Exact", "Prefix", "Suffix", "Presence"], value: str = ""):
+        self.kind = kind
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StringMatch) and (self.kind, self.value) == (
+            other.kind,
+            other.value,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.value))
+
+    def __repr__(self) -> str:
+        return f"StringMatch({self.kind!r}, {self.value!r})"
+
+
+@decoder(StringMatch)
+def _string_match(data: object) -> StringMatch:
+    return StringMatch(*tags.string_match(data))  # type: ignore[arg-type]
 
 
 class ServiceAccountMatch(Model):
@@ -150,27 +177,24 @@ class ServiceAccountMatch(Model):
 
 
 class RbacMatch(Model):
-    namespaces: list[StringMatch] = Field(default_factory=list)
-    not_namespaces: list[StringMatch] = Field(default_factory=list)
-    service_accounts: list[ServiceAccountMatch] = Field(default_factory=list)
-    not_service_accounts: list[ServiceAccountMatch] = Field(default_factory=list)
-    principals: list[StringMatch] = Field(default_factory=list)
-    not_principals: list[StringMatch] = Field(default_factory=list)
-    source_ips: list[IPNetwork] = Field(default_factory=list)
-    not_source_ips: list[IPNetwork] = Field(default_factory=list)
-    destination_ips: list[IPNetwork] = Field(default_factory=list)
-    not_destination_ips: list[IPNetwork] = Field(default_factory=list)
-    destination_ports: list[Port] = Field(default_factory=list)
-    not_destination_ports: list[Port] = Field(default_factory=list)
+    namespaces: list[StringMatch] = field(default_factory=list)
+    not_namespaces: list[StringMatch] = field(default_factory=list)
+    service_accounts: list[ServiceAccountMatch] = field(default_factory=list)
+    not_service_accounts: list[ServiceAccountMatch] = field(default_factory=list)
+    principals: list[StringMatch] = field(default_factory=list)
+    not_principals: list[StringMatch] = field(default_factory=list)
+    source_ips: list[IPNetwork] = field(default_factory=list)
+    not_source_ips: list[IPNetwork] = field(default_factory=list)
+    destination_ips: list[IPNetwork] = field(default_factory=list)
+    not_destination_ips: list[IPNetwork] = field(default_factory=list)
+    destination_ports: list[Port] = field(default_factory=list)
+    not_destination_ports: list[Port] = field(default_factory=list)
 
 
-# The fields of a policy's match that hold string matches, as written (camelCase; the snake_case
-# names are accepted too): the only places of ztunnel's local config where a YAML tag belongs.
+# The fields of a policy's match that hold string matches, as written (camelCase): the only
+# places of ztunnel's local config where a YAML tag belongs.
 STRING_MATCH_FIELDS = frozenset(
-    name
-    for field_name, info in RbacMatch.model_fields.items()
-    if info.annotation == list[StringMatch]
-    for name in (field_name, info.alias)
+    f.encode_name for f in structs.fields(RbacMatch) if f.type == list[StringMatch]
 )
 
 
@@ -187,21 +211,21 @@ def is_string_match(path: tags.Path) -> bool:
 
 
 class LocalPolicy(Model):
-    name: str = Field(min_length=1)
+    name: NonEmpty
     namespace: str
     scope: Literal["Global", "Namespace", "WorkloadSelector"]
     action: Literal["Allow", "Deny"]
     rules: list[list[list[RbacMatch]]]
-    dry_run: StrictBool
+    dry_run: bool
 
 
 class LocalConfig(Model):
-    workloads: list[LocalWorkload] = Field(default_factory=list)
-    services: list[LocalService] = Field(default_factory=list)
-    policies: list[LocalPolicy] = Field(default_factory=list)
+    workloads: list[LocalWorkload] = field(default_factory=list)
+    services: list[LocalService] = field(default_factory=list)
+    policies: list[LocalPolicy] = field(default_factory=list)
 
 
-def istio_differences(doc: dict[str, object]) -> list[str]:
+def istio_differences(doc: dict[str, Any]) -> list[str]:
     """Where a local config file that ambient accepts means something else to Istio's ztunnel
     (found running both on one file): fields Istio requires, and defaults that differ because
     Istio's local-file path leaves a missing field empty (src/state/workload.rs, src/xds.rs)."""

@@ -380,7 +380,7 @@ kind: Service
 metadata: {name: web, namespace: default}
 spec: {clusterIP: 10.96.0.1, ports: [{port: 70000}]}
 """,
-        ["Service default/web", "spec.ports[0].port", "less than or equal to 65535"],
+        ["Service default/web", "spec.ports[0].port", "expected an integer <= 65535, got 70000"],
         id="port out of range",
     ),
     pytest.param(
@@ -611,17 +611,26 @@ def test_a_file_that_is_not_utf8_is_refused_naming_the_byte(tmp_path):
 
 def test_every_error_of_every_file_is_reported_at_once(tmp_path):
     first = write(tmp_path, NAMESPACE + pod("a", "10.0.0.300"), "first.yaml")
-    second = write(tmp_path, "workloads: [{workloadIps: [nope]}]\n", "second.yaml")
+    second = write(
+        tmp_path,
+        "workloads:\n"
+        "- {workloadIps: [nope]}\n"
+        "- {namespace: a, workloadIps: [10.0.0.1], protocol: QUIC, serviceAcount: x}\n",
+        "second.yaml",
+    )
     with pytest.raises(ConfigError) as refused:
         load_mesh([first, second, tmp_path / "missing.yaml"])
     assert [(Path(i.location.file).name, i.field, i.message) for i in refused.value.issues] == [
         ("first.yaml", "status.podIP", "expected an IPv4 or IPv6 address, got '10.0.0.300'"),
+        # A required field is wrong: that object's other errors would follow from it.
         (
             "second.yaml",
             "workloads[0].workloadIps[0]",
             "expected an IPv4 or IPv6 address, got 'nope'",
         ),
-        ("second.yaml", "workloads[0].namespace", "required field is missing"),
+        # Optional fields and unknown ones: each is reported and the object read further.
+        ("second.yaml", "workloads[1].protocol", "expected 'HBONE' or 'TCP', got 'QUIC'"),
+        ("second.yaml", "workloads[1].serviceAcount", "unknown field"),
         ("missing.yaml", "", "cannot read: No such file or directory"),
     ]
 

@@ -11,7 +11,6 @@ as many examples.
 from __future__ import annotations
 
 import copy
-import ipaddress
 import os
 import types
 import typing
@@ -19,19 +18,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
-from pydantic import BaseModel
-from pydantic.fields import FieldInfo
 
 from ambient import examples
 from ambient.config import ConfigError, load_mesh
 from ambient.config import kubernetes as k8s
 from ambient.config import ztunnel_local as local
 from ambient.config.tags import Tagged
+from ambient.config.types import IPAddress, IPNetwork
 from ambient.config.yamlfile import MeshLoader
 from ambient.mesh import Mesh
 
@@ -165,12 +164,18 @@ def _of_type(annotation: Any, depth: int, metadata: Sequence[object] = ()) -> Se
         return st.dictionaries(key, value, max_size=3)
     if isinstance(annotation, type) and issubclass(annotation, local.StringMatch):
         return tagged
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         return model_documents(annotation, depth + 1)
-    if annotation in (ipaddress.IPv4Address, ipaddress.IPv6Address):
-        return st.ip_addresses(v=4 if annotation is ipaddress.IPv4Address else 6).map(str)
-    if annotation in (ipaddress.IPv4Network, ipaddress.IPv6Network):
+    if annotation is IPAddress:
+        return st.ip_addresses().map(str)
+    if annotation is k8s.ClusterIP:
+        return st.one_of(st.ip_addresses().map(str), st.sampled_from(k8s.CLUSTER_IP_KEYWORDS))
+    if annotation is IPNetwork:
         return st.sampled_from(["10.0.0.0/8", "10.1.2.3", "::/0", "fd00::/64", "10.0.0.0/33"])
+    if annotation in (local.NetworkAddress, local.Destination):
+        return st.sampled_from(["/10.0.0.1", "net/fd00::1", "10.0.0.1", "ns/host", "/", "x"])
+    if annotation is local.NamespacedHostname:
+        return st.sampled_from(["ns/host.ns.svc.cluster.local", "ns/", "/host", "host"])
     if annotation is type(None):
         return st.none()
     if annotation is int:
@@ -183,17 +188,13 @@ def _of_type(annotation: Any, depth: int, metadata: Sequence[object] = ()) -> Se
     return scalars
 
 
-def _field_type(info: FieldInfo) -> Any:
-    return typing.Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-
-
-def model_documents(model: type[BaseModel], depth: int = 0) -> SearchStrategy[dict[Any, Any]]:
+def model_documents(model: type[msgspec.Struct], depth: int = 0) -> SearchStrategy[dict[Any, Any]]:
     """Mappings with ``model``'s required fields and some of the others (by the name a file
     uses), each mostly of its shape. (Unknown fields come from the mutations below.)"""
     required, optional = {}, {}
-    for name, info in model.model_fields.items():
-        fields = required if info.is_required() else optional
-        fields[info.alias or name] = _shaped(_field_type(info), depth)
+    for info in msgspec.structs.fields(model):
+        fields = required if info.required else optional
+        fields[info.encode_name] = _shaped(info.type, depth)
     return st.fixed_dictionaries(required, optional=optional)
 
 
