@@ -15,25 +15,30 @@ whole, as before; so is a file of one chunk, and any file when no cache is given
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import yamlfile
 
-# A document start marker: `---` at the start of a line, then a space, a tab or the line's end.
-DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n]|\Z)", re.MULTILINE)
-DIRECTIVE = re.compile(r"^%", re.MULTILINE)
+# What may follow a document start marker's `---` on its line.
+_AFTER_MARKER = frozenset(" \t\r\n")
 
 
 def split(text: str) -> list[tuple[int, str]] | None:
     """The file's chunks (each one document, or nothing before the first marker) with the
     0-based line each starts at; None when the file has directives."""
-    if DIRECTIVE.search(text):
+    # str.find rather than a multi-line regex: this runs on every reload, over the whole file.
+    if text.startswith("%") or "\n%" in text:
         return None
-    starts = [m.start() for m in DOCUMENT_START.finditer(text)]
-    bounds = [0, *[s for s in starts if s > 0], len(text)]
+    starts = []
+    at = text.find("\n---")
+    while at != -1:
+        after = at + 4
+        if after == len(text) or text[after] in _AFTER_MARKER:
+            starts.append(at + 1)
+        at = text.find("\n---", after)
+    bounds = [0, *starts, len(text)]
     chunks: list[tuple[int, str]] = []
     line = 0
     for begin, end in itertools.pairwise(bounds):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Location:
-    """Where in the input a thing came from: file, document number (1-based), object."""
+class Location(NamedTuple):
+    """Where in the input a thing came from: file, document number (1-based), object. (A named
+    tuple: a reload of a 5,000-pod mesh makes 14,000 of them, and a tuple is made in C.)"""
 
     file: str
     document: int | None = None
