@@ -8,6 +8,12 @@ __version__: str
 def build_profile() -> str:
     """'release' or 'debug'."""
 
+def encode_metrics(
+    label_names: list[str],
+    flag_index: int,
+    series: list[tuple[tuple[str, ...], Counters]],
+    families: list[tuple[str, str, bool, list[tuple[list[tuple[str, str]], float]]]],
+) -> str: ...
 def yaml_documents(text: str, max_depth: int) -> list[Any] | None:
     """The documents of `text` as PyYAML's safe loader reads them, or None where PyYAML must read
     it (tags, anchors, YAML 1.1's other scalars, errors, nesting past `max_depth`)."""

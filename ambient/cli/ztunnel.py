@@ -17,7 +17,7 @@ from ..hbone import DataPlane
 from ..identity.ca import WORKLOAD_CERT_TTL
 from ..identity.manager import CertificateManager
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
-from ..telemetry.metrics import ConnectionMetrics, registry
+from ..telemetry.metrics import ConnectionMetrics, Exposition
 from ..zds import ZdsClient
 from ..ztunnel import Ztunnel, admin
 from ..ztunnel.admin import Endpoint
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 Endpoint(
                     _address(args.metrics_address),
-                    admin.metrics(registry(connection_metrics, dp.stats)),
+                    admin.metrics(Exposition(connection_metrics, dp.stats)),
                 ),
                 Endpoint(_address(args.readiness_address), admin.readiness(pending, stop.is_set)),
             ]

@@ -2,14 +2,16 @@
 
 Each decision attaches the :class:`~ambient._core.Counters` of its label set to the plan it gives
 the core; the core counts connections and bytes into it with atomics as they happen. At scrape
-time a ``prometheus_client`` collector reads every label set — so dashboards and alerts written
-for Istio's ztunnel work unchanged:
+time the core reads every label set's counters and writes the text with the encoder Istio's
+ztunnel uses (``prometheus-client``, OpenMetrics text; ``_core.encode_metrics``) — so dashboards
+and alerts written for Istio's ztunnel work unchanged:
 
 - ``istio_tcp_connections_opened_total``, ``istio_tcp_connections_closed_total``,
   ``istio_tcp_connections_failed_total``;
 - ``istio_tcp_received_bytes_total`` (client to server) and ``istio_tcp_sent_bytes_total`` (server
   to client);
-- ``istio_build``; and the process metrics of ``prometheus_client``.
+- ``istio_build``; the core's own statistics (``ambient_core_*``); and the process metrics
+  (``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ``process_open_fds``...).
 
 The ``response_flags`` label is not part of a label set Python makes: the core learns how a
 connection ended and counts it there (``-``, ``DENY``, ``CONNECT``, ``TLS_FAILURE``,
@@ -21,15 +23,11 @@ once none of their connections is open (:meth:`ConnectionMetrics.forget`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
-from .. import __version__
+from .. import __version__, _core
 from .._core import Counters
 
 if TYPE_CHECKING:
@@ -137,7 +135,7 @@ class Labels:
         )
 
 
-class ConnectionMetrics(Collector):
+class ConnectionMetrics:
     """Counters per label set, created on first use and read at every scrape."""
 
     def __init__(self, component: str = "ztunnel") -> None:
@@ -168,45 +166,10 @@ class ConnectionMetrics(Collector):
     def __len__(self) -> int:
         return len(self._counters)
 
-    def collect(self) -> Iterator[Metric]:
-        families = {
-            "opened": CounterMetricFamily(
-                "istio_tcp_connections_opened", "TCP connections opened", labels=LABELS
-            ),
-            "closed": CounterMetricFamily(
-                "istio_tcp_connections_closed", "TCP connections closed", labels=LABELS
-            ),
-            "failed": CounterMetricFamily(
-                "istio_tcp_connections_failed",
-                "TCP connections that could not be made",
-                labels=LABELS,
-            ),
-            "received": CounterMetricFamily(
-                "istio_tcp_received_bytes", "Bytes received from the client side", labels=LABELS
-            ),
-            "sent": CounterMetricFamily(
-                "istio_tcp_sent_bytes", "Bytes sent to the client side", labels=LABELS
-            ),
-        }
+    def series(self) -> list[tuple[tuple[str, ...], Counters]]:
+        """Every label set's values (without ``response_flags``) and its counters."""
         with self._lock:
-            items = list(self._counters.items())
-        for labels, counters in items:
-            counted = counters.snapshot()
-            unflagged = labels.with_flag(NO_FLAG)
-            families["opened"].add_metric(unflagged, counted["opened"])
-            for flag, n in counted["closed"].items():
-                families["closed"].add_metric(labels.with_flag(flag), n)
-            for flag, n in counted["failed"].items():
-                families["failed"].add_metric(labels.with_flag(flag), n)
-            # Istio's names take the server's view: it *receives* what the client sends.
-            families["received"].add_metric(unflagged, counted["sent"])
-            families["sent"].add_metric(unflagged, counted["received"])
-        yield from families.values()
-        build = GaugeMetricFamily(
-            "istio_build", "Build of the data plane", labels=["component", "tag"]
-        )
-        build.add_metric([self.component, __version__], 1)
-        yield build
+            return [(labels.values, counters) for labels, counters in self._counters.items()]
 
 
 # Core statistics that are levels, not running totals.
@@ -214,32 +177,38 @@ CORE_GAUGES = frozenset(
     {"active_tunnels", "pool_connections", "pool_connections_goaway", "live_connections"}
 )
 
-
-class CoreStats(Collector):
-    """The data plane's own counters (``DataPlane.stats()``) as ``ambient_core_*`` metrics:
-    handshake failures, refusals at a cap, decisions refused for a full queue, connections cut
-    by a drain, suppressed log lines... everything Istio's labels have no place for."""
-
-    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Metric]:
-        for name, value in sorted(self._stats().items()):
-            if name in CORE_GAUGES:
-                yield GaugeMetricFamily(f"ambient_core_{name}", f"core: {name}", value=value)
-            else:
-                yield CounterMetricFamily(f"ambient_core_{name}", f"core: {name}", value=value)
+# (name, help, is a counter, [(labels, value)]): a family as the core's encoder takes it.
+Family = tuple[str, str, bool, list[tuple[list[tuple[str, str]], float]]]
 
 
-def registry(
-    metrics: ConnectionMetrics, core_stats: Callable[[], dict[str, int]] | None = None
-) -> CollectorRegistry:
-    """A registry with the connection metrics, the core's own statistics (when given) and the
-    process and platform metrics."""
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(metrics)
-    if core_stats is not None:
-        reg.register(CoreStats(core_stats))
-    ProcessCollector(registry=reg)
-    PlatformCollector(registry=reg)
-    return reg
+class Exposition:
+    """What the metrics endpoint serves: the connection metrics, ``istio_build``, the core's own
+    statistics (when given: ``DataPlane.stats()`` as ``ambient_core_*``: handshake failures,
+    refusals at a cap, decisions refused for a full queue, connections cut by a drain,
+    suppressed log lines... everything Istio's labels have no place for) and the process
+    metrics, as text."""
+
+    def __init__(
+        self, metrics: ConnectionMetrics, core_stats: Callable[[], dict[str, int]] | None = None
+    ) -> None:
+        self.metrics = metrics
+        self.core_stats = core_stats
+
+    def families(self) -> list[Family]:
+        out: list[Family] = [
+            (
+                "istio_build",
+                "Build of the data plane",
+                False,
+                [([("component", self.metrics.component), ("tag", __version__)], 1.0)],
+            )
+        ]
+        for name, value in sorted((self.core_stats() if self.core_stats else {}).items()):
+            counter = name not in CORE_GAUGES
+            out.append((f"ambient_core_{name}", f"core: {name}", counter, [([], float(value))]))
+        return out
+
+    def text(self) -> str:
+        return _core.encode_metrics(
+            list(LABELS), FLAG_INDEX, self.metrics.series(), self.families()
+        )

@@ -6,8 +6,8 @@
   localhost, and that carry no Origin (a browser page's request): else 403 saying why;
 - readiness (default 15021): ``GET /healthz/ready`` — 200 once config, certificates and
   listeners are ready, 500 naming what is pending before, 503 ``draining`` once draining starts;
-- metrics (default 15020): ``/metrics`` and ``/stats/prometheus`` (Prometheus text, rendered by
-  ``prometheus_client``).
+- metrics (default 15020): ``/metrics`` and ``/stats/prometheus`` (OpenMetrics text as Istio's
+  ztunnel serves it, written by the core: :class:`ambient.telemetry.metrics.Exposition`).
 
 Each endpoint survives hostile clients with fixed bounds (the constants below, in
 :class:`Limits`): one asyncio thread does all of an endpoint's socket I/O, so an idle, slow or
@@ -36,13 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-from prometheus_client import CollectorRegistry, exposition
 
 from .. import _core
+
+if TYPE_CHECKING:
+    from ..telemetry.metrics import Exposition
 
 log = logging.getLogger(__name__)
 
@@ -558,8 +560,9 @@ def admin(
     }
 
 
-def metrics(registry: CollectorRegistry) -> dict[tuple[str, str], Route]:
+def metrics(exposition: Exposition) -> dict[tuple[str, str], Route]:
     def scrape(_: dict[str, list[str]]) -> Response:
-        return HTTPStatus.OK, exposition.generate_latest(registry), exposition.CONTENT_TYPE_LATEST
+        # Istio's ztunnel's body (OpenMetrics text) and its default content type.
+        return HTTPStatus.OK, exposition.text().encode(), "text/plain; charset=utf-8"
 
     return {("GET", "/metrics"): scrape, ("GET", "/stats/prometheus"): scrape}

@@ -11,6 +11,7 @@ mod copy;
 mod core;
 mod decision;
 mod ending;
+mod exposition;
 mod hbone;
 mod identity;
 mod limits;
@@ -53,6 +54,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logging::log_stats, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
     m.add_function(wrap_pyfunction!(yaml::yaml_documents, m)?)?;
+    m.add_function(wrap_pyfunction!(exposition::encode_metrics, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<ca::CertificateSigner>()?;
     m.add_class::<core::Core>()?;

@@ -26,7 +26,7 @@ pub enum Flag {
     H2HandshakeFailure = 4,
 }
 
-const FLAGS: [Flag; 5] = [
+pub const FLAGS: [Flag; 5] = [
     Flag::None,
     Flag::Deny,
     Flag::Connect,
@@ -61,6 +61,20 @@ pub struct Counters {
     pub sent: AtomicU64,
     /// Bytes from the destination back to the initiator.
     pub received: AtomicU64,
+}
+
+impl Counters {
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    pub fn closed(&self, flag: Flag) -> u64 {
+        self.closed[flag as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self, flag: Flag) -> u64 {
+        self.failed[flag as usize].load(Ordering::Relaxed)
+    }
 }
 
 fn inc(counter: &AtomicU64) {

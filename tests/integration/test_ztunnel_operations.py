@@ -10,12 +10,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from ambient import socks5
+from ambient import __version__, socks5
 from ambient.identity import CertificateAuthority
 from ambient.testing import App, exchange, wait_until
 from ambient.ztunnel.process import ZtunnelProcess
@@ -197,6 +201,23 @@ def test_bytes_are_counted_while_a_connection_is_open(mesh):
     )
     assert find(scrape(n1.metrics), "istio_tcp_connections_closed_total", **labels) == 0
     sock.close()
+
+
+def test_metrics_are_openmetrics_text_with_process_metrics_and_no_openssl_in_the_process(mesh):
+    n1, _ = mesh
+    with urllib.request.urlopen(f"http://{n1.metrics}/stats/prometheus", timeout=5) as r:
+        text, content_type = r.read().decode(), r.headers["Content-Type"]
+    assert content_type == "text/plain; charset=utf-8"  # Istio's ztunnel's default
+    families = {f.name: f for f in openmetrics_families(text)}  # strict: `# EOF`, `_total`
+    build = families["istio_build"].samples[0]
+    assert build.labels == {"component": "ztunnel", "tag": __version__}
+    rss = families["process_resident_memory_bytes"].samples[0].value
+    assert 10 * 2**20 < rss < 1 << 30
+    assert families["process_open_fds"].samples[0].value > 3
+    assert families["ambient_core_live_connections"].type == "gauge"
+    # The proxy's TLS is the core's: Python's ssl (OpenSSL, 5 MiB) is never mapped in.
+    maps = Path(f"/proc/{n1.process.pid}/maps").read_text()
+    assert "libssl" not in maps and "_ssl." not in maps
 
 
 def get(address: str, path: str, method: str = "GET") -> tuple[int, bytes]:
