@@ -14,6 +14,16 @@ def encode_metrics(
     series: list[tuple[tuple[str, ...], Counters]],
     families: list[tuple[str, str, bool, list[tuple[list[tuple[str, str]], float]]]],
 ) -> str: ...
+def zds_hello(version: int) -> bytes:
+    """The ZdsHello a ztunnel sends first."""
+
+def zds_ack(error: str) -> bytes:
+    """The WorkloadResponse acking one request (`error` empty for success)."""
+
+def zds_request(data: bytes) -> tuple[str | None, str, str, str, str]:
+    """A WorkloadRequest: (kind, uid, name, namespace, service account); ValueError when the
+    bytes are not one."""
+
 def yaml_documents(text: str, max_depth: int) -> list[Any] | None:
     """The documents of `text` as PyYAML's safe loader reads them, or None where PyYAML must read
     it (tags, anchors, YAML 1.1's other scalars, errors, nesting past `max_depth`)."""

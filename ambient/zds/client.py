@@ -5,7 +5,8 @@ every (re)connection ztunnel says hello, istio-cni replays every pod it knows (`
 the pod's network-namespace fd) and ends the replay with ``snapshot_sent``: anything ztunnel still
 runs that was not in the replay is stale and is dropped then. Afterwards ``add``/``del`` arrive as
 pods come and go. Every request gets exactly one ``Ack``, and istio-cni sends the next request
-only after the previous ack, so this side is a plain read-handle-ack loop.
+only after the previous ack, so this side is a plain read-handle-ack loop. The messages are
+decoded and encoded by the core (``_core.zds_request``, ``zds_hello``, ``zds_ack``).
 """
 
 from __future__ import annotations
@@ -19,19 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from google.protobuf.message import DecodeError
-
-from .messages import (
-    PAYLOAD_ADD,
-    PAYLOAD_DEL,
-    PAYLOAD_KEEP,
-    PAYLOAD_SNAPSHOT_SENT,
-    VERSION_V1,
-    Ack,
-    WorkloadRequest,
-    WorkloadResponse,
-    ZdsHello,
-)
+from .. import _core
+from .protocol import PAYLOAD_ADD, PAYLOAD_DEL, PAYLOAD_KEEP, PAYLOAD_SNAPSHOT_SENT, VERSION_V1
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +152,7 @@ class ZdsClient:
                     sock.close()
                     return None
                 self._sock = sock
-            sock.sendall(ZdsHello(version=VERSION_V1).SerializeToString())
+            sock.sendall(_core.zds_hello(VERSION_V1))
         except OSError as e:
             log.debug("zds: cannot connect to %s: %s", self.path, e)
             with self._lock:
@@ -191,8 +181,7 @@ class ZdsClient:
             error = self._handle(data, list(fds), flags, kept)
             if error:
                 log.warning("zds: %s", error)
-            ack = WorkloadResponse(ack=Ack(error=error or ""))
-            sock.sendall(ack.SerializeToString())
+            sock.sendall(_core.zds_ack(error or ""))
             handled = True
 
     def _handle(self, data: bytes, fds: list[int], flags: int, kept: set[str]) -> str | None:
@@ -202,12 +191,9 @@ class ZdsClient:
             if flags & socket.MSG_TRUNC:
                 return f"request larger than {MAX_MESSAGE_SIZE} bytes, truncated"
             try:
-                request = WorkloadRequest.FromString(data)
-            except DecodeError as e:
+                kind, uid, name, namespace, service_account = _core.zds_request(data)
+            except ValueError as e:
                 return f"unparseable WorkloadRequest ({len(data)} bytes): {e}"
-            kind = request.WhichOneof("payload")
-            # getattr, because `request.del` is a syntax error.
-            uid: str = getattr(request, kind).uid if kind in _PER_POD else ""
             log.debug("zds: request %s %s with %d fd(s)", kind or "(none)", uid, len(fds))
             if kind == PAYLOAD_ADD:
                 if flags & socket.MSG_CTRUNC:
@@ -221,7 +207,7 @@ class ZdsClient:
                         f"got {len(fds)}"
                     )
                 netns_fd = fds.pop()  # the handler owns it from here, unless it raises
-                return self._add(request.add, netns_fd, kept)
+                return self._add(uid, (name, namespace, service_account), netns_fd, kept)
             if fds:
                 log.warning("zds: %d unexpected fd(s) with a %s request, closed", len(fds), kind)
             if kind == PAYLOAD_KEEP:
@@ -242,25 +228,23 @@ class ZdsClient:
             for fd in fds:
                 os.close(fd)
 
-    def _add(self, add: Any, netns_fd: int, kept: set[str]) -> str | None:
-        info = add.workload_info
+    def _add(
+        self, uid: str, info: tuple[str, str, str], netns_fd: int, kept: set[str]
+    ) -> str | None:
+        """``info``: the pod's name, namespace and service account."""
         try:
-            error = self.handler.add_pod(
-                add.uid, info.name, info.namespace, info.service_account, netns_fd
-            )
+            error = self.handler.add_pod(uid, *info, netns_fd)
         except Exception as e:
             # The handler failed, so the fd is still ours. A handler that closed it and then
             # raised breaks that contract; tolerate it (EBADF) rather than lose the connection.
             try:
                 os.close(netns_fd)
             except OSError as close_error:
-                log.warning(
-                    "zds: add_pod for %s raised after closing its fd: %s", add.uid, close_error
-                )
-            log.debug("zds: add_pod for %s raised", add.uid, exc_info=True)
-            return f"add for pod {add.uid}: {_describe(e)}"
+                log.warning("zds: add_pod for %s raised after closing its fd: %s", uid, close_error)
+            log.debug("zds: add_pod for %s raised", uid, exc_info=True)
+            return f"add for pod {uid}: {_describe(e)}"
         if error is None:
-            kept.add(add.uid)
+            kept.add(uid)
         return error
 
     @staticmethod

@@ -1,4 +1,7 @@
-"""The ZDS messages, built at import time from a field list instead of protoc output.
+"""The ZDS messages as protobuf classes, built at import time from a field list instead of protoc
+output: istio-cni's side (the testbed's :class:`~ambient.zds.server.ZdsServer`) and tests. A
+running ztunnel's side uses the core's codec (``rust/src/zds.rs``) and never imports protobuf;
+tests/unit/test_zds_codec.py holds the two to the same bytes.
 
 ZDS is the protocol istio-cni uses to hand pods (and their network namespaces) to ztunnel. Only a
 handful of small messages cross it, so rather than vendoring a generated ``zds_pb2`` module (and
@@ -18,6 +21,15 @@ from __future__ import annotations
 from typing import Any, Final
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from .protocol import (
+    PAYLOAD_ADD,
+    PAYLOAD_DEL,
+    PAYLOAD_KEEP,
+    PAYLOAD_SNAPSHOT_SENT,
+    VERSION_NOT_USED,
+    VERSION_V1,
+)
 
 __all__ = [
     "PAYLOAD_ADD",
@@ -40,14 +52,6 @@ __all__ = [
 FILE_NAME: Final = "zds.proto"
 PACKAGE: Final = "istio.workload.zds"
 
-VERSION_NOT_USED: Final = 0
-VERSION_V1: Final = 1
-
-# The names of WorkloadRequest's oneof members, as ``WhichOneof("payload")`` reports them.
-PAYLOAD_ADD: Final = "add"
-PAYLOAD_DEL: Final = "del"
-PAYLOAD_SNAPSHOT_SENT: Final = "snapshot_sent"
-PAYLOAD_KEEP: Final = "keep"
 
 _FDP = descriptor_pb2.FieldDescriptorProto
 _STRING: Final = _FDP.TYPE_STRING

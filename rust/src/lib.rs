@@ -32,6 +32,7 @@ mod stats;
 mod table;
 mod tls;
 mod yaml;
+mod zds;
 
 use pyo3::prelude::*;
 
@@ -55,6 +56,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
     m.add_function(wrap_pyfunction!(yaml::yaml_documents, m)?)?;
     m.add_function(wrap_pyfunction!(exposition::encode_metrics, m)?)?;
+    m.add_function(wrap_pyfunction!(zds::zds_hello, m)?)?;
+    m.add_function(wrap_pyfunction!(zds::zds_ack, m)?)?;
+    m.add_function(wrap_pyfunction!(zds::zds_request, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<ca::CertificateSigner>()?;
     m.add_class::<core::Core>()?;

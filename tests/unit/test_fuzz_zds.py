@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -147,6 +148,18 @@ class Handler:
         self.calls.append(("snapshot_sent", frozenset(kept)))
 
 
+def mistyped(message: Any) -> bool:
+    """Whether ``message`` (or one inside it) had one of its own fields on the wire with the
+    wrong wire type. protobuf keeps such a field as an unknown one; prost, which ztunnel's side
+    decodes with (as Istio's ztunnel does), refuses the message."""
+    known = message.DESCRIPTOR.fields_by_number
+    if any(f.field_number in known for f in UnknownFieldSet(message)):
+        return True
+    return any(
+        mistyped(value) for field, value in message.ListFields() if field.message_type is not None
+    )
+
+
 def expected_ack(data: bytes, fds: int, flags: int) -> tuple[str | None, list[tuple[Any, ...]]]:
     """What the protocol asks of ztunnel for this datagram, from its decoded form: the ack's
     error (None for ok; a prefix of the text otherwise) and the handler call, if any."""
@@ -155,6 +168,8 @@ def expected_ack(data: bytes, fds: int, flags: int) -> tuple[str | None, list[tu
     try:
         request = WorkloadRequest.FromString(data)
     except DecodeError:
+        return "unparseable WorkloadRequest", []
+    if mistyped(request):
         return "unparseable WorkloadRequest", []
     kind = request.WhichOneof("payload")
     if kind == "add":
