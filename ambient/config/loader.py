@@ -18,12 +18,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from . import authorization, tags, translate, waypoints
+from . import authorization, tags, translate, waypoints, yamlfile
 from . import kubernetes as k8s
 from . import ztunnel_local as local
 from .documents import DocumentCache, Parsed, documents
@@ -123,7 +121,7 @@ def _read_documents(
         file = str(path)
         for n, (doc, tagged, parsed) in enumerate(documents(text, chunks), start=1):
             docs.append((doc, tagged, Location(file, n), parsed))
-    except yaml.YAMLError as e:
+    except yamlfile.YAMLError as e:  # evaluated only once something was raised
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)

@@ -4,6 +4,7 @@ read every mesh file alike: the same documents, tags kept the same way, the same
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -111,3 +112,29 @@ def test_nesting_deeper_than_serde_yaml_allows_is_refused_at_the_first_node_too_
 def test_nesting_at_the_limit_is_read():
     fast, pure = both("k: " + "[" * 127 + "]" * 127)
     assert fast == pure
+
+
+def test_pyyaml_is_imported_only_when_the_core_steps_aside(tmp_path):
+    """A proxy whose files the core reads whole never maps PyYAML and libyaml in; a file the
+    core leaves to PyYAML (here a tag) loads it."""
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("workloads: [{namespace: a, workloadIps: [10.0.0.1], services: {}}]\n")
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("workloads: [{namespace: !Exact a, workloadIps: [10.0.0.1]}]\n")
+    probe = (
+        "import sys\n"
+        "from ambient.config import ConfigError, load_mesh\n"
+        "load_mesh([sys.argv[1]])\n"
+        "print('yaml' in sys.modules)\n"
+        "try:\n"
+        "    load_mesh([sys.argv[2]])\n"
+        "except ConfigError as e:\n"
+        "    print('yaml' in sys.modules, 'marks a string match' in str(e))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(plain), str(tagged)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    assert out[:2] == ["False", "True True"], out
