@@ -53,18 +53,16 @@ def _version(_args: argparse.Namespace) -> int:
 
 
 def _without_openssl() -> None:
-    """Import asyncio and http.server (through http.client) with Python's ``ssl`` module hidden
-    from them, so that they do without it (both treat it as optional) instead of mapping OpenSSL
-    into the process: 5 MiB resident, a third of what Istio's ztunnel holds in all. A ztunnel's
-    TLS is the core's (rustls); asyncio and http.server serve its plain HTTP endpoints and the
-    ZDS socket. ``ssl`` itself stays importable for anything that asks for it later. Done only
-    for a fresh ``ambient ztunnel`` process."""
-    if "ssl" in sys.modules or "asyncio" in sys.modules or "http.client" in sys.modules:
+    """Import asyncio with Python's ``ssl`` module hidden from it, so that it does without
+    (it treats ssl as optional) instead of mapping OpenSSL into the process: 5 MiB resident, a
+    third of what Istio's ztunnel holds in all. A ztunnel's TLS is the core's (rustls); its
+    asyncio serves plain HTTP endpoints. ``ssl`` itself stays importable for anything that asks
+    for it later. Done only for a fresh ``ambient ztunnel`` process."""
+    if "ssl" in sys.modules or "asyncio" in sys.modules:
         return
     sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl -> ImportError
     try:
         import asyncio  # noqa: F401
-        import http.server  # noqa: F401
     finally:
         del sys.modules["ssl"]
 

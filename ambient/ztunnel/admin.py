@@ -17,7 +17,7 @@ has not sent its complete request within :data:`REQUEST_TIMEOUT` seconds (counte
 accept, or from the previous answer on a keep-alive connection) is closed. Beyond
 :data:`MAX_CONNECTIONS` open connections, or :data:`MAX_QUEUED` requests waiting for a worker,
 a connection is answered 503 and closed at once — overload is answered, not queued without
-bound. Requests are parsed by the standard library's ``http.server``.
+bound. Requests are parsed and answered by h11 (python-hyper's HTTP/1.1 state machine).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import io
 import ipaddress
 import logging
 import re
@@ -35,10 +34,10 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+import h11
 import orjson
 
 from .. import _core
@@ -73,7 +72,7 @@ MAX_QUEUED = 64
 # The kernel's queue of connections not yet accepted (the I/O thread takes them as they come):
 # a burst up to it waits there instead of being dropped. Linux caps it at net.core.somaxconn.
 BACKLOG = 1024
-# Longest request line (414) or header line (431), in bytes; http.server alone allows 64 KiB.
+# Longest request line (414) or header line (431), in bytes.
 MAX_LINE = 8 * 1024
 # Request line and headers together (431), and the number of header lines (431, as http.client).
 MAX_HEAD = 32 * 1024
@@ -150,7 +149,7 @@ async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         if len(head) == len(line):  # the request line
             if line.strip():
                 continue
-            return bytes(head)  # http.server answers an empty request line by closing
+            return bytes(head)  # an empty request line is answered by closing
         if line in (b"\r\n", b"\n"):
             break
         headers.append(line)
@@ -212,7 +211,7 @@ class Endpoint:
                 "(use 127.0.0.1 or ::1)"
             )
         self.limits = limits
-        self._handler = _handler_class(routes, localhost_only)
+        self._answer = _Answerer(routes, localhost_only)
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -376,9 +375,8 @@ class Endpoint:
             pass
 
     def _handle(self, raw: bytes, peer: Any) -> tuple[bytes, bool]:
-        """On a worker: run ``http.server``'s request handling over the complete request."""
-        handler = self._handler(raw, peer)
-        return handler.output.getvalue(), handler.close_connection
+        """On a worker: parse and answer the complete request."""
+        return self._answer(raw, peer)
 
 
 class _Protocol(asyncio.StreamReaderProtocol):
@@ -404,103 +402,103 @@ class _Protocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
 
-class _BufferedHandler(BaseHTTPRequestHandler):
-    """``http.server``'s parsing and answering, over a request already read whole (no socket:
-    the answer goes to :attr:`output`, and the I/O thread writes it)."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
-    # A malformed request line is answered with a status line and headers (HTTP/0.9 has none).
-    default_request_version = "HTTP/1.0"
-
-    def __init__(self, raw: bytes, client_address: Any) -> None:
-        self.client_address = client_address
-        self.rfile = io.BytesIO(raw)
-        self.output = io.BytesIO()
-        self.wfile = self.output
-        self.close_connection = True
-        self.handle_one_request()
-
-    def handle_expect_100(self) -> bool:
-        return True  # the I/O thread sent 100 Continue before reading the body
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
+# The methods routes may have; another is answered 501, as a server that does not know it.
+METHODS = frozenset({"GET", "POST"})
 
 
-def _handler_class(
-    routes: dict[tuple[str, str], Route], localhost_only: bool
-) -> type[_BufferedHandler]:
-    class Handler(_BufferedHandler):
-        def _refusal(self, url_netloc: str) -> str | None:
-            """Why admin refuses this request, or None."""
-            try:
-                ip = ipaddress.ip_address(str(self.client_address[0]))
-            except ValueError:
-                ip = None
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if ip not in LOCALHOST:
+class _Answerer:
+    """Answers one complete request (already read whole by the I/O thread) on a worker: parsed
+    and answered by h11 (python-hyper's HTTP/1.1 state machine), the answer as bytes for the
+    I/O thread to write, and whether the connection closes after it (HTTP/1.0 without
+    keep-alive, ``Connection: close``, an error)."""
+
+    def __init__(self, routes: dict[tuple[str, str], Route], localhost_only: bool) -> None:
+        self.routes = routes
+        self.localhost_only = localhost_only
+
+    def __call__(self, raw: bytes, peer: Any) -> tuple[bytes, bool]:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        conn.receive_data(raw)
+        try:
+            request = conn.next_event()
+            if not isinstance(request, h11.Request):
+                return b"", True  # blank lines and nothing else: closed unanswered
+            # The body (no route reads one), up to the end of the message.
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA or isinstance(event, h11.EndOfMessage):
+                    break
+        except h11.RemoteProtocolError as e:
+            status = HTTPStatus(e.error_status_hint)
+            return _plain(status, f"bad request: {e}\n"), True
+        method = request.method.decode("ascii", "replace")
+        target = request.target.decode("latin-1")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+        response, close = self._dispatch(method, target, headers, peer)
+        status, body, content_type = response
+        out = conn.send(
+            h11.Response(
+                status_code=status,
+                reason=HTTPStatus(status).phrase,
+                headers=[
+                    ("Content-Type", content_type),
+                    ("Content-Length", str(len(body))),
+                    *([("Connection", "close")] if close else []),
+                ],
+            )
+        )
+        out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+        out += conn.send(h11.EndOfMessage()) or b""
+        # Kept alive only when both sides are done (h11: HTTP/1.0, `Connection: close`...).
+        return out, close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE
+
+    def _dispatch(
+        self, method: str, target: str, headers: list[tuple[str, str]], peer: Any
+    ) -> tuple[Response, bool]:
+        """The route's answer, and whether the connection must close after it."""
+        if method not in METHODS:
+            return _text(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {method!r}\n"), False
+        url = urlsplit(target)
+        refusal = self._refusal(url.netloc, headers, peer) if self.localhost_only else None
+        if refusal is not None:
+            log.info("admin: refused %s %s from %s: %s", method, url.path, peer[0], refusal)
+            return _text(HTTPStatus.FORBIDDEN, f"refused: {refusal}\n"), False
+        route = self.routes.get((method, url.path))
+        if route is None:
+            return (HTTPStatus.NOT_FOUND, b"not found\n", "text/plain"), False
+        try:
+            return route(parse_qs(url.query)), False
+        except Exception:
+            log.exception("http %s %s", method, url.path)
+            return _text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n"), True
+
+    @staticmethod
+    def _refusal(url_netloc: str, headers: list[tuple[str, str]], peer: Any) -> str | None:
+        """Why admin refuses this request, or None."""
+        try:
+            ip = ipaddress.ip_address(str(peer[0]))
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip not in LOCALHOST:
+            return f"admin answers only this host's localhost (127.0.0.1 or ::1), not {peer[0]}"
+        hosts = [v for k, v in headers if k == "host"]
+        if len(hosts) > 1:
+            return "more than one Host header"
+        for host in [*hosts, *([url_netloc] if url_netloc else [])]:
+            if not _local_host(host):
                 return (
-                    f"admin answers only this host's localhost (127.0.0.1 or ::1), "
-                    f"not {self.client_address[0]}"
+                    f"Host {host!r} is not localhost (a browser page reaching admin through "
+                    "DNS rebinding?)"
                 )
-            hosts = self.headers.get_all("Host") or []
-            if len(hosts) > 1:
-                return "more than one Host header"
-            for host in [*hosts, *([url_netloc] if url_netloc else [])]:
-                if not _local_host(host):
-                    return (
-                        f"Host {host!r} is not localhost (a browser page reaching admin through "
-                        "DNS rebinding?)"
-                    )
-            origin = self.headers.get("Origin")
-            if origin is not None:
-                return (
-                    f"a request with an Origin header ({origin!r}) comes from a browser page; "
-                    "admin takes requests from local tools only"
-                )
-            return None
-
-        def _dispatch(self, method: str) -> None:
-            url = urlsplit(self.path)
-            refusal = self._refusal(url.netloc) if localhost_only else None
-            if refusal is not None:
-                log.info(
-                    "admin: refused %s %s from %s: %s",
-                    method,
-                    url.path,
-                    self.client_address[0],
-                    refusal,
-                )
-                self._send(_text(HTTPStatus.FORBIDDEN, f"refused: {refusal}\n"))
-                return
-            route = routes.get((method, url.path))
-            if route is None:
-                self._send((HTTPStatus.NOT_FOUND, b"not found\n", "text/plain"))
-                return
-            try:
-                response = route(parse_qs(url.query))
-            except Exception:
-                log.exception("http %s %s", method, url.path)
-                response = _text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
-                self.close_connection = True
-            self._send(response)
-
-        def do_GET(self) -> None:
-            self._dispatch("GET")
-
-        def do_POST(self) -> None:
-            self._dispatch("POST")
-
-        def _send(self, response: Response) -> None:
-            status, body, content_type = response
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    return Handler
+        origin = next((v for k, v in headers if k == "origin"), None)
+        if origin is not None:
+            return (
+                f"a request with an Origin header ({origin!r}) comes from a browser page; "
+                "admin takes requests from local tools only"
+            )
+        return None
 
 
 def _text(status: HTTPStatus, text: str) -> Response:
