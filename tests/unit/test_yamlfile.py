@@ -131,10 +131,12 @@ def test_pyyaml_is_imported_only_when_the_core_steps_aside(tmp_path):
         "except ConfigError as e:\n"
         "    print('yaml' in sys.modules, 'marks a string match' in str(e))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe, str(plain), str(tagged)],
+    # -P: the installed package, not a source tree in the working directory (no core built there).
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", probe, str(plain), str(tagged)],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout.split("\n")
-    assert out[:2] == ["False", "True True"], out
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["False", "True True"], done.stdout
