@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from .identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from .policy.model import Policy
+
+if TYPE_CHECKING:
+    from .waypoint.routes import HttpRoute
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -135,6 +139,8 @@ class Mesh:
     services: tuple[Service, ...] = ()
     policies: tuple[Policy, ...] = ()
     waypoints: tuple[Waypoint, ...] = ()
+    # Gateway API HTTPRoutes, compiled for a waypoint's routing (ambient.waypoint.routes).
+    http_routes: tuple[HttpRoute, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )

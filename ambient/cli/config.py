@@ -64,6 +64,15 @@ def summary(mesh: Mesh, limit: int | None = LISTED) -> list[str]:
     lines.append(f"policies: {len(mesh.policies)}")
     listed = [f"  {p.key}: {p.action.value}, scope {p.scope.value}" for p in mesh.policies]
     lines += _first(listed, limit, "policies")
+    if mesh.http_routes:
+        lines.append(f"HTTP routes: {len(mesh.http_routes)}")
+        listed = [
+            f"  {r.namespace}/{r.name} -> "
+            + (", ".join(f"Service {p.namespace}/{p.name}" for p in r.parents) or "no Service")
+            + f": {len(r.rules)} rule(s)"
+            for r in mesh.http_routes
+        ]
+        lines += _first(listed, limit, "HTTP routes")
     lines.extend(f"warning: {w}" for w in mesh.warnings)
     return lines
 

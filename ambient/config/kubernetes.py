@@ -317,3 +317,185 @@ class Gateway(Resource):
 
 
 MODELS["Gateway"] = Gateway
+
+
+# --- HTTPRoute (gateway.networking.k8s.io): a waypoint's routes, attached to a Service (GAMMA) --
+
+PathMatchType = Literal["Exact", "PathPrefix", "RegularExpression"]
+ValueMatchType = Literal["Exact", "RegularExpression"]
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
+# Gateway API durations (GEP-2257): "10s", "1h30m", "500ms", "0s".
+Duration = Annotated[
+    str,
+    Meta(
+        pattern=r"^([0-9]{1,5}(h|m|s|ms)){1,4}$",
+        description="a duration such as 10s, 1m30s or 500ms (hours h, minutes m, seconds s, "
+        "milliseconds ms)",
+    ),
+]
+HeaderName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$",
+        max_length=256,
+        description="an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)",
+    ),
+]
+Weight = Annotated[int, Meta(ge=0, le=1_000_000)]
+
+
+class ParentReference(Closed, kw_only=True):
+    group: str = "gateway.networking.k8s.io"
+    kind: str = "Gateway"
+    namespace: DnsLabel | None = None
+    name: DnsSubdomain
+    sectionName: str | None = None
+    port: PortNumber | None = None
+
+
+class HTTPPathMatch(Closed):
+    type: PathMatchType = "PathPrefix"
+    value: Annotated[str, Meta(max_length=1024)] = "/"
+
+
+class HTTPHeaderMatch(Closed, kw_only=True):
+    type: ValueMatchType = "Exact"
+    name: HeaderName
+    value: Annotated[str, Meta(max_length=4096)]
+
+
+class HTTPQueryParamMatch(Closed, kw_only=True):
+    type: ValueMatchType = "Exact"
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    value: Annotated[str, Meta(max_length=1024)]
+
+
+class HTTPRouteMatch(Closed):
+    path: HTTPPathMatch | None = None
+    headers: list[HTTPHeaderMatch] = field(default_factory=list)
+    queryParams: list[HTTPQueryParamMatch] = field(default_factory=list)
+    method: HttpMethod | None = None
+
+
+class HTTPHeader(Closed):
+    name: HeaderName
+    value: Annotated[str, Meta(max_length=4096)]
+
+
+class HTTPHeaderFilter(Closed):
+    set: list[HTTPHeader] = field(default_factory=list)
+    add: list[HTTPHeader] = field(default_factory=list)
+    remove: list[HeaderName] = field(default_factory=list)
+
+
+class HTTPPathModifier(Closed, kw_only=True):
+    type: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
+    replaceFullPath: str | None = None
+    replacePrefixMatch: str | None = None
+
+
+class HTTPRequestRedirectFilter(Closed):
+    scheme: Literal["http", "https"] | None = None
+    hostname: DnsSubdomain | None = None
+    path: HTTPPathModifier | None = None
+    port: PortNumber | None = None
+    statusCode: Literal[301, 302, 303, 307, 308] = 302
+
+
+class HTTPURLRewriteFilter(Closed):
+    hostname: DnsSubdomain | None = None
+    path: HTTPPathModifier | None = None
+
+
+class BackendObjectReference(Closed, kw_only=True):
+    group: str = ""
+    kind: str = "Service"
+    name: DnsSubdomain
+    namespace: DnsLabel | None = None
+    port: PortNumber | None = None
+
+
+class Fraction(Closed, kw_only=True):
+    numerator: Annotated[int, Meta(ge=0)]
+    denominator: Annotated[int, Meta(ge=1)] = 100
+
+
+class HTTPRequestMirrorFilter(Closed, kw_only=True):
+    backendRef: BackendObjectReference
+    percent: Annotated[int, Meta(ge=0, le=100)] | None = None
+    fraction: Fraction | None = None
+
+
+# A filter's type, and the field its configuration is in.
+FILTER_FIELDS = {
+    "RequestHeaderModifier": "requestHeaderModifier",
+    "ResponseHeaderModifier": "responseHeaderModifier",
+    "RequestRedirect": "requestRedirect",
+    "URLRewrite": "urlRewrite",
+    "RequestMirror": "requestMirror",
+    "ExtensionRef": "extensionRef",
+}
+
+
+class HTTPRouteFilter(Closed, kw_only=True):
+    type: Literal[
+        "RequestHeaderModifier",
+        "ResponseHeaderModifier",
+        "RequestRedirect",
+        "URLRewrite",
+        "RequestMirror",
+        "ExtensionRef",
+    ]
+    requestHeaderModifier: HTTPHeaderFilter | None = None
+    responseHeaderModifier: HTTPHeaderFilter | None = None
+    requestRedirect: HTTPRequestRedirectFilter | None = None
+    urlRewrite: HTTPURLRewriteFilter | None = None
+    requestMirror: HTTPRequestMirrorFilter | None = None
+    extensionRef: dict[str, Any] | None = None
+
+
+class HTTPBackendRef(Closed, kw_only=True):
+    group: str = ""
+    kind: str = "Service"
+    name: DnsSubdomain
+    namespace: DnsLabel | None = None
+    port: PortNumber | None = None
+    weight: Weight = 1
+    filters: list[HTTPRouteFilter] = field(default_factory=list)
+
+
+class HTTPRouteTimeouts(Closed):
+    request: Duration | None = None
+    backendRequest: Duration | None = None
+
+
+class HTTPRouteRule(Closed):
+    name: str | None = None
+    matches: list[HTTPRouteMatch] = field(default_factory=list)
+    filters: list[HTTPRouteFilter] = field(default_factory=list)
+    backendRefs: list[HTTPBackendRef] = field(default_factory=list)
+    timeouts: HTTPRouteTimeouts | None = None
+    retry: dict[str, Any] | None = None
+    sessionPersistence: dict[str, Any] | None = None
+
+
+class HTTPRouteSpec(Closed):
+    parentRefs: list[ParentReference] = field(default_factory=list)
+    hostnames: list[str] = field(default_factory=list)
+    rules: list[HTTPRouteRule] = field(default_factory=list)
+
+
+class RouteMeta(ObjectMeta):
+    # kubectl applies a route written without a namespace (the seed's example) to `default`.
+    namespace: DnsLabel = "default"
+
+
+class HTTPRoute(Resource):
+    apiVersion: Literal["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"]
+    kind: Literal["HTTPRoute"]
+    metadata: RouteMeta
+    spec: HTTPRouteSpec = field(default_factory=HTTPRouteSpec)
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS["HTTPRoute"] = HTTPRoute

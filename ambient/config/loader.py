@@ -21,6 +21,7 @@ from typing import Any
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
+from ..waypoint import routes
 from . import authorization, tags, translate, waypoints, yamlfile
 from . import kubernetes as k8s
 from . import ztunnel_local as local
@@ -43,6 +44,7 @@ class _Collected:
         default_factory=list
     )
     gateways: list[tuple[k8s.Gateway, Location]] = field(default_factory=list)
+    http_routes: list[tuple[k8s.HTTPRoute, Location]] = field(default_factory=list)
     local_configs: list[tuple[local.LocalConfig, Location]] = field(default_factory=list)
     issues: list[ConfigIssue] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -255,6 +257,7 @@ _GROUPS: dict[type, str] = {
     k8s.Service: "services",
     k8s.AuthorizationPolicy: "authorization_policies",
     k8s.Gateway: "gateways",
+    k8s.HTTPRoute: "http_routes",
 }
 
 
@@ -366,6 +369,31 @@ def _bind_waypoints(
     return list(by_key.values())
 
 
+def _http_routes(
+    out: _Collected, services: Sequence[tuple[Service, Location]], cache: MeshCache | None
+) -> list[routes.HttpRoute]:
+    """Every HTTPRoute compiled for the waypoint's routing; a parent Service that is not in the
+    mesh is a warning (the route waits for it), a route that cannot be compiled an issue."""
+    known = {(s.namespace, s.name) for s, _ in services}
+    compiled = []
+    for resource, loc in out.http_routes:
+        try:
+            route = _build(
+                cache, "http route", (resource,), functools.partial(routes.compile_route, resource)
+            )
+        except routes.RouteError as e:
+            out.issues.append(ConfigIssue(loc, e.field, str(e)))
+            continue
+        out.warnings.extend(f"{loc}: {w}" for w in route.warnings)
+        for p in route.parents:
+            if (p.namespace, p.name) not in known:
+                out.warnings.append(
+                    f"{loc}: parent Service {p.namespace}/{p.name} is not in the mesh"
+                )
+        compiled.append(route)
+    return compiled
+
+
 def load_mesh(
     paths: Sequence[str | Path],
     *,
@@ -412,6 +440,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
                 ("Pod", out.pods),
                 ("Service", out.services),
                 ("AuthorizationPolicy", out.authorization_policies),
+                ("HTTPRoute", out.http_routes),
             )
             for r, loc in group
         ),
@@ -492,6 +521,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
             (s, loc) for s in translate.services_from_local(config.services, config.workloads)
         )
         policies.extend(translate.policy_from_local(p) for p in config.policies)
+    http_routes = _http_routes(out, services, cache)
     all_waypoints = _bind_waypoints(out, workloads, services)
     _cross_checks(workloads, services, out)
 
@@ -505,6 +535,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
         services=tuple(s for s, _ in services),
         policies=tuple(policies),
         waypoints=tuple(all_waypoints),
+        http_routes=tuple(http_routes),
         namespaces=MappingProxyType(
             {k: MappingProxyType(v) for k, v in sorted(namespaces.items())}
         ),
