@@ -163,6 +163,15 @@ class RememberedDecisions:
     @property
     def asked(self) -> int: ...
 
+class WaypointTable:
+    """A waypoint's routing table (JSON from ``ambient.waypoint.table``), swapped whole."""
+
+    def __init__(self, json: str) -> None: ...
+    def update(self, json: str) -> None: ...
+    @property
+    def json(self) -> str: ...
+    def counts(self) -> dict[str, int]: ...
+
 class Routes:
     """Plans by weight: the core picks one per connection (a Service's endpoints by capacity)."""
 
@@ -293,6 +302,17 @@ class Core:
         netns: Netns | None = None,
         remember: bool = False,
     ) -> Listener: ...
+    def serve_waypoint(
+        self,
+        address: str,
+        identity: str,
+        table: WaypointTable,
+        *,
+        report: Report | None = None,
+        netns: Netns | None = None,
+    ) -> Listener:
+        """HBONE in as ``identity``; each stream's target checked against ``table`` (421 when
+        not bound), its HTTP routed per request, a second HBONE tunnel to the endpoint."""
     def listen(
         self,
         address: str,

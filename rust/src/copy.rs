@@ -246,6 +246,21 @@ impl Reader for H2Reader {
     }
 }
 
+/// A reader whose first chunk was already read (by a protocol detector) and is given back first.
+pub struct Prefixed<R> {
+    pub first: Option<Bytes>,
+    pub inner: R,
+}
+
+impl<R: Reader> Reader for Prefixed<R> {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        match self.first.take() {
+            Some(chunk) if !chunk.is_empty() => Ok(Some(chunk)),
+            _ => self.inner.read_chunk().await,
+        }
+    }
+}
+
 /// The sending half of an HBONE stream; waits for HTTP/2 flow-control capacity.
 pub struct H2Writer(pub SendStream<Bytes>, pub Cut);
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::decision::{DecisionPool, InboundDecider, OutboundDecider, Plan};
-use crate::hbone::server::{self, InboundContext};
+use crate::hbone::server::{self, InboundContext, Role};
 use crate::identity::{IdentityMaterial, IdentityStore};
 use crate::limits::{Caps, ConnectionLimiter};
 use crate::netns::Netns;
@@ -28,6 +28,8 @@ use crate::report::{ReportQueue, Reporter};
 use crate::scope::ListenerScope;
 use crate::socket::SocketFactory;
 use crate::stats::Stats;
+use crate::waypoint::upstream::{Dialer, Upstreams};
+use crate::waypoint::{Waypoint, WaypointTable};
 
 /// Istio's ztunnel keeps idle pooled connections for five minutes.
 const DEFAULT_POOL_IDLE_TIMEOUT: f64 = 300.0;
@@ -353,7 +355,55 @@ impl Core {
         let ctx = Arc::new(InboundContext {
             shared: self.shared.clone(),
             identity: identity.to_string(),
-            decider,
+            role: Role::Ztunnel(decider),
+            reporter,
+            scope: scope.clone(),
+            sockets,
+            idle_timeout: self.shared.hbone_idle_timeout,
+        });
+        self.handle.spawn(server::accept_loop(tcp, ctx));
+        Ok(self.listener(local, scope))
+    }
+
+    /// Serve a waypoint on `address` as `identity`: HBONE in, each stream's target checked
+    /// against `table` (a Service VIP or pod IP bound to this waypoint, else 421), HTTP routed
+    /// per request by `table`, and a second HBONE tunnel, as `identity` too, to the endpoint.
+    /// `report` as for `serve_hbone`, for streams refused before any request.
+    #[pyo3(signature = (address, identity, table, *, report=None, netns=None))]
+    fn serve_waypoint(
+        &self,
+        address: &str,
+        identity: &str,
+        table: Py<WaypointTable>,
+        report: Option<&Bound<'_, PyAny>>,
+        netns: Option<&Bound<'_, Netns>>,
+    ) -> PyResult<Listener> {
+        let reporter =
+            Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
+        if self.shared.identities.get(identity).is_none() {
+            return Err(PyValueError::new_err(format!(
+                "serve_waypoint: no certificate loaded for {identity} (call set_identity first)"
+            )));
+        }
+        let sockets = self.sockets_for(netns);
+        let tcp = self.bind(address, &sockets)?;
+        let local = tcp
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let scope = self.scope();
+        let waypoint = Arc::new(Waypoint {
+            table,
+            upstreams: Upstreams::default(),
+            dialer: Dialer {
+                shared: self.shared.clone(),
+                identity: Arc::from(identity),
+                sockets: sockets.clone(),
+            },
+        });
+        let ctx = Arc::new(InboundContext {
+            shared: self.shared.clone(),
+            identity: identity.to_string(),
+            role: Role::Waypoint(waypoint),
             reporter,
             scope: scope.clone(),
             sockets,

@@ -31,6 +31,7 @@ mod socks5;
 mod stats;
 mod table;
 mod tls;
+mod waypoint;
 mod yaml;
 mod zds;
 
@@ -70,6 +71,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::Allow>()?;
     m.add_class::<plan::Deny>()?;
     m.add_class::<table::Routes>()?;
+    m.add_class::<waypoint::WaypointTable>()?;
     m.add_class::<decision::RememberedDecisions>()?;
     m.add_class::<accesslog::AccessLog>()?;
     m.add_class::<accesslog::LogTemplate>()?;

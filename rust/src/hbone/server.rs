@@ -57,13 +57,21 @@ const EARLY_RESET_BUDGET: u32 = 100;
 /// How long a source whose connection blew the reset budget is refused new connections.
 const RESET_FLOOD_PENALTY: Duration = Duration::from_secs(10);
 
+/// ztunnel's inbound side carries each stream to a local app as its decider says; a waypoint
+/// reads it as HTTP and routes every request.
+pub enum Role {
+    Ztunnel(InboundDecider),
+    Waypoint(Arc<crate::waypoint::Waypoint>),
+}
+
 /// Everything one HBONE listener needs for its connections.
 pub struct InboundContext {
     pub shared: Arc<Shared>,
     /// The workload this listener speaks as (its certificate is looked up per connection, so a
     /// rotated certificate is used from the next connection on).
     pub identity: String,
-    pub decider: InboundDecider,
+    /// What the listener does with an accepted stream.
+    pub role: Role,
     pub reporter: Reporter,
     pub scope: ListenerScope,
     /// Sockets to the app are made as the listener's were (in the pod's namespace, in-pod mode).
@@ -267,8 +275,20 @@ async fn serve_connection(
                 Some(Ok((request, respond))) => {
                     let stream = OpenStream::new(&activity);
                     let identity = peer_identity.clone();
-                    ctx.scope
-                        .spawn(serve_stream(request, respond, peer, identity, ctx.clone(), stream));
+                    match &ctx.role {
+                        Role::Ztunnel(_) => ctx.scope.spawn(serve_stream(
+                            request, respond, peer, identity, ctx.clone(), stream,
+                        )),
+                        Role::Waypoint(waypoint) => {
+                            let serve = crate::waypoint::serve_stream(
+                                request, respond, peer, identity, ctx.clone(), waypoint.clone(),
+                            );
+                            ctx.scope.spawn(async move {
+                                serve.await;
+                                drop(stream);
+                            });
+                        }
+                    }
                 }
                 Some(Err(e))
                     if e.is_go_away()
@@ -368,7 +388,7 @@ fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
 }
 
 /// Why a CONNECT request is malformed, or the upstream address it names.
-fn parse_connect(request: &Request<RecvStream>) -> Result<(String, SocketAddr), String> {
+pub(crate) fn parse_connect(request: &Request<RecvStream>) -> Result<(String, SocketAddr), String> {
     if request.method() != Method::CONNECT {
         return Err(format!("expected CONNECT, got {}", request.method()));
     }
@@ -425,7 +445,7 @@ async fn serve_stream(
             early_reset(&ctx, &stream, peer, &authority, reason);
             return;
         }
-        decision = ctx.decider.decide(&ctx.shared.decisions, asked) => decision,
+        decision = decider(&ctx).decide(&ctx.shared.decisions, asked) => decision,
     };
     let verdict = match decision {
         Ok(verdict) => verdict,
@@ -479,6 +499,13 @@ async fn serve_stream(
         started,
         error,
     );
+}
+
+fn decider(ctx: &InboundContext) -> &InboundDecider {
+    match &ctx.role {
+        Role::Ztunnel(decider) => decider,
+        Role::Waypoint(_) => unreachable!("a waypoint's streams are served by the waypoint module"),
+    }
 }
 
 fn early_reset(

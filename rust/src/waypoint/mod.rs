@@ -1,0 +1,360 @@
+//! The waypoint: an HBONE server whose streams are not carried to a local app but read as HTTP
+//! (or, on a TCP port, as a stream), routed per request by the table Python compiled from the
+//! mesh (`table`), and sent through a second HBONE tunnel to the chosen endpoint's ztunnel with
+//! the waypoint's own identity (`upstream`).
+//!
+//! It shares the HBONE server (TLS, HTTP/2, keepalive, drain, the guards against hostile peers)
+//! with ztunnel's inbound side: only what happens to an accepted CONNECT stream differs.
+
+mod requests;
+pub mod table;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tokio_util::sync::CancellationToken;
+
+use crate::copy::{
+    self, Cut, H2Reader, H2Writer, Prefixed, StreamReader, StreamWriter, Transferred,
+};
+use crate::hbone::io::H2Io;
+use crate::hbone::server::InboundContext;
+use crate::metrics::Flag;
+use crate::stats::Stats;
+use table::{Protocol, Table, Target};
+use upstream::{Dialer, UpstreamKey, Upstreams};
+
+/// How long protocol detection waits for a client's first bytes before taking the stream as TCP
+/// (a server-first protocol sends nothing until it hears from the server).
+const DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The table the waypoint routes by, swapped whole when the snapshot changes: a request reads
+/// the table current when it starts, and finishes on it.
+#[pyclass(frozen, module = "ambient._core")]
+pub struct WaypointTable {
+    current: RwLock<Arc<Table>>,
+    json: RwLock<String>,
+    counts: Arc<RequestCounts>,
+}
+
+/// Requests answered, by class: what `ambient top` and the tests read without parsing logs.
+#[derive(Default)]
+pub struct RequestCounts {
+    pub requests: AtomicU64,
+    pub by_class: [AtomicU64; 6], // 1xx..5xx, and "no response" (0)
+    pub no_route: AtomicU64,
+    pub no_healthy_upstream: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub refused_targets: AtomicU64,
+}
+
+impl RequestCounts {
+    pub fn answered(&self, status: u16) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let class = usize::from(status / 100).min(5);
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl WaypointTable {
+    pub fn current(&self) -> Arc<Table> {
+        self.current.read().unwrap().clone()
+    }
+}
+
+#[pymethods]
+impl WaypointTable {
+    #[new]
+    fn new(json: &str) -> PyResult<Self> {
+        let table = Table::from_json(json).map_err(PyValueError::new_err)?;
+        Ok(Self {
+            current: RwLock::new(Arc::new(table)),
+            json: RwLock::new(json.to_string()),
+            counts: Arc::default(),
+        })
+    }
+
+    /// Swap in a new table (a new snapshot); requests already started keep the old one.
+    fn update(&self, json: &str) -> PyResult<()> {
+        let table = Table::from_json(json).map_err(PyValueError::new_err)?;
+        *self.current.write().unwrap() = Arc::new(table);
+        *self.json.write().unwrap() = json.to_string();
+        Ok(())
+    }
+
+    /// The table's JSON as last set (for `config_dump`).
+    #[getter]
+    fn json(&self) -> String {
+        self.json.read().unwrap().clone()
+    }
+
+    /// Requests answered so far, by status class and by what went wrong.
+    fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.counts;
+        let out = PyDict::new(py);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        out.set_item("requests", get(&c.requests))?;
+        for (i, name) in ["none", "1xx", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .enumerate()
+        {
+            out.set_item(*name, get(&c.by_class[i]))?;
+        }
+        out.set_item("no_route", get(&c.no_route))?;
+        out.set_item("no_healthy_upstream", get(&c.no_healthy_upstream))?;
+        out.set_item("upstream_failures", get(&c.upstream_failures))?;
+        out.set_item("timeouts", get(&c.timeouts))?;
+        out.set_item("refused_targets", get(&c.refused_targets))?;
+        Ok(out)
+    }
+}
+
+/// What one waypoint listener shares among its streams.
+pub struct Waypoint {
+    pub table: Py<WaypointTable>,
+    pub upstreams: Upstreams,
+    pub dialer: Dialer,
+}
+
+impl Waypoint {
+    fn table(&self) -> Arc<Table> {
+        self.table.get().current()
+    }
+
+    fn counts(&self) -> &RequestCounts {
+        &self.table.get().counts
+    }
+}
+
+/// One accepted HBONE stream, as the request handler sees it.
+pub struct StreamInfo {
+    pub peer: SocketAddr,
+    pub peer_identity: Option<Arc<str>>,
+    /// The namespace of the client's identity: consumer routes of that namespace apply.
+    pub client_namespace: String,
+    /// The CONNECT authority: a Service VIP or a pod IP, with the port.
+    pub target: SocketAddr,
+}
+
+fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .expect("static response");
+    let _ = respond.send_response(response, true);
+}
+
+/// The namespace in `spiffe://<td>/ns/<namespace>/sa/<sa>`.
+fn namespace_of(identity: Option<&str>) -> String {
+    identity
+        .and_then(|id| id.split("/ns/").nth(1))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Serve one CONNECT stream accepted by a waypoint listener.
+pub async fn serve_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_identity: Option<Arc<str>>,
+    ctx: Arc<InboundContext>,
+    waypoint: Arc<Waypoint>,
+) {
+    let started = Instant::now();
+    let stats = &ctx.shared.stats;
+    Stats::inc(&stats.hbone_requests_received);
+    let (authority, target) = match crate::hbone::server::parse_connect(&request) {
+        Ok(parsed) => parsed,
+        Err(why) => {
+            Stats::inc(&stats.hbone_requests_refused);
+            log::info!("waypoint: HBONE request from {peer} refused with 400: {why}");
+            respond_status(respond, StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    let table = waypoint.table();
+    let protocol = match bound_protocol(&table, target) {
+        Ok(protocol) => protocol,
+        Err(why) => {
+            Stats::inc(&stats.hbone_requests_refused);
+            waypoint
+                .counts()
+                .refused_targets
+                .fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "waypoint: HBONE request from {peer} ({}) to {authority} refused with 421: {why}",
+                peer_identity.as_deref().unwrap_or("no identity")
+            );
+            respond_status(respond, StatusCode::MISDIRECTED_REQUEST);
+            ctx.reporter.early(
+                peer,
+                &authority,
+                started,
+                format!("refused with 421: {why}"),
+            );
+            return;
+        }
+    };
+    drop(table);
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("static response");
+    let send = match respond.send_response(ok, false) {
+        Ok(send) => send,
+        Err(e) => {
+            log::debug!("waypoint: stream from {peer} gone before 200: {e}");
+            return;
+        }
+    };
+    let info = Arc::new(StreamInfo {
+        peer,
+        client_namespace: namespace_of(peer_identity.as_deref()),
+        peer_identity,
+        target,
+    });
+    let mut io = H2Io::new(send, request.into_body());
+    let protocol = match protocol {
+        Protocol::Detect => detect(&mut io).await,
+        known => known,
+    };
+    let served = async {
+        match protocol {
+            Protocol::Tcp => carry_tcp(io, &info, &ctx, &waypoint).await,
+            http => {
+                requests::serve(io, http == Protocol::Http2, info.clone(), &ctx, &waypoint).await
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        () = served => {}
+        _reason = ctx.scope.cut() => Stats::inc(&stats.connections_cut),
+    }
+}
+
+/// The protocol to read a stream to `target` with, or why this waypoint does not take it.
+fn bound_protocol(table: &Table, target: SocketAddr) -> Result<Protocol, String> {
+    match table.targets.get(&target.ip()) {
+        None => Err(format!(
+            "{} is not a Service VIP or pod IP bound to this waypoint",
+            target.ip()
+        )),
+        Some(Target::Workload { .. }) => Ok(Protocol::Detect),
+        Some(Target::Service { service }) => {
+            let service = &table.services[*service];
+            match service.ports.get(&target.port()) {
+                Some(port) => Ok(port.protocol),
+                None => Err(format!(
+                    "port {} is not a port of Service {}",
+                    target.port(),
+                    service.name
+                )),
+            }
+        }
+    }
+}
+
+/// HTTP/1.x (a method token and a space) or the HTTP/2 preface; anything else, or silence, is TCP.
+async fn detect(io: &mut H2Io) -> Protocol {
+    let first = match tokio::time::timeout(DETECT_TIMEOUT, io.peek()).await {
+        Ok(Ok(bytes)) => bytes,
+        _ => return Protocol::Tcp,
+    };
+    if first.starts_with(b"PRI * HTTP/2.0") {
+        return Protocol::Http2;
+    }
+    let token = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if token > 0 && first.get(token) == Some(&b' ') {
+        Protocol::Http
+    } else {
+        Protocol::Tcp
+    }
+}
+
+/// A TCP port at the waypoint: one endpoint per stream (least-request), bytes carried as they are.
+async fn carry_tcp(io: H2Io, info: &StreamInfo, ctx: &InboundContext, waypoint: &Waypoint) {
+    let table = waypoint.table();
+    let Some(choice) = requests::endpoint_for_stream(&table, info) else {
+        log::warn!(
+            "waypoint: TCP stream from {} to {}: no ready endpoint",
+            info.peer,
+            info.target
+        );
+        return;
+    };
+    let endpoint = &table.endpoints[choice.0];
+    let key = UpstreamKey {
+        address: SocketAddr::new(endpoint.ip, choice.1),
+        hbone: endpoint.hbone.map(|h| (h, endpoint.identity.clone())),
+        http2: false,
+    };
+    let _active = requests::Active::new(&table, choice.0);
+    let (down_send, down_recv, first) = io.into_parts();
+    let down_read = || Prefixed {
+        first: Some(first.clone()),
+        inner: H2Reader(down_recv),
+    };
+    let stats = &ctx.shared.stats;
+    let transferred = Transferred::default();
+    let closing = CancellationToken::new();
+    let cut = Cut::by([ctx.scope.hard.clone(), closing]);
+    let result = match waypoint.dialer.stream(&key).await {
+        Ok(upstream::Stream::Hbone(send, recv, _lease)) => {
+            copy::bidirectional(
+                (down_read(), H2Writer(down_send, cut.clone())),
+                (H2Reader(recv), H2Writer(send, cut)),
+                stats,
+                &transferred,
+                None,
+            )
+            .await
+        }
+        Ok(upstream::Stream::Tcp(tcp)) => {
+            let (r, w) = tcp.into_split();
+            copy::bidirectional(
+                (down_read(), H2Writer(down_send, cut.clone())),
+                (StreamReader::new(r), StreamWriter::new(w, cut)),
+                stats,
+                &transferred,
+                None,
+            )
+            .await
+        }
+        Err(e) => {
+            waypoint
+                .counts()
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "waypoint: TCP stream from {} to {}: {e} ({:?})",
+                info.peer,
+                info.target,
+                Flag::Connect
+            );
+            return;
+        }
+    };
+    if let Err(e) = result {
+        log::debug!(
+            "waypoint: TCP stream {} -> {} ended after {}/{} bytes: {e}",
+            info.peer,
+            key.address,
+            transferred.sent(),
+            transferred.received()
+        );
+    }
+}
