@@ -106,6 +106,9 @@ class Service:
     endpoints: tuple[Endpoint, ...] = ()
     subject_alt_names: tuple[str, ...] = ()
     waypoint: str | None = None  # the waypoint its traffic goes through ("ns/name"), if any
+    # Each port's application protocol as Kubernetes declares it: `appProtocol`, else the port
+    # name's prefix (`http-web` → "http"); absent when neither says (a waypoint detects it).
+    app_protocols: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def key(self) -> str:

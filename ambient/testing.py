@@ -121,3 +121,72 @@ def _send_and_shut(sock: socket.socket, payload: bytes) -> None:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass  # the far side closed first: the reader sees how
+
+
+class HttpEcho:
+    """An HTTP/1.1 server on loopback (the standard library's, which knows nothing of the mesh)
+    that answers every request with JSON saying who answered and what arrived: ``pod`` (its
+    name), ``method``, ``path`` (with the query), ``headers`` (names lower-cased, a repeated
+    header's values joined by ``,``) and ``body_bytes``. Keep-alive; a ``Content-Length`` body
+    is read. Request headers steer it: ``x-echo-status`` answers with that code,
+    ``x-echo-delay`` (seconds) waits that long first."""
+
+    def __init__(self, name: str, address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+        import http.server
+        import json
+
+        echo = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers: dict[str, str] = {}
+                for key, value in self.headers.items():
+                    k = key.lower()
+                    headers[k] = f"{headers[k]},{value}" if k in headers else value
+                with echo._lock:
+                    echo.requests += 1
+                time.sleep(float(headers.get("x-echo-delay", "0")))
+                out = json.dumps(
+                    {
+                        "pod": echo.name,
+                        "method": self.command,
+                        "path": self.path,
+                        "headers": headers,
+                        "body_bytes": len(body),
+                    }
+                ).encode()
+                self.send_response(int(headers.get("x-echo-status", "200")))
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.send_header("x-echo-pod", echo.name)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.name = name
+        self.requests = 0
+        self._lock = threading.Lock()
+
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client (the proxy) going away mid-request is not the server's error
+
+        self.server = Server(address, Handler)
+        self.server.daemon_threads = True
+        host, port = self.server.server_address[:2]
+        assert isinstance(host, str)  # an IPv4 server's address
+        self.address = f"{host}:{port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -6,6 +6,7 @@ ambient config check FILE...     validate mesh files and summarise them
 ambient explain --config F SRC DST:PORT   the path and policy verdicts of a connection
 ambient hbone serve|forward|probe   HBONE endpoints and checks from the command line
 ambient ztunnel --config F --node N --ca-dir D   the node proxy for one node
+ambient waypoint --config F --gateway NS/NAME --ca-dir D   the L7 proxy of one waypoint
 ambient testbed up|down            nodes and pods as network namespaces, in-pod ztunnels (root)
 ambient top --metrics ADDR [--admin ADDR]   a live view of a running ztunnel
 ambient version                  versions and build profile
@@ -23,7 +24,9 @@ from typing import Any
 
 # Each command's module, imported only when that command runs (or for the full help): a
 # running ztunnel imports what it needs and none of the testbed's, the demo's or explain's.
-COMMANDS = ("demo", "ca", "config", "explain", "hbone", "ztunnel", "testbed", "top")
+COMMANDS = (
+    "demo", "ca", "config", "explain", "hbone", "ztunnel", "waypoint", "testbed", "top",
+)  # fmt: skip
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -81,7 +84,7 @@ def _without_openssl() -> None:
     (it treats ssl as optional) instead of mapping OpenSSL into the process: 5 MiB resident, a
     third of what Istio's ztunnel holds in all. A ztunnel's TLS is the core's (rustls); its
     asyncio serves plain HTTP endpoints. ``ssl`` itself stays importable for anything that asks
-    for it later. Done only for a fresh ``ambient ztunnel`` process."""
+    for it later. Done only for a fresh ``ambient ztunnel`` or ``ambient waypoint`` process."""
     if "ssl" in sys.modules or "asyncio" in sys.modules:
         return
     sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl -> ImportError
@@ -94,7 +97,7 @@ def _without_openssl() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if a in COMMANDS or a == "version"), None)
-    if only == "ztunnel":
+    if only in ("ztunnel", "waypoint"):
         _without_openssl()
     args = build_parser(only).parse_args(argv)
     logging.basicConfig(

@@ -127,11 +127,16 @@ def service_from_k8s(
         if ip not in vips:
             vips.append(ip)
     ports: dict[int, int] = {}
+    app_protocols: dict[int, str] = {}
     for p in spec.ports:
         if p.protocol != "TCP":
             continue  # the data plane carries TCP only
         target = p.targetPort
         ports[p.port] = target if isinstance(target, int) else (p.port if target is None else 0)
+        # Istio's protocol selection: appProtocol, else the name's prefix before "-".
+        declared = p.appProtocol or (p.name.partition("-")[0] if p.name else "")
+        if declared:
+            app_protocols[p.port] = declared.lower()
     endpoints = []
     if spec.selector:
         for w in workloads:
@@ -157,6 +162,7 @@ def service_from_k8s(
         ports=MappingProxyType(ports),
         endpoints=tuple(endpoints),
         waypoint=waypoints.binding(meta.labels, namespace_labels, namespace),
+        app_protocols=MappingProxyType(app_protocols),
     )
 
 

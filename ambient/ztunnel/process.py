@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import orjson
 
@@ -21,21 +21,24 @@ import orjson
 OUTPUT_LINES = 2000
 
 
-class ZtunnelProcess:
-    """``ambient ztunnel --node NODE`` with its access log in ``workdir``."""
+class ProxyProcess:
+    """``ambient COMMAND...`` (a ztunnel or a waypoint) with its access log in ``workdir``,
+    its admin, metrics and readiness endpoints on ports it picks, read from its ready line."""
 
     def __init__(
         self,
-        node: str,
+        label: str,
+        command: list[str],
         mesh_files: list[Path],
         ca_dir: Path,
         workdir: Path,
         *extra: str,
         netns: str | None = None,
+        access_log: bool = True,
     ) -> None:
         """``netns``: run inside that network namespace (the testbed's node namespaces)."""
-        self.node = node
-        self.log_path = workdir / f"ztunnel-{node}.log"
+        self.label = label
+        self.log_path = workdir / f"{label}.log"
         self.log_path.touch()
         argv = [
             *(["ip", "netns", "exec", netns] if netns else []),
@@ -43,9 +46,7 @@ class ZtunnelProcess:
             "-P",
             "-m",
             "ambient",
-            "ztunnel",
-            "--node",
-            node,
+            *command,
             "--ca-dir",
             str(ca_dir),
             "--admin-address",
@@ -54,8 +55,7 @@ class ZtunnelProcess:
             "127.0.0.1:0",
             "--readiness-address",
             "127.0.0.1:0",
-            "--access-log",
-            str(self.log_path),
+            *(["--access-log", str(self.log_path)] if access_log else []),
             *extra,
         ]
         for f in mesh_files:
@@ -74,14 +74,14 @@ class ZtunnelProcess:
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self._readers: list[threading.Thread] = []
 
-    def wait_ready(self) -> ZtunnelProcess:
+    def wait_ready(self) -> Self:
         """Block until the process prints its ``ready`` line; raise with its stderr if it died."""
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("ready "):
             self.process.kill()
             err = self.process.stderr.read() if self.process.stderr else ""
-            raise RuntimeError(f"ztunnel {self.node} did not start: {line.strip()} {err.strip()}")
+            raise RuntimeError(f"{self.label} did not start: {line.strip()} {err.strip()}")
         fields = dict(part.split("=", 1) for part in line.split()[1:])
         self.admin = fields["admin"]
         self.metrics = fields["metrics"]
@@ -148,3 +148,22 @@ class ZtunnelProcess:
         for reader in self._readers:  # the pipes end with the process: take its last words
             reader.join(5.0)
         return self.process.returncode
+
+
+class ZtunnelProcess(ProxyProcess):
+    """``ambient ztunnel --node NODE``."""
+
+    def __init__(
+        self,
+        node: str,
+        mesh_files: list[Path],
+        ca_dir: Path,
+        workdir: Path,
+        *extra: str,
+        netns: str | None = None,
+    ) -> None:
+        self.node = node
+        command = ["ztunnel", "--node", node]
+        super().__init__(
+            f"ztunnel-{node}", command, mesh_files, ca_dir, workdir, *extra, netns=netns
+        )

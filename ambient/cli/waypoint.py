@@ -1,0 +1,190 @@
+"""``ambient waypoint``: the L7 proxy of one waypoint Gateway of a mesh file. HBONE in on each of
+its pods' ``podIP:15008``; HTTP routed per request (HTTPRoute, load balancing); a second HBONE
+tunnel to the chosen endpoint's ztunnel."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..config import ConfigError, MeshCache, load_mesh
+from ..hbone import DataPlane
+from ..identity.ca import WORKLOAD_CERT_TTL
+from ..identity.manager import CertificateManager
+from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
+from ..telemetry.metrics import ConnectionMetrics, Exposition
+from ..waypoint.proxy import Waypoint
+from ..ztunnel import admin
+from ..ztunnel.admin import Endpoint
+from ..ztunnel.reload import ConfigWatcher
+from .common import add_limit_arguments, limit_options, load_ca, raise_fd_limit, socket_address
+
+log = logging.getLogger(__name__)
+
+
+def _gateway(text: str) -> str:
+    namespace, _, name = text.partition("/")
+    if not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"expected NAMESPACE/NAME of a Gateway, got {text!r}")
+    return text
+
+
+def register(commands: Any) -> None:
+    w = commands.add_parser(
+        "waypoint",
+        help="run the waypoint (L7 proxy) of one Gateway of a mesh file",
+        description="Serve the waypoint Gateway NAMESPACE/NAME (class istio-waypoint): HBONE in "
+        "on each of its pods' IP:15008, every HTTP request routed by the HTTPRoutes attached to "
+        "the Service it was sent to (else to the Service itself) and load balanced to an "
+        "endpoint, through a second HBONE tunnel with the waypoint's own identity. Reloads the "
+        "config on SIGHUP and when a file changes; drains on SIGTERM.",
+    )
+    w.add_argument(
+        "--config", required=True, action="append", type=Path, metavar="FILE",
+        help="mesh file (repeatable)",
+    )  # fmt: skip
+    w.add_argument("--gateway", required=True, type=_gateway, metavar="NAMESPACE/NAME")
+    w.add_argument(
+        "--pod",
+        action="append",
+        default=None,
+        metavar="NAMESPACE/NAME",
+        help="serve only this pod of the Gateway (repeatable; default: every pod, loopback mode)",
+    )
+    w.add_argument(
+        "--ca-dir",
+        required=True,
+        type=Path,
+        help="CA made by `ambient ca init`; the waypoint's certificate is issued from it",
+    )
+    w.add_argument("--admin-address", type=socket_address, default="127.0.0.1:15000")
+    w.add_argument("--metrics-address", type=socket_address, default="127.0.0.1:15020")
+    w.add_argument("--readiness-address", type=socket_address, default="127.0.0.1:15021")
+    w.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    w.add_argument(
+        "--certificate-ttl",
+        type=float,
+        default=WORKLOAD_CERT_TTL.total_seconds(),
+        metavar="SECONDS",
+        help="lifetime of the waypoint's certificate, renewed at half of it (default 86400)",
+    )
+    w.add_argument("--workers", type=int, default=None, help="core worker threads")
+    add_limit_arguments(w)
+    w.add_argument("--drain-deadline", type=float, default=5.0)
+    w.add_argument("--watch-interval", type=float, default=1.0)
+    w.set_defaults(run=run)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _config_dump(waypoint: Waypoint, reload: dict[str, object]) -> dict[str, Any]:
+    return {
+        "reload": reload,
+        "waypoint": waypoint.key,
+        "servedPods": sorted(p.workload.key for p in waypoint.listeners.values()),
+        "table": orjson.loads(waypoint.table.json),
+        "requests": waypoint.table.counts(),
+        "certificates": [
+            {
+                "identity": c.identity,
+                "notBefore": c.not_before.isoformat(),
+                "notAfter": c.not_after.isoformat(),
+            }
+            for c in waypoint.certificates.certificates()
+        ],
+        "sources": list(waypoint.mesh.sources),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    cache = MeshCache()
+    try:
+        mesh = load_mesh(args.config, trust_domain=args.trust_domain, cache=cache)
+    except ConfigError as e:
+        for issue in e.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    for warning in mesh.warnings:
+        log.warning("%s", warning)
+    if mesh.waypoint(args.gateway) is None:
+        print(
+            f"ambient waypoint: {args.gateway} is not a waypoint of the mesh (a Gateway with "
+            "gatewayClassName istio-waypoint)",
+            file=sys.stderr,
+        )
+        return 2
+    ca = load_ca(args.ca_dir)
+    stop = threading.Event()
+    raise_fd_limit()
+    with DataPlane(args.workers, **limit_options(args)) as dp:
+        certificates = CertificateManager(
+            ca,
+            dp.load_identity,
+            uninstall=dp.core.remove_identity,
+            ttl=dt.timedelta(seconds=args.certificate_ttl),
+        )
+        pods = frozenset(args.pod) if args.pod else None
+        waypoint = Waypoint(args.gateway, dp, certificates, pods=pods)
+        waypoint.apply(mesh)
+        watcher = ConfigWatcher(
+            args.config,
+            waypoint.apply,
+            interval=args.watch_interval,
+            trust_domain=args.trust_domain,
+            current=mesh,
+            cache=cache,
+        )
+        try:
+            endpoints = [
+                Endpoint(
+                    _address(args.admin_address),
+                    admin.admin(lambda: _config_dump(waypoint, watcher.status()), stop.set),
+                    localhost_only=True,
+                ),
+                Endpoint(
+                    _address(args.metrics_address),
+                    admin.metrics(Exposition(ConnectionMetrics(), dp.stats)),
+                ),
+                Endpoint(
+                    _address(args.readiness_address),
+                    admin.readiness(lambda: waypoint.pending, stop.is_set),
+                ),
+            ]
+        except (OSError, ValueError) as e:
+            print(f"ambient waypoint: {e}", file=sys.stderr)
+            certificates.stop()
+            return 2
+        for endpoint in endpoints:
+            endpoint.start()
+        watcher.start()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload).start())
+        print(
+            f"ready waypoint={args.gateway} admin={endpoints[0].address} "
+            f"metrics={endpoints[1].address} readiness={endpoints[2].address} "
+            f"pods={len(waypoint.listeners)}",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if waypoint.pending:
+                waypoint.retry()
+        log.info("draining for up to %s s", args.drain_deadline)
+        watcher.stop()
+        finished = waypoint.close(args.drain_deadline)
+        log.info("drained%s", "" if finished else " (connections past the deadline were cut)")
+        for endpoint in endpoints:
+            endpoint.stop()
+        certificates.stop()
+    return 0

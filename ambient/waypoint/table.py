@@ -1,0 +1,259 @@
+"""The waypoint's routing table: the mesh snapshot, compiled for one waypoint into what the core
+reads per request with no Python call (``ambient._core.WaypointTable``).
+
+Semantics stay in :mod:`ambient.waypoint.routes`: this module only lays them out for fast
+evaluation, and a differential test checks that the core's choice equals
+:func:`~ambient.waypoint.routes.select` on generated routes and requests.
+
+- ``targets``: every IP a client may CONNECT to at this waypoint — the VIPs of the Services bound
+  to it (``kind: service``) and, for a waypoint taking workload traffic, the IPs of the pods bound
+  to it (``kind: workload``). Anything else is refused.
+- ``services[i].ports[port]``: the port's protocol (``http``, ``http2``, ``tcp`` or ``detect``),
+  the route matches of every HTTPRoute attached to it **sorted by precedence** (so the first that
+  matches is the one :func:`~ambient.waypoint.routes.select` would take; a consumer route's
+  matches carry ``only_namespace``), the rules they lead to, and ``default``: the Service itself,
+  where a request goes when no route is attached for its client.
+- ``endpoints``: every pod a request may be sent to, with its ztunnel's HBONE address and the
+  identity its certificate must carry; backends refer to them by index with their target port.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from ..config import kubernetes as k8s
+from ..mesh import HealthStatus, Mesh, Service, Workload
+from .routes import Backend, HttpRoute, precedence
+
+# ztunnel's HBONE port on every in-mesh pod (Istio's).
+HBONE_PORT = 15008
+
+# Istio's protocol selection (appProtocol or the port name's prefix) → how the waypoint reads a
+# port. Anything not named here is detected from the first bytes.
+PROTOCOLS = {
+    "http": "http",
+    "http1": "http",
+    "http2": "http2",
+    "h2c": "http2",
+    "kubernetes.io/h2c": "http2",
+    "grpc": "http2",
+    "grpc-web": "http",
+    "tcp": "tcp",
+    "tls": "tcp",
+    "https": "tcp",
+    "mongo": "tcp",
+    "mysql": "tcp",
+    "redis": "tcp",
+}
+
+_DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def seconds(duration: str | None) -> float | None:
+    """A Gateway API duration (``1m30s``, validated when loaded) in seconds; ``0s`` is 0."""
+    if duration is None:
+        return None
+    return sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(duration))
+
+
+def port_protocol(service: Service, port: int) -> str:
+    return PROTOCOLS.get(service.app_protocols.get(port, ""), "detect")
+
+
+class _Compiler:
+    def __init__(self, mesh: Mesh, waypoint: str) -> None:
+        self.mesh = mesh
+        self.waypoint = waypoint
+        self.endpoints: list[dict[str, Any]] = []
+        self._endpoint_index: dict[str, int] = {}
+        self._services = {(s.namespace, s.name): s for s in mesh.services}
+
+    def endpoint(self, workload: Workload) -> int:
+        index = self._endpoint_index.get(workload.uid)
+        if index is None:
+            ip = workload.ips[0]
+            hbone = f"[{ip}]:{HBONE_PORT}" if ip.version == 6 else f"{ip}:{HBONE_PORT}"
+            self.endpoints.append(
+                {
+                    "name": workload.key,
+                    "ip": str(ip),
+                    "hbone": hbone if workload.in_mesh else None,
+                    "identity": str(workload.identity),
+                }
+            )
+            index = self._endpoint_index[workload.uid] = len(self.endpoints) - 1
+        return index
+
+    def backend(self, namespace: str, name: str, port: int | None, weight: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "service": f"{namespace}/{name}",
+            "weight": weight,
+            "endpoints": [],
+            "invalid": None,
+            "protocol": "http",
+        }
+        service = self._services.get((namespace, name))
+        if service is None:
+            out["invalid"] = "no such Service in the mesh"
+        elif port is None:
+            out["invalid"] = "a Service backend needs a port"
+        elif port not in service.ports:
+            out["invalid"] = f"the Service has no port {port}"
+        else:
+            protocol = port_protocol(service, port)
+            out["protocol"] = "http2" if protocol == "http2" else "http"
+            for workload, endpoint in self.mesh.endpoints_of(service):
+                target = endpoint.ports.get(port)
+                if target is None or not workload.ips:
+                    continue
+                if workload.status is not HealthStatus.HEALTHY:
+                    continue
+                out["endpoints"].append((self.endpoint(workload), target))
+        return out
+
+    def rule(self, route: HttpRoute, index: int) -> dict[str, Any]:
+        rule = route.rules[index]
+        out: dict[str, Any] = {
+            "route": f"{route.namespace}/{route.name}#{index}",
+            "backends": [self.backend_of(b) for b in rule.backends],
+            "request_headers": None,
+            "response_headers": None,
+            "redirect": None,
+            "rewrite": None,
+            "request_timeout": seconds(rule.timeouts.request) if rule.timeouts else None,
+            "backend_timeout": seconds(rule.timeouts.backendRequest) if rule.timeouts else None,
+        }
+        for f in rule.filters:
+            if f.requestHeaderModifier is not None:
+                out["request_headers"] = _modifier(f.requestHeaderModifier)
+            elif f.responseHeaderModifier is not None:
+                out["response_headers"] = _modifier(f.responseHeaderModifier)
+            elif f.requestRedirect is not None:
+                r = f.requestRedirect
+                out["redirect"] = {
+                    "scheme": r.scheme,
+                    "hostname": r.hostname,
+                    "path": _path_modifier(r.path),
+                    "port": r.port,
+                    "status": r.statusCode,
+                }
+            elif f.urlRewrite is not None:
+                out["rewrite"] = {
+                    "hostname": f.urlRewrite.hostname,
+                    "path": _path_modifier(f.urlRewrite.path),
+                }
+        return out
+
+    def backend_of(self, b: Backend) -> dict[str, Any]:
+        return self.backend(b.namespace, b.name, b.port, b.weight)
+
+    def port(self, service: Service, port: int, routes: Sequence[HttpRoute]) -> dict[str, Any]:
+        attached = [
+            r
+            for r in routes
+            if any(
+                p.name == service.name
+                and p.namespace == service.namespace
+                and p.port in (None, port)
+                for p in r.parents
+            )
+        ]
+        candidates = sorted(
+            (
+                (precedence(route, r, i), route, r, i)
+                for route in attached
+                for r, rule in enumerate(route.rules)
+                for i in range(len(rule.matches))
+            ),
+            key=lambda c: c[0],
+        )
+        rules: list[dict[str, Any]] = []
+        rule_index: dict[tuple[int, int], int] = {}
+        matches = []
+        for _, route, r, i in candidates:
+            key = (id(route), r)
+            if key not in rule_index:
+                rule_index[key] = len(rules)
+                rules.append(self.rule(route, r))
+            m = route.rules[r].matches[i]
+            matches.append(
+                {
+                    "only_namespace": None
+                    if route.namespace == service.namespace
+                    else route.namespace,
+                    "path_kind": m.path.kind,
+                    "path": m.path.value,
+                    "headers": [
+                        {"name": h.name, "value": h.value, "regex": h.pattern is not None}
+                        for h in m.headers
+                    ],
+                    "query": [
+                        {"name": q.name, "value": q.value, "regex": q.pattern is not None}
+                        for q in m.query
+                    ],
+                    "method": m.method,
+                    "rule": rule_index[key],
+                }
+            )
+        default = {
+            "route": f"{service.namespace}/{service.name} (the Service itself)",
+            "backends": [self.backend(service.namespace, service.name, port, 1)],
+        }
+        return {
+            "protocol": port_protocol(service, port),
+            "matches": matches,
+            "rules": rules,
+            "producer_routes": any(r.namespace == service.namespace for r in attached),
+            "consumer_namespaces": sorted(
+                {r.namespace for r in attached if r.namespace != service.namespace}
+            ),
+            "default": default,
+        }
+
+
+def _modifier(m: k8s.HTTPHeaderFilter) -> dict[str, Any]:
+    return {
+        "set": [(h.name, h.value) for h in m.set],
+        "add": [(h.name, h.value) for h in m.add],
+        "remove": list(m.remove),
+    }
+
+
+def _path_modifier(m: k8s.HTTPPathModifier | None) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    value = m.replaceFullPath if m.type == "ReplaceFullPath" else m.replacePrefixMatch
+    return {"type": m.type, "value": value}
+
+
+def bound_services(mesh: Mesh, waypoint: str) -> Iterable[Service]:
+    return (s for s in mesh.services if s.waypoint == waypoint)
+
+
+def bound_workloads(mesh: Mesh, waypoint: str) -> Iterable[Workload]:
+    return (w for w in mesh.workloads if w.waypoint == waypoint)
+
+
+def compile_table(mesh: Mesh, waypoint: str) -> dict[str, Any]:
+    """The table of waypoint ``namespace/name`` in ``mesh`` (a JSON-ready dict)."""
+    c = _Compiler(mesh, waypoint)
+    targets: dict[str, dict[str, Any]] = {}
+    services = []
+    for service in bound_services(mesh, waypoint):
+        ports = {str(port): c.port(service, port, mesh.http_routes) for port in service.ports}
+        services.append({"name": f"{service.namespace}/{service.name}", "ports": ports})
+        for _, vip in service.vips:
+            targets[str(vip)] = {"kind": "service", "service": len(services) - 1}
+    for workload in bound_workloads(mesh, waypoint):
+        for ip in workload.ips:
+            targets[str(ip)] = {"kind": "workload", "endpoint": c.endpoint(workload)}
+    return {"targets": targets, "services": services, "endpoints": c.endpoints}
+
+
+def table_json(mesh: Mesh, waypoint: str) -> str:
+    return orjson.dumps(compile_table(mesh, waypoint)).decode()

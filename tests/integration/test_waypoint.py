@@ -1,0 +1,528 @@
+"""The waypoint end to end, in loopback mode: client pod → its ztunnel → HBONE → ``ambient
+waypoint`` (HTTPRoute routing, load balancing) → a second HBONE tunnel → the destination pod's
+ztunnel → the pod. The client is the standard library's ``http.client`` (or curl) through the
+client pod's SOCKS5 port; the pods are the standard library's HTTP server. Each case names the
+rule it shows (Gateway API HTTPRoute, GAMMA; the seed's "In Mesh routing with Waypoint enabled")."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import textwrap
+import urllib.request
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from ambient import socks5
+from ambient.hbone import DataPlane, HboneTarget, TunnelError
+from ambient.identity import CertificateAuthority
+from ambient.testing import App, HttpEcho, exchange
+from ambient.waypoint.process import WaypointProcess
+from ambient.ztunnel.process import ZtunnelProcess
+
+WAYPOINT_ID = "spiffe://cluster.local/ns/default/sa/waypoint"
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+ECHO_ID = "spiffe://cluster.local/ns/default/sa/echo"
+
+
+def pod(name: str, node: str, ip: str, app_ip: str, labels: str, namespace: str = "default") -> str:
+    return f"""
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {namespace}
+  labels: {labels}
+  annotations: {{ambient.dev/app-address: {app_ip}}}
+spec:
+  nodeName: {node}
+  serviceAccountName: echo
+  containers: [{{name: c, ports: [{{containerPort: 8080}}, {{containerPort: 9000}}]}}]
+status: {{podIP: {ip}}}
+---"""
+
+
+def service(name: str, ip: str, selector: str, *, bound: bool = True, ports: str = "") -> str:
+    labels = "{istio.io/use-waypoint: waypoint}" if bound else "{}"
+    ports = ports or "[{name: http, port: 80, targetPort: 8080}]"
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, labels: {labels}}}
+spec: {{clusterIP: {ip}, selector: {selector}, ports: {ports}}}
+---"""
+
+
+def route(name: str, parent: str, rules: str, namespace: str = "default") -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: {parent}, namespace: default}}]
+  rules: {rules}
+---"""
+
+
+MESH = (
+    """
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default, labels: {istio.io/waypoint-for: all}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-1
+  namespace: default
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}
+spec: {nodeName: n3, serviceAccountName: waypoint}
+status: {podIP: 127.60.3.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default}
+spec: {nodeName: n1, serviceAccountName: client}
+status: {podIP: 127.60.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: other}
+spec: {nodeName: n1, serviceAccountName: client}
+status: {podIP: 127.60.1.2}
+---"""
+    + pod("echo-v1-a", "n2", "127.60.2.1", "127.61.2.1", "{app: echo, version: v1}")
+    + pod("echo-v1-b", "n1", "127.60.1.3", "127.61.1.3", "{app: echo, version: v1}")
+    + pod(
+        "echo-v2-a",
+        "n2",
+        "127.60.2.2",
+        "127.61.2.2",
+        "{app: echo, version: v2, istio.io/use-waypoint: waypoint}",
+    )
+    + service("echo", "127.60.100.1", "{app: echo}")
+    + service("plain", "127.60.100.2", "{app: echo}")
+    + service("echo-v1", "127.60.100.3", "{app: echo, version: v1}", bound=False)
+    + service("echo-v2", "127.60.100.4", "{app: echo, version: v2}", bound=False)
+    + service("split", "127.60.100.5", "{app: echo}")
+    + service("rules", "127.60.100.6", "{app: echo}")
+    + service("broken", "127.60.100.7", "{app: echo}")
+    + service("nobody", "127.60.100.8", "{app: nobody}", bound=False)
+    + service(
+        "raw",
+        "127.60.100.9",
+        "{app: echo, version: v1}",
+        ports="[{name: tcp-raw, port: 9000, targetPort: 9000}]",
+    )
+    + service("unbound", "127.60.100.10", "{app: echo}", bound=False)
+    # The seed's example, as written there.
+    + """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: echo
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 80
+---"""
+    + route(
+        "split",
+        "split",
+        """
+  - backendRefs:
+    - {name: echo-v1, port: 80, weight: 80}
+    - {name: echo-v2, port: 80, weight: 20}""",
+    )
+    + route(
+        "rules",
+        "rules",
+        """
+  - matches: [{path: {type: Exact, value: /exact}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /}, headers: [{name: X-Version, value: v2}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /q}, queryParams: [{name: v, value: "2"}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /m}, method: DELETE}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: RegularExpression, value: "/re/[0-9]+"}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
+        statusCode: 301
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite:
+        hostname: api.internal
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-set, value: s}]
+        add: [{name: x-add, value: a}]
+        remove: [x-drop]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-resp, value: r}], remove: [x-echo-pod]}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /full}}]
+    filters:
+    - {type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 500ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /v1}}]
+    backendRefs: [{name: echo-v1, port: 80}]""",
+    )
+    + route(
+        "broken",
+        "broken",
+        """
+  - matches: [{path: {type: PathPrefix, value: /missing}}]
+    backendRefs: [{name: no-such-service, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /empty}}]
+    backendRefs: [{name: nobody, port: 80}]""",
+    )
+    # A consumer route: only clients in `other` take it.
+    + route(
+        "from-other",
+        "plain",
+        "[{backendRefs: [{name: echo-v2, namespace: default, port: 80}]}]",
+        namespace="other",
+    )
+)
+
+
+class Env:
+    def __init__(self, tmp) -> None:
+        (tmp / "mesh.yaml").write_text(textwrap.dedent(MESH))
+        self.mesh_file = tmp / "mesh.yaml"
+        self.ca = CertificateAuthority.create()
+        self.ca.save(tmp / "ca")
+        self.http = {
+            name: HttpEcho(name, (ip, 8080))
+            for name, ip in [
+                ("echo-v1-a", "127.61.2.1"),
+                ("echo-v1-b", "127.61.1.3"),
+                ("echo-v2-a", "127.61.2.2"),
+            ]
+        }
+        self.tcp = [
+            App(f"name:{name}", (ip, 9000))
+            for name, ip in [("echo-v1-a", "127.61.2.1"), ("echo-v1-b", "127.61.1.3")]
+        ]
+        self.nodes = {
+            n: ZtunnelProcess(n, [self.mesh_file], tmp / "ca", tmp).wait_ready()
+            for n in ("n1", "n2")
+        }
+        self.waypoint = WaypointProcess(
+            "default/waypoint", [self.mesh_file], tmp / "ca", tmp
+        ).wait_ready()
+
+    def close(self) -> None:
+        for proc in [*self.nodes.values(), self.waypoint]:
+            proc.stop()
+        for app in [*self.http.values(), *self.tcp]:
+            app.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = Env(tmp_path_factory.mktemp("waypoint"))
+    yield e
+    e.close()
+
+
+class Client:
+    """``http.client`` on a connection from a client pod (its SOCKS5 port, its own IP)."""
+
+    def __init__(self, vip: str, port: int = 80, source: str = "127.60.1.1") -> None:
+        self.conn = http.client.HTTPConnection(vip, port, timeout=10)
+        self.conn.sock = socks5.connect((source, 15080), (vip, port), source=source)
+
+    def request(
+        self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        self.conn.request(method, path, headers=headers or {})
+        response = self.conn.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+    def echo(self, path: str, **kw: Any) -> dict[str, Any]:
+        status, _, body = self.request(path, **kw)
+        assert status == 200, body
+        return json.loads(body)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def get(vip: str, path: str = "/", **kw: Any) -> tuple[int, dict[str, str], bytes]:
+    client = Client(vip, source=kw.pop("source", "127.60.1.1"))
+    try:
+        return client.request(path, **kw)
+    finally:
+        client.close()
+
+
+def pods_answering(vip: str, path: str, n: int, **kw: Any) -> Counter[str]:
+    client = Client(vip, source=kw.pop("source", "127.60.1.1"))
+    try:
+        return Counter(client.echo(path, **kw)["pod"] for _ in range(n))
+    finally:
+        client.close()
+
+
+# --- the seed's example and the default route --------------------------------------------------
+
+
+def test_the_seeds_route_sends_every_request_for_echo_to_echo_v1(env):
+    # "the below policy will ensure that requests to the echo service are forwarded to echo-v1"
+    answered = pods_answering("127.60.100.1", "/", 40)
+    assert set(answered) == {"echo-v1-a", "echo-v1-b"}
+
+
+def test_without_routes_a_service_routes_to_itself_balancing_per_request(env):
+    # "By default, a Service will simply route to itself, performing L7 load balancing across its
+    # endpoints" — per request, on one client connection, so every endpoint (on two nodes) is hit.
+    answered = pods_answering("127.60.100.2", "/", 60)
+    assert set(answered) == {"echo-v1-a", "echo-v1-b", "echo-v2-a"}
+
+
+def opened_at(node: ZtunnelProcess) -> dict[str, float]:
+    """n's inbound (``reporter="destination"``) connections opened, by source principal."""
+    text = urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if (
+            line.startswith("istio_tcp_connections_opened_total{")
+            and 'reporter="destination"' in line
+        ):
+            principal = line.split('source_principal="', 1)[1].split('"', 1)[0]
+            out[principal] = out.get(principal, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_the_destination_ztunnel_sees_the_waypoints_identity(env):
+    # The second tunnel is the waypoint's, with its own certificate: the destination ztunnel
+    # counts the connection under the waypoint's principal, never the client's.
+    for _ in range(8):
+        get("127.60.100.2", "/")
+    opened = opened_at(env.nodes["n2"])
+    assert opened.get(WAYPOINT_ID, 0) >= 1
+    assert CLIENT_ID not in opened
+
+
+def test_the_client_ztunnel_tunnels_to_the_waypoint_with_the_client_identity(env):
+    env.nodes["n1"].forget_entries()
+    get("127.60.100.2", "/")
+    entries = env.nodes["n1"].claim_entries(lambda e: e.get("dst.waypoint") == "default/waypoint")
+    assert entries and entries[0]["dst.addr"] == "127.60.3.1:15008"
+    assert entries[0]["src.identity"] == CLIENT_ID
+
+
+def test_headers_the_waypoint_adds_and_keeps(env):
+    seen = Client("127.60.100.2").echo(
+        "/", headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    )
+    assert len(seen["headers"]["x-request-id"]) == 36  # generated when absent
+    assert seen["headers"]["traceparent"] == "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    assert "x-forwarded-for" not in seen["headers"]
+    kept = Client("127.60.100.2").echo("/", headers={"x-request-id": "mine"})
+    assert kept["headers"]["x-request-id"] == "mine"
+    assert kept["headers"]["host"] == "127.60.100.2"
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+
+def test_weighted_backends_share_1000_requests_by_weight(env):
+    answered = pods_answering("127.60.100.5", "/", 1000)
+    v2 = answered["echo-v2-a"]
+    v1 = answered["echo-v1-a"] + answered["echo-v1-b"]
+    assert v1 + v2 == 1000
+    assert abs(v2 / 1000 - 0.20) <= 0.05, answered
+    assert abs(v1 / 1000 - 0.80) <= 0.05, answered
+
+
+# --- matches and precedence ---------------------------------------------------------------------
+
+MATCHES = [
+    # (rule of the spec, method, path, headers, expected version; None: no rule matches, 404)
+    ("Exact path", "GET", "/exact", {}, "v2"),
+    ("Exact is not a prefix", "GET", "/exact/more", {}, None),
+    ("PathPrefix element-wise", "GET", "/v2/x", {}, "v2"),
+    ("PathPrefix is not a string prefix", "GET", "/v2x", {}, None),
+    ("header match, name case-insensitive", "GET", "/h", {"x-version": "v2"}, "v2"),
+    ("a longer prefix beats a header match", "GET", "/v1", {"x-version": "v2"}, "v1"),
+    ("a longer prefix beats a header match, either way", "GET", "/v2", {"x-version": "v1"}, "v2"),
+    ("query parameter", "GET", "/q?v=2", {}, "v2"),
+    ("query parameter mismatch", "GET", "/q?v=3", {}, None),
+    ("method", "DELETE", "/m", {}, "v2"),
+    ("method mismatch", "GET", "/m", {}, None),
+    ("RegularExpression over the whole path", "GET", "/re/42", {}, "v2"),
+    ("RegularExpression is anchored", "GET", "/re/42x", {}, None),
+]
+
+
+@pytest.mark.parametrize("rule,method,path,headers,version", MATCHES, ids=[m[0] for m in MATCHES])
+def test_matches_and_precedence(env, rule, method, path, headers, version):
+    status, _, body = Client("127.60.100.6").request(path, method=method, headers=headers)
+    if version is None:
+        assert status == 404, rule
+    else:
+        assert status == 200, body
+        assert json.loads(body)["pod"].split("-")[1] == version, rule
+
+
+def test_no_matching_rule_is_a_404_once_routes_are_attached(env):
+    status, _, body = get("127.60.100.6", "/nothing-matches")
+    assert status == 404
+    assert b"no rule" in body
+
+
+def test_a_consumer_route_applies_only_to_clients_in_its_namespace(env):
+    from_other = pods_answering("127.60.100.2", "/", 10, source="127.60.1.2")
+    assert set(from_other) == {"echo-v2-a"}
+    from_default = pods_answering("127.60.100.2", "/", 30)
+    assert len(from_default) > 1
+
+
+# --- filters ------------------------------------------------------------------------------------
+
+
+def test_request_redirect(env):
+    status, headers, _ = get("127.60.100.6", "/old/page?x=1")
+    assert status == 301
+    assert headers["location"] == "http://127.60.100.6/new/page?x=1"
+
+
+def test_url_rewrite_and_header_modifiers(env):
+    client = Client("127.60.100.6")
+    status, headers, body = client.request(
+        "/api/items?id=7", headers={"x-drop": "1", "x-add": "mine", "x-set": "mine"}
+    )
+    seen = json.loads(body)
+    assert status == 200
+    assert seen["path"] == "/v1/items?id=7"  # ReplacePrefixMatch /api -> /v1
+    assert seen["headers"]["host"] == "api.internal"
+    assert seen["headers"]["x-set"] == "s"
+    assert seen["headers"]["x-add"] == "mine,a"
+    assert "x-drop" not in seen["headers"]
+    assert headers["x-resp"] == "r"
+    assert "x-echo-pod" not in headers
+
+
+def test_url_rewrite_full_path(env):
+    assert Client("127.60.100.6").echo("/full/anything?k=v")["path"] == "/replaced?k=v"
+
+
+def test_request_timeout_is_a_504(env):
+    status, _, body = get("127.60.100.6", "/slow", headers={"x-echo-delay": "2"})
+    assert status == 504
+    assert b"did not answer within" in body
+    # The same route answers a fast request.
+    assert get("127.60.100.6", "/slow")[0] == 200
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def test_a_backend_that_is_not_a_service_of_the_mesh_is_a_500(env):
+    status, _, body = get("127.60.100.7", "/missing")
+    assert status == 500
+    assert b"no such Service" in body
+
+
+def test_a_backend_without_ready_endpoints_is_a_503(env):
+    status, _, body = get("127.60.100.7", "/empty")
+    assert status == 503
+    assert b"no ready endpoint" in body
+
+
+def test_a_connect_to_a_target_not_bound_to_the_waypoint_is_refused(env):
+    # A client that speaks HBONE to the waypoint itself, for a Service that does not use it.
+    dp = DataPlane(1)
+    try:
+        dp.load_identity(env.ca.issue(CLIENT_ID))
+        plan = HboneTarget("127.60.3.1:15008", "127.60.100.10:80", [WAYPOINT_ID], CLIENT_ID)
+        with pytest.raises(TunnelError, match="421"):
+            dp.connect(plan)
+        # ...and the waypoint still serves everyone else.
+        assert get("127.60.100.2", "/")[0] == 200
+    finally:
+        dp.close()
+
+
+# --- direct to a pod, and TCP -------------------------------------------------------------------
+
+
+def test_pod_traffic_through_the_waypoint_is_forwarded_to_that_pod(env):
+    client = http.client.HTTPConnection("127.60.2.2", 8080, timeout=10)
+    client.sock = socks5.connect(("127.60.1.1", 15080), ("127.60.2.2", 8080), source="127.60.1.1")
+    client.request("GET", "/direct")
+    seen = json.loads(client.getresponse().read())
+    client.close()
+    assert seen["pod"] == "echo-v2-a"
+    assert seen["path"] == "/direct"
+
+
+def test_a_tcp_port_is_carried_as_a_stream_through_the_waypoint(env):
+    names = set()
+    for _ in range(12):
+        sock = socks5.connect(("127.60.1.1", 15080), ("127.60.100.9", 9000), source="127.60.1.1")
+        reply = exchange(sock, b"raw bytes\n")
+        name, _, echoed = reply.partition(b"\n")
+        assert echoed == b"raw bytes\n"
+        names.add(name.decode())
+    assert names == {"echo-v1-a", "echo-v1-b"}
+
+
+def test_curl_through_the_waypoint(env):
+    # An unmodified client, start to end.
+    import subprocess
+
+    out = subprocess.run(
+        [
+            "curl", "-sS", "-m", "10", "--socks5", "127.60.1.1:15080",
+            "--interface", "127.60.1.1", "http://127.60.100.1/from-curl",
+        ],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert json.loads(out)["path"] == "/from-curl"
+
+
+def test_a_plain_socket_speaking_no_http_to_an_http_port_gets_an_http_error(env):
+    sock = socks5.connect(("127.60.1.1", 15080), ("127.60.100.2", 80), source="127.60.1.1")
+    sock.settimeout(10)
+    sock.sendall(b"\x00\x01garbage that is not HTTP\r\n\r\n")
+    reply = b""
+    try:
+        while chunk := sock.recv(4096):
+            reply += chunk
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert get("127.60.100.2", "/")[0] == 200
