@@ -13,6 +13,7 @@ def encode_metrics(
     flag_index: int,
     series: list[tuple[tuple[str, ...], Counters]],
     families: list[tuple[str, str, bool, list[tuple[list[tuple[str, str]], float]]]],
+    histograms: list[tuple[str, str, list[Any]]] = ...,
 ) -> str: ...
 def zds_hello(version: int) -> bytes:
     """The ZdsHello a ztunnel sends first."""
@@ -171,6 +172,19 @@ class WaypointTable:
     @property
     def json(self) -> str: ...
     def counts(self) -> dict[str, int]: ...
+    def request_series(
+        self,
+    ) -> list[
+        tuple[
+            tuple[str, str | None, str, str, str, int, bool, str],
+            tuple[float, int, list[tuple[float, int]]],
+            tuple[float, int, list[tuple[float, int]]],
+            tuple[float, int, list[tuple[float, int]]],
+        ]
+    ]:
+        """Istio's request metrics per series: the key (source principal, source IP, Service,
+        endpoint, endpoint principal, code, gRPC, flags) and the duration, request-bytes and
+        response-bytes histograms as (sum, count, per-bucket counts with +Inf last)."""
 
 class Routes:
     """Plans by weight: the core picks one per connection (a Service's endpoints by capacity)."""
@@ -310,6 +324,7 @@ class Core:
         *,
         report: Report | None = None,
         netns: Netns | None = None,
+        access_log: AccessLog | None = None,
     ) -> Listener:
         """HBONE in as ``identity``; each stream's target checked against ``table`` (421 when
         not bound), its HTTP routed per request, a second HBONE tunnel to the endpoint."""

@@ -20,10 +20,11 @@ from ..hbone import DataPlane
 from ..identity.ca import WORKLOAD_CERT_TTL
 from ..identity.manager import CertificateManager
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
-from ..telemetry.metrics import ConnectionMetrics, Exposition
 from ..waypoint.proxy import Waypoint
+from ..waypoint.telemetry import RequestExposition
 from ..ztunnel import admin
 from ..ztunnel.admin import Endpoint
+from ..ztunnel.connection import AccessLog
 from ..ztunnel.reload import ConfigWatcher
 from .common import add_limit_arguments, limit_options, load_ca, raise_fd_limit, socket_address
 
@@ -68,6 +69,11 @@ def register(commands: Any) -> None:
     w.add_argument("--admin-address", type=socket_address, default="127.0.0.1:15000")
     w.add_argument("--metrics-address", type=socket_address, default="127.0.0.1:15020")
     w.add_argument("--readiness-address", type=socket_address, default="127.0.0.1:15021")
+    w.add_argument(
+        "--access-log",
+        default="-",
+        help="where to write one JSON line per request: a file, '-' for stdout, 'off' for none",
+    )
     w.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     w.add_argument(
         "--certificate-ttl",
@@ -125,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     ca = load_ca(args.ca_dir)
+    stream = None
+    if args.access_log == "-":
+        stream = sys.stdout
+    elif args.access_log != "off":
+        stream = open(args.access_log, "a", buffering=1)  # noqa: SIM115 (lives as long as we do)
+    access_log = AccessLog(stream) if stream else None
     stop = threading.Event()
     raise_fd_limit()
     with DataPlane(args.workers, **limit_options(args)) as dp:
@@ -135,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
             ttl=dt.timedelta(seconds=args.certificate_ttl),
         )
         pods = frozenset(args.pod) if args.pod else None
-        waypoint = Waypoint(args.gateway, dp, certificates, pods=pods)
+        core_log = access_log.core() if access_log is not None else None
+        waypoint = Waypoint(args.gateway, dp, certificates, pods=pods, access_log=core_log)
         waypoint.apply(mesh)
         watcher = ConfigWatcher(
             args.config,
@@ -154,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 Endpoint(
                     _address(args.metrics_address),
-                    admin.metrics(Exposition(ConnectionMetrics(), dp.stats)),
+                    admin.metrics(
+                        RequestExposition(waypoint.table, lambda: waypoint.mesh, dp.stats)
+                    ),
                 ),
                 Endpoint(
                     _address(args.readiness_address),
@@ -187,4 +202,6 @@ def run(args: argparse.Namespace) -> int:
         for endpoint in endpoints:
             endpoint.stop()
         certificates.stop()
+        if access_log is not None:
+            access_log.close()
     return 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__, _core
 from .._core import Counters
@@ -208,7 +208,11 @@ class Exposition:
             out.append((f"ambient_core_{name}", f"core: {name}", counter, [([], float(value))]))
         return out
 
+    def histograms(self) -> list[tuple[str, str, list[Any]]]:
+        """Histogram families (a waypoint's request metrics); a ztunnel has none."""
+        return []
+
     def text(self) -> str:
         return _core.encode_metrics(
-            list(LABELS), FLAG_INDEX, self.metrics.series(), self.families()
+            list(LABELS), FLAG_INDEX, self.metrics.series(), self.families(), self.histograms()
         )

@@ -23,6 +23,4 @@ class WaypointProcess(ProxyProcess):
         self.gateway = gateway
         label = "waypoint-" + gateway.replace("/", "-")
         command = ["waypoint", "--gateway", gateway]
-        super().__init__(
-            label, command, mesh_files, ca_dir, workdir, *extra, netns=netns, access_log=False
-        )
+        super().__init__(label, command, mesh_files, ca_dir, workdir, *extra, netns=netns)

@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from .._core import Listener, WaypointTable
+from .._core import AccessLog, Listener, WaypointTable
 from ..hbone import DataPlane, format_address
 from ..identity.manager import CertificateManager
 from ..mesh import Mesh, Workload
@@ -35,6 +35,7 @@ class Waypoint:
 
     ``pods``: serve only these pods of the Gateway (``namespace/name``; default all of them — in
     loopback mode one process stands for every pod, in a pod's network namespace it is one pod).
+    ``access_log``: where the core writes a JSON line per request.
     """
 
     def __init__(
@@ -44,11 +45,13 @@ class Waypoint:
         certificates: CertificateManager,
         *,
         pods: frozenset[str] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.key = key
         self.dataplane = dataplane
         self.certificates = certificates
         self.only_pods = pods
+        self.access_log = access_log
         self.table = WaypointTable(table_json(Mesh(), key))
         self.mesh = Mesh()
         self.listeners: dict[str, PodListener] = {}
@@ -98,7 +101,9 @@ class Waypoint:
         address = format_address((str(pod.workload.ips[0]), HBONE_PORT))
         try:
             self.certificates.ensure(pod.identity)
-            pod.listener = self.dataplane.core.serve_waypoint(address, pod.identity, self.table)
+            pod.listener = self.dataplane.core.serve_waypoint(
+                address, pod.identity, self.table, access_log=self.access_log
+            )
             pod.error = None
             log.info("waypoint %s serving pod %s on %s", self.key, pod.workload.key, address)
         except (OSError, ValueError) as e:

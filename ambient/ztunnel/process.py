@@ -34,7 +34,6 @@ class ProxyProcess:
         workdir: Path,
         *extra: str,
         netns: str | None = None,
-        access_log: bool = True,
     ) -> None:
         """``netns``: run inside that network namespace (the testbed's node namespaces)."""
         self.label = label
@@ -55,7 +54,8 @@ class ProxyProcess:
             "127.0.0.1:0",
             "--readiness-address",
             "127.0.0.1:0",
-            *(["--access-log", str(self.log_path)] if access_log else []),
+            "--access-log",
+            str(self.log_path),
             *extra,
         ]
         for f in mesh_files:

@@ -116,7 +116,7 @@ impl AccessLog {
 }
 
 impl AccessLog {
-    fn send(&self, line: String) {
+    pub fn send(&self, line: String) {
         let sent = match self.tx.lock().unwrap().as_ref() {
             Some(tx) => tx.try_send(line),
             None => return,

@@ -14,6 +14,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accesslog::AccessLog;
 use crate::decision::{DecisionPool, InboundDecider, OutboundDecider, Plan};
 use crate::hbone::server::{self, InboundContext, Role};
 use crate::identity::{IdentityMaterial, IdentityStore};
@@ -369,7 +370,8 @@ impl Core {
     /// against `table` (a Service VIP or pod IP bound to this waypoint, else 421), HTTP routed
     /// per request by `table`, and a second HBONE tunnel, as `identity` too, to the endpoint.
     /// `report` as for `serve_hbone`, for streams refused before any request.
-    #[pyo3(signature = (address, identity, table, *, report=None, netns=None))]
+    /// `access_log`: where each request's JSON line goes.
+    #[pyo3(signature = (address, identity, table, *, report=None, netns=None, access_log=None))]
     fn serve_waypoint(
         &self,
         address: &str,
@@ -377,6 +379,7 @@ impl Core {
         table: Py<WaypointTable>,
         report: Option<&Bound<'_, PyAny>>,
         netns: Option<&Bound<'_, Netns>>,
+        access_log: Option<Py<AccessLog>>,
     ) -> PyResult<Listener> {
         let reporter =
             Reporter::from_py(report, &self.shared.reports).map_err(PyValueError::new_err)?;
@@ -399,6 +402,7 @@ impl Core {
                 identity: Arc::from(identity),
                 sockets: sockets.clone(),
             },
+            access_log,
         });
         let ctx = Arc::new(InboundContext {
             shared: self.shared.clone(),

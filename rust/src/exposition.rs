@@ -69,9 +69,21 @@ impl Family {
     }
 }
 
+/// A histogram family: per label set, the sum, the count and `(upper bound, count)` per bucket
+/// (not cumulative, `+Inf` last), as the encoder takes them.
+#[derive(Debug)]
+struct HistogramFamily {
+    name: String,
+    help: String,
+    samples: Vec<HistogramSample>,
+}
+
+/// A label set's histogram: labels, sum, count, `(upper bound, count)` per bucket.
+type HistogramSample = (Labels, f64, u64, Vec<(f64, u64)>);
+
 /// Families read at one scrape, handed to a registry that encodes them once.
 #[derive(Debug)]
-struct Scrape(Vec<Family>);
+struct Scrape(Vec<Family>, Vec<HistogramFamily>);
 
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -91,6 +103,19 @@ impl Collector for Scrape {
             }
             for (labels, sample) in &family.samples {
                 encode(family.counter, *sample, metric.encode_family(labels)?)?;
+            }
+        }
+        for family in &self.1 {
+            let mut metric = encoder.encode_descriptor(
+                &family.name,
+                &family.help,
+                None,
+                MetricType::Histogram,
+            )?;
+            for (labels, sum, count, buckets) in &family.samples {
+                metric
+                    .encode_family(labels)?
+                    .encode_histogram::<Labels>(*sum, *count, buckets, None)?;
             }
         }
         Ok(())
@@ -282,24 +307,33 @@ fn start_time() -> Option<f64> {
 
 /// (name, help, is a counter, [(labels, value)]) as Python gives a family of its own.
 type PyFamily = (String, String, bool, Vec<(Vec<(String, String)>, f64)>);
+type PyHistogramFamily = (String, String, Vec<PyHistogram>);
+type PyHistogram = (Vec<(String, String)>, f64, u64, Vec<(f64, u64)>);
+
+fn labels_of(labels: Vec<(String, String)>) -> Labels {
+    labels.into_iter().map(|(k, v)| (k, Value(v))).collect()
+}
 
 /// The metrics endpoint's text. `label_names`: the TCP label names in order, `response_flags`
 /// at `flag_index`; `series`: each label set's values (without the flag) and its counters;
 /// `families`: the other families Python knows (values as floats; whole numbers are written
-/// as integers).
+/// as integers); `histograms`: histogram families (each sample's labels, sum, count and
+/// `(upper bound, count)` per bucket, not cumulative, `+Inf` last).
 #[pyfunction]
+#[pyo3(signature = (label_names, flag_index, series, families, histograms=Vec::new()))]
 pub fn encode_metrics(
     py: Python<'_>,
     label_names: Vec<String>,
     flag_index: usize,
     series: Vec<(Vec<String>, Py<Counters>)>,
     families: Vec<PyFamily>,
+    histograms: Vec<PyHistogramFamily>,
 ) -> PyResult<String> {
     let mut all = tcp_families(py, &label_names, flag_index, &series)?;
     for (name, help, counter, samples) in families {
         let mut family = Family::new(&name, &help, counter);
         for (labels, value) in samples {
-            let labels = labels.into_iter().map(|(k, v)| (k, Value(v))).collect();
+            let labels = labels_of(labels);
             let whole = value.fract() == 0.0 && (0.0..1e15).contains(&value);
             let sample = if whole {
                 Sample::Count(value as u64)
@@ -311,9 +345,20 @@ pub fn encode_metrics(
         all.push(family);
     }
     all.extend(process_families());
+    let histograms = histograms
+        .into_iter()
+        .map(|(name, help, samples)| HistogramFamily {
+            name,
+            help,
+            samples: samples
+                .into_iter()
+                .map(|(labels, sum, count, buckets)| (labels_of(labels), sum, count, buckets))
+                .collect(),
+        })
+        .collect();
     py.detach(|| {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Scrape(all)));
+        registry.register_collector(Box::new(Scrape(all, histograms)));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry)
             .map_err(|e| PyValueError::new_err(format!("metrics could not be encoded: {e}")))?;
@@ -327,7 +372,7 @@ mod tests {
 
     fn encoded(families: Vec<Family>) -> String {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Scrape(families)));
+        registry.register_collector(Box::new(Scrape(families, Vec::new())));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         text

@@ -526,3 +526,74 @@ def test_a_plain_socket_speaking_no_http_to_an_http_port_gets_an_http_error(env)
         sock.close()
     assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert get("127.60.100.2", "/")[0] == 200
+
+
+# --- telemetry ----------------------------------------------------------------------------------
+
+
+def test_each_request_gets_one_access_log_line(env):
+    seen = Client("127.60.100.1").echo("/logged?q=1", headers={"user-agent": "tester"})
+    entries = env.waypoint.claim_entries(lambda e: e.get("path") == "/logged?q=1")
+    assert len(entries) == 1
+    e = entries[0]
+    assert e["method"] == "GET" and e["response_code"] == 200 and e["response_flags"] == "-"
+    assert e["route_name"] == "default/echo#0"
+    assert e["destination_service"] == "default/echo"
+    assert e["upstream_workload"] == f"default/{seen['pod']}"
+    assert e["upstream_peer_uri_san"] == ECHO_ID
+    assert e["downstream_peer_uri_san"] == CLIENT_ID
+    assert e["downstream_remote_address"].startswith("127.60.1.1:")  # the client, not its ztunnel
+    assert e["x_request_id"] == seen["headers"]["x-request-id"]
+    assert e["user_agent"] == "tester"
+    assert e["bytes_sent"] > 0 and e["duration"] >= 0
+
+
+@pytest.mark.parametrize(
+    "vip,path,headers,code,flags",
+    [
+        ("127.60.100.6", "/nothing-matches", {}, 404, "NR"),
+        ("127.60.100.7", "/empty", {}, 503, "UH"),
+        ("127.60.100.6", "/slow", {"x-echo-delay": "2"}, 504, "UT"),
+    ],
+    ids=["no route", "no healthy upstream", "upstream timeout"],
+)
+def test_refusals_are_logged_with_their_response_flags(env, vip, path, headers, code, flags):
+    env.waypoint.forget_entries()
+    assert get(vip, path, headers=headers)[0] == code
+    entries = env.waypoint.claim_entries(lambda e: e.get("path") == path)
+    assert [(e["response_code"], e["response_flags"]) for e in entries] == [(code, flags)]
+    assert entries[0]["response_code_details"]
+
+
+def scrape(process: WaypointProcess) -> dict[str, Any]:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{process.metrics}/metrics", timeout=5).read()
+    return {f.name: f for f in text_string_to_metric_families(text.decode())}
+
+
+def test_request_metrics_with_reporter_waypoint(env):
+    for _ in range(5):
+        Client("127.60.100.1").echo("/metered")
+    get("127.60.100.6", "/nothing-matches")
+    families = scrape(env.waypoint)
+    requests = [s for s in families["istio_requests"].samples if s.labels["reporter"] == "waypoint"]
+    ok = [
+        s
+        for s in requests
+        if s.labels["destination_service_name"] == "echo" and s.labels["response_code"] == "200"
+    ]
+    assert sum(s.value for s in ok) >= 5
+    sample = ok[0].labels
+    assert sample["source_workload"] == "client" and sample["source_principal"] == CLIENT_ID
+    assert sample["destination_workload"] == "echo" and sample["destination_version"] == "v1"
+    assert sample["destination_principal"] == ECHO_ID
+    assert sample["request_protocol"] == "http" and sample["response_flags"] == "-"
+    assert any(
+        s.labels["response_code"] == "404" and s.labels["response_flags"] == "NR" for s in requests
+    )
+    duration = families["istio_request_duration_milliseconds"]
+    assert duration.type == "histogram"
+    counts = [s for s in duration.samples if s.name.endswith("_count")]
+    assert sum(s.value for s in counts) == sum(s.value for s in requests)
+    assert "istio_response_bytes" in families and "istio_request_bytes" in families

@@ -55,3 +55,22 @@ def test_a_label_set_of_the_wrong_length_is_refused_naming_what_was_expected():
 
     with pytest.raises(ValueError, match="expected 22"):
         _core.encode_metrics(list(LABELS), FLAG_INDEX, [(("source",), Counters())], [])
+
+
+def test_a_histogram_family_is_cumulative_with_an_inf_bucket():
+    # As a waypoint's request metrics are handed over: per-bucket counts, +Inf (f64::MAX) last.
+    buckets = [(1.0, 1), (10.0, 0), (1.7976931348623157e308, 2)]
+    text = _core.encode_metrics(
+        list(LABELS),
+        FLAG_INDEX,
+        [],
+        [],
+        [("h_ms", "a histogram", [([("a", 'q"x')], 42.5, 3, buckets)])],
+    )
+    (h,) = [f for f in text_string_to_metric_families(text) if f.name == "h_ms"]
+    assert h.type == "histogram"
+    by_le = {s.labels["le"]: s.value for s in h.samples if s.name == "h_ms_bucket"}
+    assert by_le == {"1.0": 1, "10.0": 1, "+Inf": 3}
+    (count,) = [s for s in h.samples if s.name == "h_ms_count"]
+    (total,) = [s for s in h.samples if s.name == "h_ms_sum"]
+    assert count.value == 3 and total.value == 42.5 and count.labels["a"] == 'q"x'

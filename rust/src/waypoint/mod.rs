@@ -8,6 +8,7 @@
 
 mod requests;
 pub mod table;
+mod telemetry;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -21,9 +22,10 @@ use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 use tokio_util::sync::CancellationToken;
 
+use crate::accesslog::AccessLog;
 use crate::copy::{
     self, Cut, H2Reader, H2Writer, Prefixed, StreamReader, StreamWriter, Transferred,
 };
@@ -32,6 +34,7 @@ use crate::hbone::server::InboundContext;
 use crate::metrics::Flag;
 use crate::stats::Stats;
 use table::{Protocol, Table, Target};
+use telemetry::RequestMetrics;
 use upstream::{Dialer, UpstreamKey, Upstreams};
 
 /// How long protocol detection waits for a client's first bytes before taking the stream as TCP
@@ -45,6 +48,7 @@ pub struct WaypointTable {
     current: RwLock<Arc<Table>>,
     json: RwLock<String>,
     counts: Arc<RequestCounts>,
+    metrics: RequestMetrics,
 }
 
 /// Requests answered, by class: what `ambient top` and the tests read without parsing logs.
@@ -82,6 +86,7 @@ impl WaypointTable {
             current: RwLock::new(Arc::new(table)),
             json: RwLock::new(json.to_string()),
             counts: Arc::default(),
+            metrics: RequestMetrics::default(),
         })
     }
 
@@ -97,6 +102,34 @@ impl WaypointTable {
     #[getter]
     fn json(&self) -> String {
         self.json.read().unwrap().clone()
+    }
+
+    /// Istio's request metrics as counted so far, one entry per series: `(source_principal,
+    /// source_ip, service, endpoint, endpoint_principal, response_code, grpc, response_flags,
+    /// duration_ms, request_bytes, response_bytes)`, each histogram as `(sum, count, buckets)`
+    /// with `(upper bound, count)` per bucket, not cumulative, `+Inf` last.
+    fn request_series<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let series = self.metrics.series.lock().unwrap();
+        for (key, values) in series.iter() {
+            let histogram = |h: &telemetry::Histogram| (h.sum, h.count, h.buckets());
+            out.append((
+                (
+                    &*key.source_principal,
+                    key.source_ip.map(|ip| ip.to_string()),
+                    &*key.service,
+                    &*key.endpoint,
+                    &*key.endpoint_principal,
+                    key.code,
+                    key.grpc,
+                    key.flags,
+                ),
+                histogram(&values.duration),
+                histogram(&values.request_bytes),
+                histogram(&values.response_bytes),
+            ))?;
+        }
+        Ok(out)
     }
 
     /// Requests answered so far, by status class and by what went wrong.
@@ -125,6 +158,8 @@ pub struct Waypoint {
     pub table: Py<WaypointTable>,
     pub upstreams: Upstreams,
     pub dialer: Dialer,
+    /// Where each request's line goes (None: not logged).
+    pub access_log: Option<Py<AccessLog>>,
 }
 
 impl Waypoint {
@@ -139,8 +174,12 @@ impl Waypoint {
 
 /// One accepted HBONE stream, as the request handler sees it.
 pub struct StreamInfo {
+    /// The HBONE peer: the client's ztunnel (or the client itself, if it speaks HBONE).
     pub peer: SocketAddr,
-    pub peer_identity: Option<Arc<str>>,
+    /// The client's identity from its certificate ("" without one).
+    pub source_principal: Arc<str>,
+    /// The client as its ztunnel forwarded it (`Forwarded: for`), else the peer.
+    pub client: SocketAddr,
     /// The namespace of the client's identity: consumer routes of that namespace apply.
     pub client_namespace: String,
     /// The CONNECT authority: a Service VIP or a pod IP, with the port.
@@ -162,6 +201,18 @@ fn namespace_of(identity: Option<&str>) -> String {
         .and_then(|rest| rest.split('/').next())
         .unwrap_or("")
         .to_string()
+}
+
+/// The `for` address of a `Forwarded` header (RFC 7239), as ztunnel sends it: `for="ip:port"`.
+fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
+    let value = headers.get("forwarded")?.to_str().ok()?;
+    value.split([';', ',']).find_map(|part| {
+        let (name, v) = part.trim().split_once('=')?;
+        if !name.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        v.trim_matches('"').parse().ok()
+    })
 }
 
 /// Serve one CONNECT stream accepted by a waypoint listener.
@@ -222,8 +273,9 @@ pub async fn serve_stream(
     };
     let info = Arc::new(StreamInfo {
         peer,
+        client: forwarded_for(request.headers()).unwrap_or(peer),
         client_namespace: namespace_of(peer_identity.as_deref()),
-        peer_identity,
+        source_principal: peer_identity.unwrap_or_else(|| Arc::from("")),
         target,
     });
     let mut io = H2Io::new(send, request.into_body());

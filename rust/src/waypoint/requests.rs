@@ -6,10 +6,10 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,8 +21,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use super::table::{Backend, HeaderModifier, PathModifier, Protocol, Routed, Rule, Table, Target};
+use super::telemetry::{Exchange, SeriesKey};
 use super::upstream::{Body, UpstreamError, UpstreamKey};
-use super::{RequestCounts, StreamInfo, Waypoint};
+use super::{StreamInfo, Waypoint};
 use crate::hbone::io::H2Io;
 use crate::hbone::server::InboundContext;
 
@@ -403,7 +404,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// `x-request-id` and `traceparent` present, the URI in the form the upstream protocol wants.
 fn upstream_request(
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: Body,
     rule: Option<(&Rule, Option<&str>)>,
     http2: bool,
     upgrade: bool,
@@ -436,9 +437,6 @@ fn upstream_request(
             }
         }
     }
-    if !parts.headers.contains_key(REQUEST_ID) {
-        parts.headers.insert(REQUEST_ID, random_request_id());
-    }
     if !parts.headers.contains_key(TRACEPARENT) {
         parts.headers.insert(TRACEPARENT, new_traceparent());
     }
@@ -463,16 +461,44 @@ fn upstream_request(
         parts.uri = Uri::from(pq);
         parts.version = Version::HTTP_11;
     }
-    Request::from_parts(parts, body.boxed())
+    Request::from_parts(parts, body)
 }
 
-/// A response body that keeps its endpoint counted as busy until it is done.
-struct Tracked {
-    body: Incoming,
-    _active: Active,
+/// A response body on its way to the client: its bytes counted, its endpoint counted as busy,
+/// and its request reported once it is done (or the client went away: `DC`).
+struct Tracked<B> {
+    body: B,
+    exchange: Arc<Exchange>,
+    status: u16,
+    waypoint: Arc<Waypoint>,
+    _active: Option<Active>,
+    ended: bool,
 }
 
-impl HttpBody for Tracked {
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        let (flags, details) = if self.ended {
+            ("-", None)
+        } else {
+            (
+                "DC",
+                Some("the client went away before the whole response was sent"),
+            )
+        };
+        self.exchange.finish(
+            self.status,
+            flags,
+            details,
+            &self.waypoint.table.get().metrics,
+            self.waypoint.access_log.as_ref(),
+        );
+    }
+}
+
+impl<B> HttpBody for Tracked<B>
+where
+    B: HttpBody<Data = Bytes, Error = hyper::Error> + Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -480,7 +506,56 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.exchange
+                        .response_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if self.body.is_end_stream() {
+                    self.ended = true;
+                }
+            }
+            Poll::Ready(None) => self.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body on its way to the endpoint, its bytes counted for the report.
+struct CountedRequest {
+    body: Incoming,
+    exchange: Arc<Exchange>,
+}
+
+impl HttpBody for CountedRequest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.exchange
+                    .request_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -498,8 +573,83 @@ fn seconds(limit: Option<f64>) -> Option<Duration> {
         .filter(|d| !d.is_zero())
 }
 
-fn counted(counts: &RequestCounts, response: Response<Body>) -> Response<Body> {
-    counts.answered(response.status().as_u16());
+/// The Service a stream was sent to (`namespace/name`), "" for a pod.
+fn service_name(table: &Table, target: SocketAddr) -> Arc<str> {
+    match table.targets.get(&target.ip()) {
+        Some(Target::Service { service }) => table.services[*service].name.clone(),
+        _ => Arc::from(""),
+    }
+}
+
+/// The report of a request, begun when its head is in.
+fn exchange(parts: &http::request::Parts, info: &StreamInfo, service: Arc<str>) -> Exchange {
+    let text = |name: &HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (host, port) = host_and_port(parts);
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    Exchange {
+        started: Instant::now(),
+        method: parts.method.to_string(),
+        authority: match port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        },
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        protocol: match parts.version {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        request_id: text(&REQUEST_ID).unwrap_or_default(),
+        user_agent: text(&header::USER_AGENT),
+        client: info.client,
+        key: SeriesKey {
+            source_principal: info.source_principal.clone(),
+            source_ip: Some(info.client.ip()),
+            service,
+            endpoint: Arc::from(""),
+            endpoint_principal: Arc::from(""),
+            code: 0,
+            grpc,
+            flags: "-",
+        },
+        route: Arc::from(""),
+        upstream: None,
+        request_bytes: AtomicU64::new(0),
+        response_bytes: AtomicU64::new(0),
+    }
+}
+
+/// A response the waypoint makes itself (a refusal, a redirect), reported at once.
+fn local(
+    exchange: &Exchange,
+    response: Response<Body>,
+    flags: &'static str,
+    details: Option<&str>,
+    waypoint: &Waypoint,
+) -> Response<Body> {
+    let status = response.status().as_u16();
+    waypoint.counts().answered(status);
+    let metrics = &waypoint.table.get().metrics;
+    exchange.finish(
+        status,
+        flags,
+        details,
+        metrics,
+        waypoint.access_log.as_ref(),
+    );
     response
 }
 
@@ -507,11 +657,15 @@ fn counted(counts: &RequestCounts, response: Response<Body>) -> Response<Body> {
 async fn handle(
     request: Request<Incoming>,
     info: &StreamInfo,
-    waypoint: &Waypoint,
+    waypoint: &Arc<Waypoint>,
 ) -> Response<Body> {
     let table = waypoint.table();
     let counts = waypoint.counts();
     let (mut parts, body) = request.into_parts();
+    if !parts.headers.contains_key(REQUEST_ID) {
+        parts.headers.insert(REQUEST_ID, random_request_id());
+    }
+    let mut report = exchange(&parts, info, service_name(&table, info.target));
     let destination = {
         let head = super::table::Head {
             method: parts.method.as_str(),
@@ -538,12 +692,15 @@ async fn handle(
                 r.flag,
                 r.text
             );
-            return counted(counts, text_response(r.status, format!("{}\n", r.text)));
+            let response = text_response(r.status, format!("{}\n", r.text));
+            return local(&report, response, r.flag, Some(&r.text), waypoint);
         }
     };
     if let Some((rule, prefix)) = destination.rule {
+        report.route = rule.route.clone();
         if rule.redirect.is_some() {
-            return counted(counts, redirect(&parts, rule, prefix));
+            let response = redirect(&parts, rule, prefix);
+            return local(&report, response, "-", None, waypoint);
         }
     }
     let endpoint = &table.endpoints[destination.endpoint];
@@ -552,6 +709,9 @@ async fn handle(
         hbone: endpoint.hbone.map(|h| (h, endpoint.identity.clone())),
         http2: destination.http2,
     };
+    report.key.endpoint = endpoint.name.clone();
+    report.key.endpoint_principal = endpoint.identity.clone();
+    report.upstream = Some(key.address);
     let active = Active::new(&table, destination.endpoint);
     let upgrade = parts.headers.contains_key(header::UPGRADE) && parts.version == Version::HTTP_11;
     let downstream_upgrade = if upgrade {
@@ -560,6 +720,13 @@ async fn handle(
         None
     };
     let rule = destination.rule.map(|(r, _)| r);
+    // From here the request body streams to the endpoint, counted into the report.
+    let report = Arc::new(report);
+    let body = CountedRequest {
+        body,
+        exchange: report.clone(),
+    }
+    .boxed();
     let outgoing = upstream_request(parts, body, destination.rule, key.http2, upgrade);
     let send = waypoint.upstreams.send(&key, outgoing, &waypoint.dialer);
     let limit = rule.and_then(|r| earliest(seconds(r.backend_timeout), seconds(r.request_timeout)));
@@ -568,8 +735,9 @@ async fn handle(
             Ok(result) => result,
             Err(_) => {
                 counts.timeouts.fetch_add(1, Ordering::Relaxed);
-                let text = format!("upstream {} did not answer within {limit:?}\n", key.address);
-                return counted(counts, text_response(StatusCode::GATEWAY_TIMEOUT, text));
+                let text = format!("upstream {} did not answer within {limit:?}", key.address);
+                let response = text_response(StatusCode::GATEWAY_TIMEOUT, format!("{text}\n"));
+                return local(&report, response, "UT", Some(&text), waypoint);
             }
         },
         None => send.await,
@@ -581,15 +749,16 @@ async fn handle(
             log::warn!(
                 "waypoint: request from {} ({}) to {} ({}): {e}",
                 info.peer,
-                info.peer_identity.as_deref().unwrap_or("no identity"),
+                info.source_principal,
                 key.address,
                 endpoint.name
             );
             let text = match &e {
-                UpstreamError::Connect(why) => format!("upstream connect error: {why}\n"),
-                UpstreamError::Http(e) => format!("upstream request failed: {e}\n"),
+                UpstreamError::Connect(why) => format!("upstream connect error: {why}"),
+                UpstreamError::Http(e) => format!("upstream request failed: {e}"),
             };
-            return counted(counts, text_response(StatusCode::SERVICE_UNAVAILABLE, text));
+            let response = text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{text}\n"));
+            return local(&report, response, "UF", Some(&text), waypoint);
         }
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -616,12 +785,18 @@ async fn handle(
     if let Some(m) = rule.and_then(|r| r.response_headers.as_ref()) {
         modify_headers(&mut parts.headers, m);
     }
+    let status = parts.status.as_u16();
+    counts.answered(status);
     let body = Tracked {
         body,
-        _active: active,
+        exchange: report,
+        status,
+        waypoint: waypoint.clone(),
+        _active: Some(active),
+        ended: false,
     }
     .boxed();
-    counted(counts, Response::from_parts(parts, body))
+    Response::from_parts(parts, body)
 }
 
 /// The smaller of two optional limits.

@@ -39,8 +39,8 @@ pub enum Protocol {
 
 #[derive(Deserialize, Debug)]
 pub struct Endpoint {
-    /// `namespace/name` of the pod, for logs.
-    pub name: String,
+    /// `namespace/name` of the pod.
+    pub name: Arc<str>,
     pub ip: IpAddr,
     /// Where its ztunnel takes HBONE (`ip:15008`); None for a pod outside the mesh (plain TCP).
     pub hbone: Option<SocketAddr>,
@@ -100,7 +100,7 @@ pub struct Rewrite {
 #[derive(Deserialize, Debug)]
 pub struct Rule {
     /// `namespace/name` of its HTTPRoute and the rule's index, for the access log.
-    pub route: String,
+    pub route: Arc<str>,
     pub backends: Vec<Backend>,
     #[serde(default)]
     pub request_headers: Option<HeaderModifier>,
@@ -343,7 +343,7 @@ impl Port {
 }
 
 pub struct CompiledService {
-    pub name: String,
+    pub name: Arc<str>,
     pub ports: HashMap<u16, Port>,
 }
 
@@ -470,7 +470,7 @@ impl Table {
                 );
             }
             services.push(CompiledService {
-                name: service.name,
+                name: Arc::from(service.name),
                 ports,
             });
         }

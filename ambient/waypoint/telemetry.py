@@ -1,0 +1,113 @@
+"""Istio's request metrics at a waypoint, with ``reporter="waypoint"``: ``istio_requests_total``,
+``istio_request_duration_milliseconds``, ``istio_request_bytes`` and ``istio_response_bytes``.
+
+The core counts each request into a series keyed by what its labels are made of (the client's
+principal and address, the Service, the pod that answered, the code, gRPC or not, the response
+flags; ``WaypointTable.request_series``); at scrape time this module turns each key into Istio's
+labels from the current snapshot — the same label values ztunnel's TCP metrics use for the same
+workloads — and the core writes the text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from .._core import WaypointTable
+from ..mesh import Mesh, Workload
+from ..telemetry.metrics import LABELS, ConnectionMetrics, Exposition, Labels
+
+if TYPE_CHECKING:
+    from ..telemetry.metrics import Family
+
+HistogramSample = tuple[list[tuple[str, str]], float, int, list[tuple[float, int]]]
+HistogramFamily = tuple[str, str, list[HistogramSample]]
+
+_TCP_LABELS = tuple(name for name in LABELS if name != "response_flags")
+
+
+def request_labels(mesh: Mesh, key: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """Istio's labels of one request series (see ``WaypointTable.request_series``)."""
+    source_principal, source_ip, service_key, endpoint, endpoint_principal, code, grpc, flags = key
+    source: Workload | None = None
+    if source_ip:
+        source = mesh.workload_by_ip(ipaddress.ip_address(source_ip))
+    namespace, _, name = endpoint.partition("/")
+    destination = next(
+        (w for w in mesh.workloads if w.namespace == namespace and w.name == name), None
+    )
+    s_namespace, _, s_name = service_key.partition("/")
+    service = next(
+        (s for s in mesh.services if s.namespace == s_namespace and s.name == s_name), None
+    )
+    tcp = Labels.of(
+        reporter="waypoint",
+        source=source,
+        source_principal=source_principal or None,
+        destination=destination,
+        destination_principal=endpoint_principal or None,
+        service=service,
+        mutual_tls=True,
+    )
+    labels = dict(zip(_TCP_LABELS, tcp.values, strict=True))
+    labels["request_protocol"] = "grpc" if grpc else "http"
+    labels["response_code"] = str(code)
+    labels["grpc_response_status"] = ""
+    labels["response_flags"] = flags
+    return list(labels.items())
+
+
+Histogram = tuple[float, int, list[tuple[float, int]]]
+
+
+def _merged(a: Histogram, b: Histogram) -> Histogram:
+    return (
+        a[0] + b[0],
+        a[1] + b[1],
+        [(le, x + y) for (le, x), (_, y) in zip(a[2], b[2], strict=True)],
+    )
+
+
+class RequestExposition(Exposition):
+    """The waypoint's metrics endpoint: the core's statistics and the process metrics (as a
+    ztunnel's) and the request metrics of ``table``, labelled from ``mesh()``. Series whose
+    labels come out equal (two pods of one Deployment, two addresses of one client) are one."""
+
+    def __init__(self, table: WaypointTable, mesh: Any, core_stats: Any = None) -> None:
+        super().__init__(ConnectionMetrics(component="waypoint"), core_stats)
+        self.table = table
+        self.mesh = mesh
+
+    def _series(self) -> dict[tuple[tuple[str, str], ...], tuple[Histogram, Histogram, Histogram]]:
+        mesh: Mesh = self.mesh()
+        out: dict[tuple[tuple[str, str], ...], tuple[Histogram, Histogram, Histogram]] = {}
+        for key, *histograms in self.table.request_series():
+            labels = tuple(request_labels(mesh, key))
+            known = out.get(labels)
+            values = (histograms[0], histograms[1], histograms[2])
+            if known is not None:
+                values = (
+                    _merged(known[0], values[0]),
+                    _merged(known[1], values[1]),
+                    _merged(known[2], values[2]),
+                )
+            out[labels] = values
+        return out
+
+    def families(self) -> list[Family]:
+        out = super().families()
+        totals = [(list(labels), float(h[0][1])) for labels, h in self._series().items()]
+        out.append(("istio_requests", "Requests through the waypoint", True, totals))
+        return out
+
+    def histograms(self) -> list[HistogramFamily]:
+        names = (
+            ("istio_request_duration_milliseconds", "Request duration, milliseconds"),
+            ("istio_request_bytes", "Request body size, bytes"),
+            ("istio_response_bytes", "Response body size, bytes"),
+        )
+        series = self._series()
+        return [
+            (name, text, [(list(labels), *h[i]) for labels, h in series.items()])
+            for i, (name, text) in enumerate(names)
+        ]
