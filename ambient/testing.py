@@ -4,6 +4,7 @@ code built on it."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import threading
@@ -128,10 +129,13 @@ class HttpEcho:
     that answers every request with JSON saying who answered and what arrived: ``pod`` (its
     name), ``method``, ``path`` (with the query), ``headers`` (names lower-cased, a repeated
     header's values joined by ``,``) and ``body_bytes``. Keep-alive; a ``Content-Length`` body
-    is read. Request headers steer it: ``x-echo-status`` answers with that code,
-    ``x-echo-delay`` (seconds) waits that long first."""
+    is read. Request headers steer it: ``x-echo-status`` answers with that code (else
+    ``status``), ``x-echo-delay`` (seconds) waits that long first. ``seen`` keeps what the last
+    requests were (the JSON answered)."""
 
-    def __init__(self, name: str, address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+    def __init__(
+        self, name: str, address: tuple[str, int] = ("127.0.0.1", 0), *, status: int = 200
+    ) -> None:
         import http.server
         import json
 
@@ -150,16 +154,17 @@ class HttpEcho:
                 with echo._lock:
                     echo.requests += 1
                 time.sleep(float(headers.get("x-echo-delay", "0")))
-                out = json.dumps(
-                    {
-                        "pod": echo.name,
-                        "method": self.command,
-                        "path": self.path,
-                        "headers": headers,
-                        "body_bytes": len(body),
-                    }
-                ).encode()
-                self.send_response(int(headers.get("x-echo-status", "200")))
+                summary = {
+                    "pod": echo.name,
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": headers,
+                    "body_bytes": len(body),
+                }
+                with echo._lock:
+                    echo.seen.append(summary)
+                out = json.dumps(summary).encode()
+                self.send_response(int(headers.get("x-echo-status", echo.status)))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
                 self.send_header("x-echo-pod", echo.name)
@@ -173,7 +178,9 @@ class HttpEcho:
                 pass
 
         self.name = name
+        self.status = status
         self.requests = 0
+        self.seen: collections.deque[dict[str, object]] = collections.deque(maxlen=100)
         self._lock = threading.Lock()
 
         class Server(http.server.ThreadingHTTPServer):

@@ -469,13 +469,20 @@ class HTTPRouteTimeouts(Closed):
     backendRequest: Duration | None = None
 
 
+class HTTPRouteRetry(Closed):
+    # Gateway API (GEP-1731): retry on these answers, at most `attempts` more times.
+    codes: list[Annotated[int, Meta(ge=400, le=599)]] = field(default_factory=list)
+    attempts: Annotated[int, Meta(ge=0)] | None = None
+    backoff: Duration | None = None
+
+
 class HTTPRouteRule(Closed):
     name: str | None = None
     matches: list[HTTPRouteMatch] = field(default_factory=list)
     filters: list[HTTPRouteFilter] = field(default_factory=list)
     backendRefs: list[HTTPBackendRef] = field(default_factory=list)
     timeouts: HTTPRouteTimeouts | None = None
-    retry: dict[str, Any] | None = None
+    retry: HTTPRouteRetry | None = None
     sessionPersistence: dict[str, Any] | None = None
 
 

@@ -94,6 +94,7 @@ class Rule:
     backends: tuple[Backend, ...]
     filters: tuple[k8s.HTTPRouteFilter, ...] = ()
     timeouts: k8s.HTTPRouteTimeouts | None = None
+    retry: k8s.HTTPRouteRetry | None = None
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def compile_route(route: k8s.HTTPRoute) -> HttpRoute:
             backends.append(
                 Backend(backend.name, backend.namespace or namespace, backend.port, backend.weight)
             )
-        rules.append(Rule(matches, tuple(backends), tuple(rule.filters), rule.timeouts))
+        rules.append(Rule(matches, tuple(backends), tuple(rule.filters), rule.timeouts, rule.retry))
     return HttpRoute(
         namespace,
         route.metadata.name,

@@ -50,6 +50,10 @@ PROTOCOLS = {
     "redis": "tcp",
 }
 
+# Istio's default retry policy for HTTP (a route's `retry` replaces it): two retries, on a
+# failed connection or a 503, 25 ms apart (Envoy's base interval).
+DEFAULT_RETRY = {"attempts": 2, "codes": [503], "backoff": 0.025}
+
 _DURATION_PART = re.compile(r"([0-9]+)(h|ms|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
@@ -127,6 +131,8 @@ class _Compiler:
             "rewrite": None,
             "request_timeout": seconds(rule.timeouts.request) if rule.timeouts else None,
             "backend_timeout": seconds(rule.timeouts.backendRequest) if rule.timeouts else None,
+            "retry": _retry(rule.retry),
+            "mirrors": [],
         }
         for f in rule.filters:
             if f.requestHeaderModifier is not None:
@@ -147,7 +153,18 @@ class _Compiler:
                     "hostname": f.urlRewrite.hostname,
                     "path": _path_modifier(f.urlRewrite.path),
                 }
+            elif f.requestMirror is not None:
+                out["mirrors"].append(self.mirror(f.requestMirror, route.namespace))
         return out
+
+    def mirror(self, m: k8s.HTTPRequestMirrorFilter, namespace: str) -> dict[str, Any]:
+        ref = m.backendRef
+        if m.fraction is not None:
+            percent = 100.0 * m.fraction.numerator / m.fraction.denominator
+        else:
+            percent = float(100 if m.percent is None else m.percent)
+        backend = self.backend(ref.namespace or namespace, ref.name, ref.port, 1)
+        return {"backend": backend, "percent": percent}
 
     def backend_of(self, b: Backend) -> dict[str, Any]:
         return self.backend(b.namespace, b.name, b.port, b.weight)
@@ -203,6 +220,7 @@ class _Compiler:
         default = {
             "route": f"{service.namespace}/{service.name} (the Service itself)",
             "backends": [self.backend(service.namespace, service.name, port, 1)],
+            "retry": DEFAULT_RETRY,
         }
         return {
             "protocol": port_protocol(service, port),
@@ -214,6 +232,16 @@ class _Compiler:
             ),
             "default": default,
         }
+
+
+def _retry(retry: k8s.HTTPRouteRetry | None) -> dict[str, Any]:
+    if retry is None:
+        return DEFAULT_RETRY
+    return {
+        "attempts": DEFAULT_RETRY["attempts"] if retry.attempts is None else retry.attempts,
+        "codes": list(retry.codes),
+        "backoff": DEFAULT_RETRY["backoff"] if retry.backoff is None else seconds(retry.backoff),
+    }
 
 
 def _modifier(m: k8s.HTTPHeaderFilter) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 from ambient import socks5
 from ambient.hbone import DataPlane, HboneTarget, TunnelError
 from ambient.identity import CertificateAuthority
-from ambient.testing import App, HttpEcho, exchange
+from ambient.testing import App, HttpEcho, exchange, wait_until
 from ambient.waypoint.process import WaypointProcess
 from ambient.ztunnel.process import ZtunnelProcess
 
@@ -111,6 +111,15 @@ status: {podIP: 127.60.1.2}
         "127.61.2.2",
         "{app: echo, version: v2, istio.io/use-waypoint: waypoint}",
     )
+    + pod("flaky-bad", "n2", "127.60.2.10", "127.61.2.10", "{app: flaky}")
+    + pod("flaky-good", "n2", "127.60.2.11", "127.61.2.11", "{app: flaky}")
+    + pod("down-1", "n2", "127.60.2.12", "127.61.2.12", "{app: down}")
+    + pod("deadish-dead", "n2", "127.60.2.13", "127.61.2.13", "{app: deadish}")
+    + pod("deadish-good", "n2", "127.60.2.14", "127.61.2.14", "{app: deadish}")
+    + service("flaky", "127.60.100.11", "{app: flaky}")
+    + service("down", "127.60.100.12", "{app: down}")
+    + service("deadish", "127.60.100.13", "{app: deadish}")
+    + service("mirrored", "127.60.100.14", "{app: echo, version: v1}")
     + service("echo", "127.60.100.1", "{app: echo}")
     + service("plain", "127.60.100.2", "{app: echo}")
     + service("echo-v1", "127.60.100.3", "{app: echo, version: v1}", bound=False)
@@ -205,6 +214,15 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /empty}}]
     backendRefs: [{name: nobody, port: 80}]""",
     )
+    + route(
+        "mirrored",
+        "mirrored",
+        """
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo-v2, port: 80}}
+    backendRefs: [{name: echo-v1, port: 80}]""",
+    )
     # A consumer route: only clients in `other` take it.
     + route(
         "from-other",
@@ -227,8 +245,13 @@ class Env:
                 ("echo-v1-a", "127.61.2.1"),
                 ("echo-v1-b", "127.61.1.3"),
                 ("echo-v2-a", "127.61.2.2"),
+                ("flaky-good", "127.61.2.11"),
+                ("deadish-good", "127.61.2.14"),
             ]
         }
+        # Pods that always answer 503 (deadish-dead has no app at all: its connect fails).
+        for name, ip in [("flaky-bad", "127.61.2.10"), ("down-1", "127.61.2.12")]:
+            self.http[name] = HttpEcho(name, (ip, 8080), status=503)
         self.tcp = [
             App(f"name:{name}", (ip, 9000))
             for name, ip in [("echo-v1-a", "127.61.2.1"), ("echo-v1-b", "127.61.1.3")]
@@ -263,9 +286,13 @@ class Client:
         self.conn.sock = socks5.connect((source, 15080), (vip, port), source=source)
 
     def request(
-        self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+        self,
+        path: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        self.conn.request(method, path, headers=headers or {})
+        self.conn.request(method, path, body=body, headers=headers or {})
         response = self.conn.getresponse()
         body = response.read()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, body
@@ -597,3 +624,47 @@ def test_request_metrics_with_reporter_waypoint(env):
     counts = [s for s in duration.samples if s.name.endswith("_count")]
     assert sum(s.value for s in counts) == sum(s.value for s in requests)
     assert "istio_response_bytes" in families and "istio_request_bytes" in families
+
+
+# --- retries and mirrors ------------------------------------------------------------------------
+
+
+def test_a_503_is_retried_on_another_endpoint(env):
+    # Istio's default retry policy (no `retry` on the Service's default route): a 503 is tried
+    # again on an endpoint not tried yet; the client never sees the bad pod's answer.
+    before = env.http["flaky-bad"].requests
+    answered = pods_answering("127.60.100.11", "/", 30)
+    assert answered == Counter({"flaky-good": 30})
+    assert env.http["flaky-bad"].requests > before  # it was tried, and retried away from
+
+
+def test_a_failed_connect_is_retried_on_another_endpoint(env):
+    answered = pods_answering("127.60.100.13", "/", 20)
+    assert answered == Counter({"deadish-good": 20})
+
+
+def test_retries_exhausted_return_the_last_answer_flagged_urx(env):
+    env.waypoint.forget_entries()
+    before = env.http["down-1"].requests
+    status, _, _ = get("127.60.100.12", "/exhausted")
+    assert status == 503
+    assert env.http["down-1"].requests - before == 3  # the request and Istio's two retries
+    (entry,) = env.waypoint.claim_entries(lambda e: e.get("path") == "/exhausted")
+    assert entry["response_flags"] == "URX"
+
+
+def test_a_request_with_a_body_is_not_replayed(env):
+    before = env.http["down-1"].requests
+    status, _, _ = get("127.60.100.12", "/posted", method="POST", body=b"hello")
+    assert status == 503
+    assert env.http["down-1"].requests - before == 1
+
+
+def test_request_mirror_sends_a_copy_and_ignores_its_answer(env):
+    mirror = env.http["echo-v2-a"]
+    before = mirror.requests
+    answered = pods_answering("127.60.100.14", "/mirrored", 5)
+    assert set(answered) <= {"echo-v1-a", "echo-v1-b"}
+    wait_until(lambda: mirror.requests - before >= 5, what="5 mirrored requests")
+    shadows = [s for s in list(mirror.seen) if s["path"] == "/mirrored"]
+    assert shadows and all(s["headers"]["host"] == "127.60.100.14-shadow" for s in shadows)

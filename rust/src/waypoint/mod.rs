@@ -60,6 +60,8 @@ pub struct RequestCounts {
     pub no_healthy_upstream: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub timeouts: AtomicU64,
+    pub retries_exhausted: AtomicU64,
+    pub mirrored: AtomicU64,
     pub refused_targets: AtomicU64,
 }
 
@@ -148,6 +150,8 @@ impl WaypointTable {
         out.set_item("no_healthy_upstream", get(&c.no_healthy_upstream))?;
         out.set_item("upstream_failures", get(&c.upstream_failures))?;
         out.set_item("timeouts", get(&c.timeouts))?;
+        out.set_item("retries_exhausted", get(&c.retries_exhausted))?;
+        out.set_item("mirrored", get(&c.mirrored))?;
         out.set_item("refused_targets", get(&c.refused_targets))?;
         Ok(out)
     }

@@ -20,7 +20,9 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use super::table::{Backend, HeaderModifier, PathModifier, Protocol, Routed, Rule, Table, Target};
+use super::table::{
+    Backend, HeaderModifier, Mirror, PathModifier, Protocol, Routed, Rule, Table, Target,
+};
 use super::telemetry::{Exchange, SeriesKey};
 use super::upstream::{Body, UpstreamError, UpstreamKey};
 use super::{StreamInfo, Waypoint};
@@ -184,6 +186,8 @@ struct Destination<'a> {
     port: u16,
     http2: bool,
     rule: Option<(&'a Rule, Option<&'a str>)>,
+    /// The backend the endpoint was picked from (a retry picks another of its endpoints).
+    backend: Option<&'a Backend>,
 }
 
 /// Route a request (or refuse it) with `table`.
@@ -207,6 +211,7 @@ fn route<'a>(
                 port: info.target.port(),
                 http2: false,
                 rule: None,
+                backend: None,
             });
         }
         Target::Service { service } => &table.services[*service],
@@ -238,6 +243,7 @@ fn route<'a>(
             port: 0,
             http2: false,
             rule: Some((rule, prefix)),
+            backend: None,
         });
     }
     if rule.backends.is_empty() {
@@ -273,6 +279,7 @@ fn route<'a>(
         port,
         http2: backend.protocol == Protocol::Http2,
         rule: Some((rule, prefix)),
+        backend: Some(backend),
     })
 }
 
@@ -536,7 +543,7 @@ where
 /// A request body on its way to the endpoint, its bytes counted for the report.
 struct CountedRequest {
     body: Incoming,
-    exchange: Arc<Exchange>,
+    bytes: Arc<AtomicU64>,
 }
 
 impl HttpBody for CountedRequest {
@@ -550,9 +557,7 @@ impl HttpBody for CountedRequest {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                self.exchange
-                    .request_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         }
         polled
@@ -627,7 +632,7 @@ fn exchange(parts: &http::request::Parts, info: &StreamInfo, service: Arc<str>) 
         },
         route: Arc::from(""),
         upstream: None,
-        request_bytes: AtomicU64::new(0),
+        request_bytes: Arc::default(),
         response_bytes: AtomicU64::new(0),
     }
 }
@@ -703,16 +708,6 @@ async fn handle(
             return local(&report, response, "-", None, waypoint);
         }
     }
-    let endpoint = &table.endpoints[destination.endpoint];
-    let key = UpstreamKey {
-        address: SocketAddr::new(endpoint.ip, destination.port),
-        hbone: endpoint.hbone.map(|h| (h, endpoint.identity.clone())),
-        http2: destination.http2,
-    };
-    report.key.endpoint = endpoint.name.clone();
-    report.key.endpoint_principal = endpoint.identity.clone();
-    report.upstream = Some(key.address);
-    let active = Active::new(&table, destination.endpoint);
     let upgrade = parts.headers.contains_key(header::UPGRADE) && parts.version == Version::HTTP_11;
     let downstream_upgrade = if upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -720,45 +715,122 @@ async fn handle(
         None
     };
     let rule = destination.rule.map(|(r, _)| r);
-    // From here the request body streams to the endpoint, counted into the report.
-    let report = Arc::new(report);
-    let body = CountedRequest {
-        body,
-        exchange: report.clone(),
+    // A request without a body can be sent again (retried, mirrored); one with a body streams to
+    // one endpoint, once: nothing is buffered to replay it.
+    let replayable = body.is_end_stream() && !upgrade;
+    if replayable {
+        for mirror in rule.map(|r| r.mirrors.as_slice()).unwrap_or_default() {
+            mirror_request(waypoint, &table, &parts, destination.rule, mirror);
+        }
     }
-    .boxed();
-    let outgoing = upstream_request(parts, body, destination.rule, key.http2, upgrade);
-    let send = waypoint.upstreams.send(&key, outgoing, &waypoint.dialer);
-    let limit = rule.and_then(|r| earliest(seconds(r.backend_timeout), seconds(r.request_timeout)));
-    let result = match limit {
-        Some(limit) => match tokio::time::timeout(limit, send).await {
-            Ok(result) => result,
-            Err(_) => {
-                counts.timeouts.fetch_add(1, Ordering::Relaxed);
-                let text = format!("upstream {} did not answer within {limit:?}", key.address);
-                let response = text_response(StatusCode::GATEWAY_TIMEOUT, format!("{text}\n"));
-                return local(&report, response, "UT", Some(&text), waypoint);
+    let retry = rule.and_then(|r| r.retry.as_ref()).filter(|_| replayable);
+    let attempts = 1 + retry.map_or(0, |r| r.attempts);
+    let started = Instant::now();
+    let overall = rule.and_then(|r| seconds(r.request_timeout));
+    let per_try = rule.and_then(|r| seconds(r.backend_timeout));
+    let mut streamed = Some(body);
+    let mut tried: Vec<usize> = Vec::with_capacity(attempts as usize);
+    let mut endpoint_index = destination.endpoint;
+    let mut port = destination.port;
+    let mut attempt = 0;
+    let (mut response, active) = loop {
+        attempt += 1;
+        if attempt > 1 {
+            let backoff = retry.map_or(0.0, |r| r.backoff);
+            tokio::time::sleep(Duration::from_secs_f64(backoff)).await;
+            if let Some((i, p)) = destination
+                .backend
+                .and_then(|b| retry_endpoint(&table, b, &tried))
+            {
+                (endpoint_index, port) = (i, p);
             }
-        },
-        None => send.await,
-    };
-    let mut response = match result {
-        Ok(response) => response,
-        Err(e) => {
-            counts.upstream_failures.fetch_add(1, Ordering::Relaxed);
-            log::warn!(
-                "waypoint: request from {} ({}) to {} ({}): {e}",
-                info.peer,
-                info.source_principal,
-                key.address,
-                endpoint.name
-            );
-            let text = match &e {
-                UpstreamError::Connect(why) => format!("upstream connect error: {why}"),
-                UpstreamError::Http(e) => format!("upstream request failed: {e}"),
-            };
-            let response = text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{text}\n"));
-            return local(&report, response, "UF", Some(&text), waypoint);
+        }
+        tried.push(endpoint_index);
+        let endpoint = &table.endpoints[endpoint_index];
+        let key = UpstreamKey {
+            address: SocketAddr::new(endpoint.ip, port),
+            hbone: endpoint.hbone.map(|h| (h, endpoint.identity.clone())),
+            http2: destination.http2,
+        };
+        report.key.endpoint = endpoint.name.clone();
+        report.key.endpoint_principal = endpoint.identity.clone();
+        report.upstream = Some(key.address);
+        let active = Active::new(&table, endpoint_index);
+        let (attempt_parts, attempt_body) = match streamed.take() {
+            Some(body) if !replayable => (
+                {
+                    let copy = copy_parts(&parts);
+                    std::mem::replace(&mut parts, copy)
+                },
+                CountedRequest {
+                    body,
+                    bytes: report.request_bytes.clone(),
+                }
+                .boxed(),
+            ),
+            _ => (copy_parts(&parts), empty_body()),
+        };
+        let outgoing = upstream_request(
+            attempt_parts,
+            attempt_body,
+            destination.rule,
+            key.http2,
+            upgrade,
+        );
+        let send = waypoint.upstreams.send(&key, outgoing, &waypoint.dialer);
+        let left = overall.map(|o| o.saturating_sub(started.elapsed()));
+        let limit = earliest(per_try, left);
+        let result = match limit {
+            Some(limit) => match tokio::time::timeout(limit, send).await {
+                Ok(result) => result,
+                Err(_) => {
+                    counts.timeouts.fetch_add(1, Ordering::Relaxed);
+                    let text = format!("upstream {} did not answer within {limit:?}", key.address);
+                    let response = text_response(StatusCode::GATEWAY_TIMEOUT, format!("{text}\n"));
+                    return local(&report, response, "UT", Some(&text), waypoint);
+                }
+            },
+            None => send.await,
+        };
+        let more = attempt < attempts;
+        match result {
+            Ok(response) => {
+                let code = response.status().as_u16();
+                let retriable = retry.is_some_and(|r| r.codes.contains(&code));
+                if more && retriable {
+                    log::debug!("waypoint: {} answered {code}: retrying", key.address);
+                    continue;
+                }
+                if retriable && attempt > 1 {
+                    // Retries exhausted: the last answer goes back, flagged.
+                    counts.retries_exhausted.fetch_add(1, Ordering::Relaxed);
+                    let response = response.map(BodyExt::boxed);
+                    return local(&report, response, "URX", None, waypoint);
+                }
+                break (response, active);
+            }
+            Err(e) => {
+                counts.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "waypoint: request from {} ({}) to {} ({}): {e}",
+                    info.peer,
+                    info.source_principal,
+                    key.address,
+                    endpoint.name
+                );
+                // Istio's retry_on: connect-failure, refused-stream, unavailable. A stream that
+                // failed after the request went out is not retried (it may have been served).
+                if more && matches!(e, UpstreamError::Connect(_)) {
+                    continue;
+                }
+                let text = match &e {
+                    UpstreamError::Connect(why) => format!("upstream connect error: {why}"),
+                    UpstreamError::Http(e) => format!("upstream request failed: {e}"),
+                };
+                let flags = if attempt > 1 { "URX" } else { "UF" };
+                let response = text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{text}\n"));
+                return local(&report, response, flags, Some(&text), waypoint);
+            }
         }
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -789,7 +861,7 @@ async fn handle(
     counts.answered(status);
     let body = Tracked {
         body,
-        exchange: report,
+        exchange: Arc::new(report),
         status,
         waypoint: waypoint.clone(),
         _active: Some(active),
@@ -797,6 +869,114 @@ async fn handle(
     }
     .boxed();
     Response::from_parts(parts, body)
+}
+
+/// How long a mirrored request may take before it is dropped (nobody waits for its answer).
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn empty_body() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A request head again, to send it once more (its extensions are not carried over).
+fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = parts.method.clone();
+    *copy.uri_mut() = parts.uri.clone();
+    *copy.version_mut() = parts.version;
+    *copy.headers_mut() = parts.headers.clone();
+    copy.into_parts().0
+}
+
+/// The endpoint for a retry: least request among the backend's endpoints not tried yet (Envoy's
+/// previous-hosts predicate), or None when every one was.
+fn retry_endpoint(table: &Table, backend: &Backend, tried: &[usize]) -> Option<(usize, u16)> {
+    let untried: Vec<(usize, u16)> = backend
+        .endpoints
+        .iter()
+        .copied()
+        .filter(|(i, _)| !tried.contains(i))
+        .collect();
+    least_request(table, &untried)
+}
+
+/// `host-shadow[:port]`: how a mirrored request says it is one (as Envoy marks it).
+fn shadow(authority: &str) -> String {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => format!("{host}-shadow:{port}"),
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+/// Send a copy of a request without a body to `mirror`'s backend (for its share of requests),
+/// and forget it: its answer is read and dropped, its failure only logged.
+fn mirror_request(
+    waypoint: &Arc<Waypoint>,
+    table: &Arc<Table>,
+    parts: &http::request::Parts,
+    rule: Option<(&Rule, Option<&str>)>,
+    mirror: &Mirror,
+) {
+    if mirror.backend.invalid.is_some() || rand::random::<f64>() * 100.0 >= mirror.percent {
+        return;
+    }
+    let Some((index, port)) = least_request(table, &mirror.backend.endpoints) else {
+        return;
+    };
+    let endpoint = &table.endpoints[index];
+    let key = UpstreamKey {
+        address: SocketAddr::new(endpoint.ip, port),
+        hbone: endpoint.hbone.map(|h| (h, endpoint.identity.clone())),
+        http2: mirror.backend.protocol == Protocol::Http2,
+    };
+    let mut request = upstream_request(copy_parts(parts), empty_body(), rule, key.http2, false);
+    if key.http2 {
+        let shadowed = request
+            .uri()
+            .authority()
+            .and_then(|a| Authority::try_from(shadow(a.as_str())).ok());
+        if let Some(authority) = shadowed {
+            let mut uri = request.uri().clone().into_parts();
+            uri.authority = Some(authority);
+            if let Ok(uri) = Uri::from_parts(uri) {
+                *request.uri_mut() = uri;
+            }
+        }
+    } else if let Some(host) = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        if let Ok(v) = HeaderValue::try_from(shadow(host)) {
+            request.headers_mut().insert(header::HOST, v);
+        }
+    }
+    waypoint.counts().mirrored.fetch_add(1, Ordering::Relaxed);
+    let waypoint = waypoint.clone();
+    let active = Active::new(table, index);
+    tokio::spawn(async move {
+        let _active = active;
+        let send = async {
+            let response = waypoint
+                .upstreams
+                .send(&key, request, &waypoint.dialer)
+                .await?;
+            // Read to the end, so the connection can carry the next request.
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(UpstreamError::Http)?;
+            Ok::<_, UpstreamError>(())
+        };
+        match tokio::time::timeout(MIRROR_TIMEOUT, send).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::debug!("waypoint: mirrored request to {}: {e}", key.address),
+            Err(_) => log::debug!("waypoint: mirrored request to {} timed out", key.address),
+        }
+    });
 }
 
 /// The smaller of two optional limits.

@@ -97,6 +97,23 @@ pub struct Rewrite {
     pub path: Option<PathModifier>,
 }
 
+/// When a request that can be sent again is retried: on a failed connection, or an answer with one
+/// of `codes`; at most `attempts` more times, `backoff` seconds apart, each on another endpoint
+/// when there is one.
+#[derive(Deserialize, Debug)]
+pub struct Retry {
+    pub attempts: u32,
+    pub codes: Vec<u16>,
+    pub backoff: f64,
+}
+
+/// A copy of each request (a `percent` of them) sent to `backend`, its answer ignored.
+#[derive(Deserialize, Debug)]
+pub struct Mirror {
+    pub backend: Backend,
+    pub percent: f64,
+}
+
 #[derive(Deserialize, Debug)]
 pub struct Rule {
     /// `namespace/name` of its HTTPRoute and the rule's index, for the access log.
@@ -111,6 +128,9 @@ pub struct Rule {
     /// `timeouts.request` and `timeouts.backendRequest`, seconds (None: no limit).
     pub request_timeout: Option<f64>,
     pub backend_timeout: Option<f64>,
+    pub retry: Option<Retry>,
+    #[serde(default)]
+    pub mirrors: Vec<Mirror>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -399,7 +419,8 @@ fn compile_match(spec: MatchSpec, rules: usize, at: &str) -> Result<Match, Strin
 }
 
 fn check_rule(rule: &Rule, endpoints: usize, at: &str) -> Result<(), String> {
-    for b in &rule.backends {
+    let mirrored = rule.mirrors.iter().map(|m| &m.backend);
+    for b in rule.backends.iter().chain(mirrored) {
         if b.endpoints.iter().any(|(i, _)| *i >= endpoints) {
             return Err(format!(
                 "{at}: backend {} names a missing endpoint",

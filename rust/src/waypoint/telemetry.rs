@@ -102,7 +102,8 @@ pub struct Exchange {
     pub key: SeriesKey,
     pub route: Arc<str>,
     pub upstream: Option<SocketAddr>,
-    pub request_bytes: AtomicU64,
+    /// Shared with the request body on its way to the endpoint, which counts into it.
+    pub request_bytes: Arc<AtomicU64>,
     pub response_bytes: AtomicU64,
 }
 
