@@ -172,6 +172,16 @@ class WaypointTable:
     @property
     def json(self) -> str: ...
     def counts(self) -> dict[str, int]: ...
+    def route(
+        self,
+        target: str,
+        method: str,
+        path: str,
+        query: str | None = None,
+        headers: list[tuple[str, str]] = ...,
+        client_namespace: str = "",
+    ) -> str | None:
+        """The rule a request would take (``ns/name#rule``, or the Service itself); None: 404."""
     def request_series(
         self,
     ) -> list[

@@ -134,6 +134,52 @@ impl WaypointTable {
         Ok(out)
     }
 
+    /// The rule a request would take: the route's `namespace/name#rule` (or the Service itself),
+    /// None when routes are attached and none matches (a 404). For `ambient explain` and the
+    /// test that holds this table to `ambient.waypoint.routes.select`.
+    #[pyo3(signature = (target, method, path, query=None, headers=Vec::new(), client_namespace=""))]
+    fn route(
+        &self,
+        target: &str,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: Vec<(String, String)>,
+        client_namespace: &str,
+    ) -> PyResult<Option<String>> {
+        let target: SocketAddr = target.parse().map_err(|_| {
+            PyValueError::new_err(format!("target: expected ip:port, got {target:?}"))
+        })?;
+        let table = self.current();
+        let port = match table.targets.get(&target.ip()) {
+            Some(Target::Service { service }) => table.services[*service].ports.get(&target.port()),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{target} is not a Service port bound to this waypoint"
+            ))
+        })?;
+        let mut map = http::HeaderMap::new();
+        for (name, value) in &headers {
+            let name = http::HeaderName::try_from(name.as_str())
+                .map_err(|_| PyValueError::new_err(format!("bad header name {name:?}")))?;
+            let value = http::HeaderValue::try_from(value.as_str())
+                .map_err(|_| PyValueError::new_err(format!("bad header value {value:?}")))?;
+            map.append(name, value);
+        }
+        let head = table::Head {
+            method,
+            path,
+            query,
+            headers: &map,
+        };
+        Ok(match port.route(&head, client_namespace) {
+            table::Routed::Rule(rule, _) => Some(rule.route.to_string()),
+            table::Routed::NoRoute => None,
+        })
+    }
+
     /// Requests answered so far, by status class and by what went wrong.
     fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = &self.counts;
