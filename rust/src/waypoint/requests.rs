@@ -391,6 +391,14 @@ fn new_traceparent() -> HeaderValue {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // `TE: trailers` says the client takes trailers; it is the one TE value HTTP/2 allows
+    // (RFC 9113 §8.2.2) and gRPC servers require it, so it goes on.
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     // Headers the Connection header names are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -404,6 +412,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             continue;
         }
         headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -825,7 +836,7 @@ async fn handle(
                 }
                 let text = match &e {
                     UpstreamError::Connect(why) => format!("upstream connect error: {why}"),
-                    UpstreamError::Http(e) => format!("upstream request failed: {e}"),
+                    UpstreamError::Http(_) => format!("upstream request failed: {e}"),
                 };
                 let flags = if attempt > 1 { "URX" } else { "UF" };
                 let response = text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{text}\n"));

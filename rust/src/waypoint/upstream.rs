@@ -51,7 +51,16 @@ impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             UpstreamError::Connect(why) => f.write_str(why),
-            UpstreamError::Http(e) => write!(f, "{e}"),
+            UpstreamError::Http(e) => {
+                // hyper's own text is terse ("http2 error"): the cause says what happened.
+                write!(f, "{e}")?;
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    write!(f, ": {c}")?;
+                    cause = c.source();
+                }
+                Ok(())
+            }
         }
     }
 }
