@@ -1,4 +1,4 @@
-"""``ambient demo``: the seed's figure running on one machine, no root, no files to write.
+"""``ambient demo``: the seed's figures running on one machine, no root, no files to write.
 
 Nodes W1 and W2, pods C1 and C2 on W1, C3 and S1 on W2, one ztunnel per node (real
 ``ambient ztunnel`` processes), and a pod outside the mesh — the embedded mesh file
@@ -7,7 +7,8 @@ every server pod (a pod with an app address): an in-mesh client through its ztun
 loopback mode has no capture) to the server's Service, a client outside the mesh straight to the
 server pod's IP. For each flow the demo prints the path, the transport, the identity the server's
 ztunnel saw (from its access log) and the bytes each way, and exits 0 only when every flow took
-the path the mesh's rules say it must.
+the path the mesh's rules say it must. The seed's second figure follows: HTTP requests through
+a waypoint with an HTTPRoute (``ambient.demo_waypoint``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from . import examples, routing, socks5
+from . import demo_waypoint, examples, routing, socks5
 from .config import ConfigError, load_mesh
 from .identity import CertificateAuthority
 from .mesh import Mesh, Service, Workload
-from .testing import App, exchange
+from .testing import App, HttpEcho, exchange
+from .waypoint.process import WaypointProcess
 from .ztunnel.process import ZtunnelProcess
 from .ztunnel.proxy import inbound_app_ports
 
@@ -66,8 +68,21 @@ class Flow:
 
 
 def plan_flows(mesh: Mesh) -> list[Flow]:
-    servers = [w for w in mesh.workloads if w.app_address is not None and w.ips]
-    clients = [w for w in mesh.workloads if w.app_address is None and w.ips and w.node]
+    # Pods behind a waypoint answer HTTP: they are the waypoint part's (demo_waypoint).
+    behind_waypoint = {
+        e.workload_uid for s in mesh.services if s.waypoint is not None for e in s.endpoints
+    }
+    servers = [
+        w
+        for w in mesh.workloads
+        if w.app_address is not None and w.ips and w.uid not in behind_waypoint
+    ]
+    proxies = demo_waypoint.waypoint_pods(mesh)
+    clients = [
+        w
+        for w in mesh.workloads
+        if w.app_address is None and w.ips and w.node and w.uid not in proxies
+    ]
     flows = []
     for server in servers:
         ports = sorted(inbound_app_ports(mesh, server))
@@ -166,30 +181,52 @@ def run(
             return 2
         CertificateAuthority.create().save(workdir / "ca")
         nodes = sorted({w.node for w in mesh.workloads if w.in_mesh and w.node})
-        apps = [
+        flows = plan_flows(mesh)
+        requests = demo_waypoint.plan_requests(mesh)
+        l4_servers = {f.server.uid for f in flows}
+        apps: list[App | HttpEcho] = [
             App("echo", (str(w.app_address), port))
             for w in mesh.workloads
-            if w.app_address is not None
+            if w.app_address is not None and w.uid in l4_servers
+            for port in inbound_app_ports(mesh, w)
+        ]
+        apps += [
+            HttpEcho(w.name, (str(w.app_address), port))
+            for w in mesh.workloads
+            if w.app_address is not None and w.uid not in l4_servers
             for port in inbound_app_ports(mesh, w)
         ]
         proxies = {
             node: ZtunnelProcess(node, [mesh_file], workdir / "ca", workdir) for node in nodes
         }
+        waypoints = {
+            w.key: WaypointProcess(w.key, [mesh_file], workdir / "ca", workdir)
+            for w in mesh.waypoints
+            if w.workload_uids and any(r.waypoint == w.key for r in requests)
+        }
         try:
-            for proxy in proxies.values():
+            for proxy in [*proxies.values(), *waypoints.values()]:
                 proxy.wait_ready()
-            flows = plan_flows(mesh)
             for flow in flows:
                 run_flow(flow, proxies)
-            _print(out, mesh, flows, proxies, config, time.monotonic() - started)
+            for request in requests:
+                demo_waypoint.send(request)
+            demo_waypoint.settle(requests, waypoints, proxies, mesh)
+            _print(out, mesh, flows, proxies, config, time.monotonic() - started, requests)
             if keep:
-                _keep_running(out, proxies, mesh_file, config)
+                # Judging the requests stopped the waypoints (see settle): start them again.
+                waypoints = {
+                    key: WaypointProcess(key, [mesh_file], workdir / "ca", workdir).wait_ready()
+                    for key in waypoints
+                }
+                _keep_running(out, proxies, mesh_file, config, waypoints)
         finally:
-            for proxy in proxies.values():
+            for proxy in [*proxies.values(), *waypoints.values()]:
                 proxy.stop()
             for app in apps:
                 app.close()
-    return 0 if flows and all(f.ok for f in flows) else 1
+    results = [f.ok for f in flows] + [r.ok for r in requests]
+    return 0 if results and all(results) else 1
 
 
 def _print(
@@ -199,6 +236,7 @@ def _print(
     proxies: dict[str, ZtunnelProcess],
     config: Path | None,
     seconds: float,
+    requests: list[demo_waypoint.HttpRequest],
 ) -> None:
     source = config or "embedded demo-mesh.yaml (ambient demo --show-config)"
     out(
@@ -214,8 +252,13 @@ def _print(
             f"        {flow.result}; {flow.server.name}'s ztunnel saw peer: {identity}; "
             f"{flow.sent} B sent, {flow.received} B back"
         )
+    demo_waypoint.print_requests(out, requests)
     good = sum(f.ok for f in flows)
-    out(f"  {good}/{len(flows)} flows took the expected path ({seconds:.1f} s)")
+    out(f"  {good}/{len(flows)} flows took the expected path")
+    if requests:
+        good = sum(r.ok for r in requests)
+        out(f"  {good}/{len(requests)} HTTP requests took the expected path")
+    out(f"  ({seconds:.1f} s)")
 
 
 def _keep_running(
@@ -223,6 +266,7 @@ def _keep_running(
     proxies: dict[str, ZtunnelProcess],
     mesh_file: Path,
     config: Path | None,
+    waypoints: dict[str, WaypointProcess],
 ) -> None:
     kept = Path.cwd() / "ambient-demo-mesh.yaml" if config is None else config
     if config is None and not kept.exists():
@@ -235,13 +279,20 @@ def _keep_running(
             f"readiness http://{proxy.readiness}/healthz/ready, access log {proxy.log_path}"
         )
         out(f"    live view: ambient top --admin {proxy.admin} --metrics {proxy.metrics}")
+    for key, waypoint in waypoints.items():
+        out(
+            f"  waypoint {key}: admin http://{waypoint.admin}/config_dump, "
+            f"metrics http://{waypoint.metrics}/metrics, access log {waypoint.log_path}"
+        )
     out("  send your own traffic: an in-mesh pod's ztunnel takes SOCKS5 on <pod IP>:15080, e.g.")
     out("    curl --socks5 127.10.1.1:15080 telnet://127.10.100.1:80   (as C1, to Service s1)")
+    out("    curl --socks5 127.10.1.1:15080 http://127.10.100.2/   (as C1, through the waypoint)")
     out(f"  mesh file: {kept} (edit it and run `ambient demo --config {kept.name}`)")
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    while not stop.wait(1.0) and all(p.process.poll() is None for p in proxies.values()):
+    running = [*proxies.values(), *waypoints.values()]
+    while not stop.wait(1.0) and all(p.process.poll() is None for p in running):
         pass
 
 

@@ -401,6 +401,7 @@ impl Core {
                 shared: self.shared.clone(),
                 identity: Arc::from(identity),
                 sockets: sockets.clone(),
+                source_ip: Some(local.ip()).filter(|ip| !ip.is_unspecified()),
             },
             access_log,
         });

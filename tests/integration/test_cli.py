@@ -53,11 +53,20 @@ def test_demo_shows_every_flow_and_exits_0():
     started = time.monotonic()
     result = ambient("demo")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("[ok ]") == 4
+    assert result.stdout.count("[ok ]") == 4 + 10  # L4 flows, then HTTP through the waypoint
     assert "BAD" not in result.stdout
     assert "s1's ztunnel saw peer: spiffe://cluster.local/ns/default/sa/c1" in result.stdout
     assert "s1's ztunnel saw peer: none (no identity)" in result.stdout  # from outside the mesh
     assert "c3 -> ztunnel w2 -> HBONE mTLS (same node)" in result.stdout
+    # The seed's second figure: the route to echo-v1, each hop's view of who is calling.
+    assert (
+        "c1 -> ztunnel w1 -> HBONE -> waypoint default/waypoint on w1 (route default/echo#0) "
+        "-> HBONE -> ztunnel w2 -> echo-v1" in result.stdout
+    )
+    assert "the waypoint saw spiffe://cluster.local/ns/default/sa/c1" in result.stdout
+    assert "echo-v1's ztunnel saw spiffe://cluster.local/ns/default/sa/waypoint" in result.stdout
+    assert "from echo-v2" not in result.stdout  # the seed's route: every request to echo-v1
+    assert "bypassed the waypoint; echo-v1's ztunnel saw no identity (plaintext)" in result.stdout
     assert time.monotonic() - started < 30
 
 

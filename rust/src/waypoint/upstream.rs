@@ -155,6 +155,9 @@ pub struct Dialer {
     pub shared: Arc<Shared>,
     pub identity: Arc<str>,
     pub sockets: SocketFactory,
+    /// The waypoint pod's own IP (the listener's), so endpoints see connections from it, as
+    /// from a pod of its own: in loopback mode the kernel would pick 127.0.0.1.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 /// A byte stream to an endpoint: an HBONE CONNECT stream (holding its slot on the pooled
@@ -170,7 +173,7 @@ impl Dialer {
         let Some((ztunnel, identity)) = &key.hbone else {
             let tcp = tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                self.sockets.connect(key.address, None, None),
+                self.sockets.connect(key.address, self.source_ip, None),
             )
             .await
             .map_err(|_| {
@@ -185,7 +188,7 @@ impl Dialer {
             source_identity: self.identity.clone(),
             identities: vec![identity.clone()],
             address: *ztunnel,
-            source_ip: None,
+            source_ip: self.source_ip,
             sockets: self.sockets.clone(),
         };
         let lease = self

@@ -1,0 +1,248 @@
+"""The seed's second figure in ``ambient demo``: HTTP requests from in-mesh client pods to a
+Service bound to a waypoint — client → its ztunnel → HBONE → **waypoint** (HTTPRoute, load
+balancing) → a second HBONE tunnel → the destination pod's ztunnel → the pod — and one request
+from outside the mesh straight to a pod IP, which bypasses the waypoint (as the seed says).
+
+For each request the demo prints the hops, the route the waypoint took, the identity each hop saw
+(the waypoint saw the client; the destination's ztunnel saw the waypoint) and who answered; a
+request is ok only when it took that path and was answered by a pod its route allows.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import routing, socks5
+from .mesh import Mesh, Service, Workload
+from .waypoint.process import WaypointProcess
+from .waypoint.routes import RequestHead, applies, select
+from .ztunnel.process import ZtunnelProcess
+
+PATHS = ("/", "/hello", "/v1/items")
+# How long the ztunnels may take to log the connections the waypoints closed.
+LOG_SETTLE_TIMEOUT = 5.0
+
+
+@dataclass
+class HttpRequest:
+    client: Workload
+    service: Service | None  # None: straight to a pod IP
+    target: tuple[str, int]
+    path: str
+    allowed: frozenset[str]  # the pods its route may send it to
+    waypoint: str | None  # the waypoint it must cross ("ns/name"), None when it bypasses
+    request_id: str = ""
+    status: int = 0
+    answered_by: str = ""
+    route: str = ""
+    waypoint_saw: str | None = None
+    destination_saw: str | None = None
+    failure: str = ""
+    ok: bool = False
+    hops: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        via = f"Service {self.service.name}" if self.service else "pod IP"
+        return f"{self.client.name} -> {via} {self.target[0]}:{self.target[1]} GET {self.path}"
+
+
+def _pods_of(mesh: Mesh, namespace: str, name: str) -> set[str]:
+    service = next((s for s in mesh.services if s.namespace == namespace and s.name == name), None)
+    return {w.name for w, _ in mesh.endpoints_of(service)} if service else set()
+
+
+def allowed_pods(mesh: Mesh, service: Service, port: int, client: Workload, path: str) -> set[str]:
+    """The pods the reference routing sends ``GET path`` from ``client`` to (HTTPRoutes attached
+    to the Service, else the Service itself)."""
+    routes = [
+        r
+        for r in mesh.http_routes
+        if applies(r, (service.namespace, service.name), port, client.namespace)
+    ]
+    if not routes:
+        return _pods_of(mesh, service.namespace, service.name)
+    selected = select(routes, RequestHead("GET", path))
+    if selected is None:
+        return set()
+    pods: set[str] = set()
+    for backend in selected.rule.backends:
+        if backend.weight:
+            pods |= _pods_of(mesh, backend.namespace, backend.name)
+    return pods
+
+
+def plan_requests(mesh: Mesh) -> list[HttpRequest]:
+    clients = [w for w in mesh.workloads if w.in_mesh and w.app_address is None and w.ips]
+    proxies = waypoint_pods(mesh)
+    outsiders = [
+        w for w in mesh.workloads if not w.in_mesh and w.node and w.ips and w.uid not in proxies
+    ]
+    planned = []
+    for service in mesh.services:
+        waypoint = mesh.waypoint(service.waypoint)
+        if waypoint is None or not service.vips or not waypoint.workload_uids:
+            continue
+        port = next(iter(service.ports))
+        target = (str(service.vips[0][1]), port)
+        for client in clients:
+            for path in PATHS:
+                allowed = allowed_pods(mesh, service, port, client, path)
+                planned.append(
+                    HttpRequest(client, service, target, path, frozenset(allowed), waypoint.key)
+                )
+        # From outside the mesh, straight to one of the Service's pods: no waypoint on the way.
+        endpoints = list(mesh.endpoints_of(service))
+        if outsiders and endpoints:
+            pod, endpoint = endpoints[0]
+            target_port = endpoint.ports.get(port, port)
+            planned.append(
+                HttpRequest(
+                    outsiders[0],
+                    None,
+                    (str(pod.ips[0]), target_port),
+                    "/direct",
+                    frozenset({pod.name}),
+                    None,
+                )
+            )
+    for i, request in enumerate(planned):
+        request.request_id = f"ambient-demo-{i}"
+    return planned
+
+
+def send(request: HttpRequest) -> None:
+    client_ip = str(request.client.ips[0])
+    host, port = request.target
+    conn = http.client.HTTPConnection(host, port, timeout=10, source_address=(client_ip, 0))
+    try:
+        if request.client.in_mesh:
+            proxy = (client_ip, routing.SOCKS5_PORT)
+            conn.sock = socks5.connect(proxy, request.target, source=client_ip)
+        conn.request("GET", request.path, headers={"x-request-id": request.request_id})
+        response = conn.getresponse()
+        body = response.read()
+        request.status = response.status
+        if response.status == 200:
+            request.answered_by = json.loads(body).get("pod", "")
+    except (OSError, ValueError) as e:
+        request.failure = f"failed: {e}"
+    finally:
+        conn.close()
+
+
+def _saw(entries: list[dict[str, Any]], pod: str, source: Workload | None) -> str | None:
+    """The identity ``pod``'s ztunnel logged for connections from ``source``'s IP ("" when it
+    logged none: plaintext; None when it logged no such connection)."""
+    if source is None:
+        return None
+    prefix = f"{source.ips[0]}:"
+    for e in entries:
+        if e.get("dst.workload") == pod and str(e.get("src.addr", "")).startswith(prefix):
+            return e.get("src.identity") or ""
+    return None
+
+
+def settle(
+    requests: list[HttpRequest],
+    waypoints: dict[str, WaypointProcess],
+    proxies: dict[str, ZtunnelProcess],
+    mesh: Mesh,
+) -> None:
+    """Read what each hop logged and judge each request. The waypoints are stopped first: a
+    waypoint keeps its connections to pods for the next request, and a ztunnel logs a
+    connection when it closes."""
+    logged: dict[str, dict[str, Any]] = {}
+    for process in waypoints.values():
+        process.stop()  # its access log is complete once it has exited
+        for entry in process.claim_entries(lambda e: "x_request_id" in e, timeout=0.0):
+            logged[entry["x_request_id"]] = entry
+    inbound: list[dict[str, Any]] = []
+    for proxy in proxies.values():
+        # The ztunnels log the waypoints' connections as they close: read until a quiet spell.
+        deadline = time.monotonic() + LOG_SETTLE_TIMEOUT
+        while time.monotonic() < deadline:
+            more = proxy.claim_entries(lambda e: e.get("direction") == "inbound", timeout=0.3)
+            if not more:
+                break
+            inbound += more
+    by_name = {w.name: w for w in mesh.workloads}
+    for request in requests:
+        found = logged.get(request.request_id)
+        pod = by_name.get(request.answered_by)
+        # The waypoint's own connections come from its pod; a bypass comes from the client.
+        source = _waypoint_pod(mesh, request.waypoint) if request.waypoint else request.client
+        request.destination_saw = _saw(inbound, request.answered_by, source)
+        if request.waypoint is not None:
+            request.route = found["route_name"] if found else ""
+            request.waypoint_saw = found.get("downstream_peer_uri_san") if found else None
+        node = pod.node if pod else "?"
+        if request.waypoint is not None:
+            request.hops = [
+                request.client.name,
+                f"ztunnel {request.client.node}",
+                "HBONE",
+                f"waypoint {request.waypoint} on {source.node if source else '?'} "
+                f"(route {request.route or '?'})",
+                "HBONE",
+                f"ztunnel {node}",
+                request.answered_by or "?",
+            ]
+            waypoint_identity = str(source.identity) if source else None
+            request.ok = (
+                request.status == 200
+                and request.answered_by in request.allowed
+                and found is not None
+                and request.waypoint_saw == str(request.client.identity)
+                and request.destination_saw == waypoint_identity
+            )
+        else:
+            request.hops = [
+                request.client.name,
+                "(outside the mesh: no ztunnel, no waypoint)",
+                "plaintext",
+                f"ztunnel {node}",
+                request.answered_by or "?",
+            ]
+            request.ok = (
+                request.status == 200
+                and request.answered_by in request.allowed
+                and found is None
+                and request.destination_saw == ""
+            )
+
+
+def _waypoint_pod(mesh: Mesh, key: str) -> Workload | None:
+    waypoint = mesh.waypoint(key)
+    if waypoint is None or not waypoint.workload_uids:
+        return None
+    return mesh.workload_by_uid(waypoint.workload_uids[0])
+
+
+def waypoint_pods(mesh: Mesh) -> set[str]:
+    """The uids of every waypoint's own pods (not clients or servers of the demo)."""
+    return {uid for w in mesh.waypoints for uid in w.workload_uids}
+
+
+def print_requests(out: Callable[[str], None], requests: list[HttpRequest]) -> None:
+    if not requests:
+        return
+    out("HTTP through the waypoint (the seed's second figure):")
+    for r in requests:
+        mark = "ok " if r.ok else "BAD"
+        out(f"  [{mark}] {r.label}")
+        out(f"        path: {' -> '.join(r.hops)}")
+        answered = f"{r.status} from {r.answered_by}" if r.status else r.failure
+        if r.waypoint is not None:
+            out(
+                f"        {answered}; the waypoint saw {r.waypoint_saw or 'no identity'}; "
+                f"{r.answered_by}'s ztunnel saw {r.destination_saw or 'no identity'}"
+            )
+        else:
+            saw = "no identity (plaintext)" if r.destination_saw == "" else r.destination_saw
+            out(f"        {answered}; bypassed the waypoint; {r.answered_by}'s ztunnel saw {saw}")
