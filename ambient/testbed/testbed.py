@@ -22,6 +22,7 @@ from ..config import load_mesh
 from ..identity import CertificateAuthority
 from ..identity.ca import ROOT_CERT_FILE
 from ..mesh import Mesh, Workload
+from ..waypoint.process import WaypointProcess
 from ..zds import ZdsServer
 from ..ztunnel.process import ZtunnelProcess
 from . import netns, network, redirect
@@ -65,6 +66,8 @@ class Testbed:
     mesh: Mesh = field(init=False, default_factory=Mesh)
     topology: Topology | None = field(init=False, default=None)
     nodes: dict[str, NodeProxy] = field(init=False, default_factory=dict)
+    # The waypoints the mesh declares: one `ambient waypoint` per waypoint pod, in its namespace.
+    waypoints: dict[str, WaypointProcess] = field(init=False, default_factory=dict)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -102,6 +105,29 @@ class Testbed:
                 if pod.in_mesh:
                     self._hand_over(zds, pod)
         self._start_ztunnels(ca_dir)
+        self._start_waypoints(ca_dir)
+
+    def _start_waypoints(self, ca_dir: Path) -> None:
+        """Each pod of each waypoint Gateway runs its own ``ambient waypoint`` inside its network
+        namespace (the pod is outside the mesh's capture: it speaks HBONE itself)."""
+        for waypoint in self.mesh.waypoints:
+            for uid in waypoint.workload_uids:
+                workload = self.mesh.workload_by_uid(uid)
+                if workload is None or workload.name in self.waypoints:
+                    continue
+                self.waypoints[workload.name] = WaypointProcess(
+                    waypoint.key,
+                    list(self.mesh_files),
+                    ca_dir,
+                    self.workdir,
+                    "--drain-deadline",
+                    str(DRAIN_DEADLINE),
+                    pod=workload.key,
+                    netns=self.pod(workload.name).netns,
+                )
+                self._write_state("starting")
+        for process in self.waypoints.values():
+            process.wait_ready()
 
     def _start_ztunnels(self, ca_dir: Path) -> None:
         for proxy in self.nodes.values():
@@ -156,6 +182,9 @@ class Testbed:
     def down(self) -> list[str]:
         """Stop the ztunnels and the CNI sockets, remove every namespace; returns what could not
         be removed (empty when all went)."""
+        for waypoint in self.waypoints.values():
+            waypoint.stop()
+        self.waypoints = {}
         for proxy in self.nodes.values():
             if proxy.process is not None:
                 proxy.process.stop()
@@ -179,10 +208,11 @@ class Testbed:
 
     def _write_state(self, status: str) -> None:
         pids = [p.process.process.pid for p in self.nodes.values() if p.process is not None]
+        pids += [w.process.pid for w in self.waypoints.values()]
         state = {
             "status": status,
             "netns": self._netns_names(),
-            "ztunnel_pids": pids,
+            "proxy_pids": pids,  # the ztunnels' and the waypoints'
             "pid": os.getpid(),
         }
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -201,6 +231,10 @@ class Testbed:
             if pod.name == name:
                 return pod
         raise TestbedError(f"no pod named {name!r} in the testbed")
+
+    def waypoint(self, pod: str) -> WaypointProcess:
+        """The ``ambient waypoint`` of waypoint pod ``pod``."""
+        return self.waypoints[pod]
 
     def proxy(self, node: str) -> ZtunnelProcess:
         process = self.nodes[node].process
@@ -241,7 +275,7 @@ def down(workdir: Path) -> list[str]:
         deadline = time.monotonic() + OWNER_STOP_TIMEOUT
         while time.monotonic() < deadline and _signal(owner, 0):
             time.sleep(0.05)
-    for pid in state.get("ztunnel_pids", []):
+    for pid in state.get("proxy_pids", state.get("ztunnel_pids", [])):
         _signal(pid, signal.SIGKILL)
     problems = network.teardown(state.get("netns", []))
     state_path.unlink(missing_ok=True)

@@ -9,7 +9,8 @@ from ..ztunnel.process import ProxyProcess
 
 
 class WaypointProcess(ProxyProcess):
-    """``ambient waypoint --gateway NAMESPACE/NAME``."""
+    """``ambient waypoint --gateway NAMESPACE/NAME [--pod NAMESPACE/POD]``: with ``pod`` (and
+    ``netns``, the pod's network namespace) one pod of the Gateway, as on the testbed."""
 
     def __init__(
         self,
@@ -18,9 +19,11 @@ class WaypointProcess(ProxyProcess):
         ca_dir: Path,
         workdir: Path,
         *extra: str,
+        pod: str | None = None,
         netns: str | None = None,
     ) -> None:
         self.gateway = gateway
-        label = "waypoint-" + gateway.replace("/", "-")
-        command = ["waypoint", "--gateway", gateway]
+        self.pod = pod
+        label = "waypoint-" + (pod or gateway).replace("/", "-")
+        command = ["waypoint", "--gateway", gateway, *(["--pod", pod] if pod else [])]
         super().__init__(label, command, mesh_files, ca_dir, workdir, *extra, netns=netns)
