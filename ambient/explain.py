@@ -16,6 +16,7 @@ from . import routing
 from .mesh import HealthStatus, IPAddress, Mesh, Workload
 from .policy.engine import Authorizer, connection
 from .routing import Transport
+from .waypoint.table import explain_route
 
 
 class ExplainError(ValueError):
@@ -137,7 +138,19 @@ def _inbound(
     return Leg(hops, transport, decision.allowed, decision.reason, dst, policies.explain(conn))
 
 
-def explain(mesh: Mesh, source: str, destination: str) -> Explanation:
+@dataclass(frozen=True)
+class HttpRequest:
+    """An HTTP request to explain at a waypoint (``ambient explain --method --path --header``)."""
+
+    method: str = "GET"
+    path: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def explain(
+    mesh: Mesh, source: str, destination: str, request: HttpRequest | None = None
+) -> Explanation:
+    request = request or HttpRequest()
     src, src_ip = _source(mesh, source)
     try:
         dst_ip, port = routing.resolve(mesh, destination)
@@ -232,9 +245,19 @@ def explain(mesh: Mesh, source: str, destination: str) -> Explanation:
                 f"{route.dial}, authority {route.authority}, expecting "
                 f"{', '.join(route.identities)}"
             )
+            decided = explain_route(
+                mesh,
+                route.waypoint.key,
+                route.authority or routing.format_address(dst_ip, port),
+                request.method,
+                request.path,
+                list(request.headers),
+                src.namespace,
+            )
+            hops.append(f"waypoint {route.waypoint.key}: {decided}")
             hops.append(
-                f"waypoint {route.waypoint.key}: L7 policy and routing (not evaluated "
-                "at L4), then a second HBONE tunnel as the waypoint's identity"
+                f"waypoint {route.waypoint.key}: a second HBONE tunnel, as the waypoint's own "
+                "identity, to the chosen pod's ztunnel (L7 policy is not evaluated here)"
             )
             out.legs.append(
                 Leg(

@@ -285,3 +285,51 @@ def compile_table(mesh: Mesh, waypoint: str) -> dict[str, Any]:
 
 def table_json(mesh: Mesh, waypoint: str) -> str:
     return orjson.dumps(compile_table(mesh, waypoint)).decode()
+
+
+def explain_route(
+    mesh: Mesh,
+    waypoint: str,
+    target: str,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    client_namespace: str,
+) -> str:
+    """What waypoint ``waypoint`` does with ``method path`` sent to ``target`` (``ip:port``) by a
+    client in ``client_namespace``, in words: the rule the core's table takes (the same matcher
+    the waypoint runs per request) and where its backends are."""
+    from .._core import WaypointTable  # the compiled matcher; config tools need no core otherwise
+
+    compiled = compile_table(mesh, waypoint)
+    table = WaypointTable(orjson.dumps(compiled).decode())
+    ip, _, _ = target.rpartition(":")
+    found = compiled["targets"].get(ip.strip("[]"))
+    if found is None:
+        return f"refused with 421: {target} is not bound to waypoint {waypoint}"
+    if found["kind"] == "workload":
+        endpoint = compiled["endpoints"][found["endpoint"]]
+        return f"{method} {path}: to pod {endpoint['name']} itself (direct to a pod: no routing)"
+    route_path, _, query = path.partition("?")
+    try:
+        name = table.route(target, method, route_path, query or None, headers, client_namespace)
+    except ValueError as e:
+        return f"refused with 421: {e}"
+    if name is None:
+        return f"{method} {path}: 404, no rule of the routes attached to the Service matches"
+    service = compiled["services"][found["service"]]
+    port = service["ports"][target.rpartition(":")[2]]
+    rule = next(r for r in [*port["rules"], port["default"]] if r["route"] == name)
+    if rule.get("redirect"):
+        return (
+            f"{method} {path}: takes {name}, answered with a {rule['redirect']['status']} redirect"
+        )
+    backends = []
+    for b in rule["backends"]:
+        pods = sorted({compiled["endpoints"][i]["name"] for i, _ in b["endpoints"]})
+        if b["invalid"]:
+            state = f"invalid: {b['invalid']} (500)"
+        else:
+            state = ", ".join(pods) if pods else "no ready endpoint (503)"
+        backends.append(f"{b['service']} weight {b['weight']}: {state}")
+    return f"{method} {path}: takes {name} -> " + "; ".join(backends or ["no backend (500)"])

@@ -175,3 +175,80 @@ def test_a_bad_config_exits_2(capsys, tmp_path):
     bad.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n")
     code, _, err = run(capsys, "--config", str(bad), "1.2.3.4", "1.2.3.5:80")
     assert code == 2 and "metadata.namespace" in err
+
+
+WAYPOINT_MESH = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: default}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: wp-1
+  namespace: default
+  labels: {gateway.networking.k8s.io/gateway-name: wp, istio.io/dataplane-mode: none}
+spec: {nodeName: n3, serviceAccountName: wp}
+status: {podIP: 10.0.3.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default}
+spec: {nodeName: n1}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: default, labels: {app: api}}
+spec: {nodeName: n2}
+status: {podIP: 10.0.2.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.1, selector: {app: api}, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v1}, headers: [{name: x-user, value: alice}]}]
+    backendRefs: [{name: api, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]
+"""
+
+
+@pytest.mark.parametrize(
+    "args,hop",
+    [
+        (
+            ["--path", "/v1/users", "--header", "X-User: alice"],
+            "GET /v1/users: takes default/api#0 -> default/api weight 1: default/api-1",
+        ),
+        (
+            ["--path", "/v1/users"],
+            "GET /v1/users: 404, no rule of the routes attached to the Service matches",
+        ),
+        (
+            ["--method", "post", "--path", "/old"],
+            "POST /old: takes default/api#1, answered with a 301",
+        ),
+    ],
+    ids=["header match", "no rule matches", "redirect"],
+)
+def test_through_a_waypoint_the_route_of_an_http_request_is_shown(tmp_path, capsys, args, hop):
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(WAYPOINT_MESH)
+    code = main(["explain", "--config", str(mesh), "default/client", "10.96.0.1:80", *args])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "HBONE (mTLS) to waypoint default/wp at 10.0.3.1:15008" in out
+    assert f"waypoint default/wp: {hop}" in out
