@@ -1,5 +1,6 @@
-"""``ambient top``: a live view of a running ztunnel from its metrics and admin endpoints —
-connections, byte rates and errors per peer workload, refreshed in place."""
+"""``ambient top``: a live view of a running ztunnel or waypoint from its metrics and admin
+endpoints — connections, byte rates and errors per peer workload, and a waypoint's requests per
+Service and response code (rate, flags), refreshed in place."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class Sample:
     rows: dict[tuple[str, str, str], Row] = field(default_factory=dict)  # (direction, peer, mtls)
     node: str = "?"
     pods: list[str] = field(default_factory=list)
+    # A waypoint's requests: (destination service, response code, response flags) -> total.
+    requests: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    waypoint: str | None = None
 
 
 def _get(url: str) -> bytes:
@@ -58,8 +62,22 @@ def sample(metrics: str, admin: str | None, now: Callable[[], float] = time.mono
         raise ConnectionError(f"metrics endpoint {metrics}: {e}") from None
     out = Sample(now())
     rows: dict[tuple[str, str, str], Row] = defaultdict(Row)
+    requests: dict[tuple[str, str, str], float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            if s.name == "istio_requests_total" and s.labels.get("reporter") == "waypoint":
+                labels = s.labels
+                service = (
+                    f"{labels.get('destination_service_namespace', '?')}/"
+                    f"{labels.get('destination_service_name', '?')}"
+                )
+                key3 = (
+                    service,
+                    labels.get("response_code", "?"),
+                    labels.get("response_flags", "-"),
+                )
+                requests[key3] += s.value
+                continue
             kind = COUNTERS.get(s.name)
             if kind is None:
                 continue
@@ -76,10 +94,12 @@ def sample(metrics: str, admin: str | None, now: Callable[[], float] = time.mono
             if kind == "closed" and labels.get("response_flags") == "DENY":
                 row.denied += s.value
     out.rows = dict(rows)
+    out.requests = dict(requests)
     if admin:
         try:
             dump = orjson.loads(_get(f"http://{admin}/config_dump"))
             out.node = dump.get("node", "?")
+            out.waypoint = dump.get("waypoint")
             out.pods = list(dump.get("servedPods", []))
         except OSError as e:
             raise ConnectionError(f"admin endpoint {admin}: {e}") from None
@@ -95,11 +115,22 @@ def _rate(now: float, then: float, seconds: float) -> str:
     return f"{per_second:.1f} TB/s"
 
 
+def _requests(current: Sample, previous: Sample | None, seconds: float) -> Table:
+    table = Table(title="requests through the waypoint", title_justify="left")
+    for column in ("service", "code", "flags", "total", "rate"):
+        table.add_column(column, justify="right" if column in ("total", "rate") else "left")
+    for key in sorted(current.requests):
+        total = current.requests[key]
+        before = previous.requests.get(key, 0.0) if previous else total
+        rate = max(0.0, total - before) / seconds if seconds > 0 else 0.0
+        table.add_row(key[0], key[1], key[2], f"{total:.0f}", f"{rate:.1f}/s")
+    return table
+
+
 def render(current: Sample, previous: Sample | None) -> Group:
     seconds = current.at - previous.at if previous else 0.0
-    table = Table(
-        title=f"ztunnel {current.node} — {len(current.pods)} pods served", title_justify="left"
-    )
+    who = f"waypoint {current.waypoint}" if current.waypoint else f"ztunnel {current.node}"
+    table = Table(title=f"{who} — {len(current.pods)} pods served", title_justify="left")
     for column in (
         "dir",
         "peer workload",
@@ -131,6 +162,8 @@ def render(current: Sample, previous: Sample | None) -> Group:
     note = Text(
         "rates need two samples" if previous is None else f"every {seconds:.1f} s", style="dim"
     )
+    if current.waypoint is not None or current.requests:
+        return Group(table, _requests(current, previous, seconds), note)
     return Group(table, note)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import textwrap
+import threading
 import urllib.request
 from collections import Counter
 from typing import Any
@@ -668,3 +669,32 @@ def test_request_mirror_sends_a_copy_and_ignores_its_answer(env):
     wait_until(lambda: mirror.requests - before >= 5, what="5 mirrored requests")
     shadows = [s for s in list(mirror.seen) if s["path"] == "/mirrored"]
     assert shadows and all(s["headers"]["host"] == "127.60.100.14-shadow" for s in shadows)
+
+
+def test_top_shows_the_waypoints_request_rate_and_codes(env, capsys):
+    from ambient.cli import main
+
+    get("127.60.100.6", "/nothing-matches")
+    client = Client("127.60.100.1")
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            client.echo("/topped")
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        view = ["top", "--metrics", env.waypoint.metrics, "--admin", env.waypoint.admin]
+        assert main([*view, "--once", "--interval", "0.5"]) == 0
+    finally:
+        stop.set()
+        sender.join(10)
+        client.close()
+    out = capsys.readouterr().out
+    assert "waypoint default/waypoint — 1 pods served" in out
+    echo = next(line for line in out.splitlines() if "default/echo " in line and " 200 " in line)
+    assert float(echo.split("│")[-2].strip().removesuffix("/s")) > 0  # requests flowing now
+    assert any(
+        "default/rules" in line and " 404 " in line and "NR" in line for line in out.splitlines()
+    )
