@@ -9,25 +9,30 @@ server backs one and the client is in the mesh, the pod IP otherwise. Nothing in
 about the mesh: istio-cni's rules hand their connections to the node's in-pod ztunnel.
 
 For each flow the demo prints which replica answered, the path and transport the ztunnels logged,
-the identity the server side saw and the source address the application saw; it exits 0 only
-when every flow took the path the seed says it must.
+the identity the server side saw and the source address the application saw. Then the seed's
+second figure, as in loopback mode (``ambient.demo_waypoint``): HTTP requests from the in-mesh
+clients to Service ``web``, bound to a waypoint whose pod runs its own ``ambient waypoint``, and
+one from outside the mesh straight to a pod IP. It exits 0 only when every flow and request took
+the path the seed says it must.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import demo_waypoint
 from .demo import load_demo_mesh
 from .mesh import Mesh, Service, Workload
-from .testbed import TestbedError
-from .testbed.pods import ask, inbound_entries, outbound_entries, serve_app
+from .testbed import TestbedError, netns
+from .testbed.pods import ask, connect, inbound_entries, outbound_entries, serve_app
 from .testbed.testbed import Testbed
-from .testing import App
+from .testing import App, HttpEcho
 
 APP_PORT = 8080
 PAYLOAD = b"hello through the mesh, transparently\n" * 512
@@ -53,12 +58,21 @@ class Flow:
         return f"{self.client.name} -> {self.server.name} via pod IP {address}"
 
 
+def http_servers(mesh: Mesh) -> set[str]:
+    """Pods behind a waypoint: they answer HTTP (demo_waypoint's requests), not the TCP flows."""
+    return {e.workload_uid for s in mesh.services if s.waypoint is not None for e in s.endpoints}
+
+
 def plan_flows(mesh: Mesh) -> list[Flow]:
     """Every client pod (one without container ports) to every server pod's IP, and every
     in-mesh client once to each Service (which endpoint answers is ztunnel's choice). There is
     no kube-proxy on the testbed: outside the mesh, Services are not reachable."""
-    servers = [w for w in mesh.workloads if w.container_ports and w.ips]
-    clients = [w for w in mesh.workloads if not w.container_ports and w.ips]
+    http = http_servers(mesh)
+    proxies = demo_waypoint.waypoint_pods(mesh)
+    servers = [w for w in mesh.workloads if w.container_ports and w.ips and w.uid not in http]
+    clients = [
+        w for w in mesh.workloads if not w.container_ports and w.ips and w.uid not in proxies
+    ]
     flows = [
         Flow(client, server, None, (str(server.ips[0]), APP_PORT))
         for server in servers
@@ -152,23 +166,51 @@ def run(
             out(f"ambient demo --netns: {e}")
             return 2
         apps: dict[str, App] = {}
+        web: list[HttpEcho] = []
+        requests: list[demo_waypoint.HttpRequest] = []
+        http = http_servers(mesh)
         try:
             for w in mesh.workloads:
-                if w.container_ports:
+                if w.container_ports and w.uid in http:
+                    web.append(serve_http(w.name))
+                elif w.container_ports:
                     apps[w.name] = serve_app(w.name, f"name:{w.name}")
             flows = plan_flows(mesh)
             for flow in flows:
                 run_flow(bed, mesh, flow, apps)
+            requests = demo_waypoint.plan_requests(mesh, lambda w: not w.container_ports)
+            for request in requests:
+                demo_waypoint.send(request, _from_pod)
+            if requests:
+                proxies = {node: bed.proxy(node) for node in bed.nodes}
+                demo_waypoint.settle(requests, bed.waypoints, proxies, mesh)
             _print(out, mesh, flows, config, time.monotonic() - started)
+            demo_waypoint.print_requests(out, requests)
+            if requests:
+                good = sum(r.ok for r in requests)
+                out(f"  {good}/{len(requests)} HTTP requests took the expected path")
             if keep:
                 _keep_running(out, bed)
         finally:
             for app in apps.values():
                 app.close()
+            for server in web:
+                server.close()
             problems = bed.down()
             for problem in problems:
                 out(f"teardown: {problem}")
-    return 0 if flows and all(not f.problem for f in flows) else 1
+    ok = all(not f.problem for f in flows) and all(r.ok for r in requests)
+    return 0 if flows and ok else 1
+
+
+def _from_pod(request: demo_waypoint.HttpRequest) -> socket.socket:
+    """A connection made inside the client pod: its capture rules (if any) apply."""
+    return connect(request.client.name, *request.target)
+
+
+def serve_http(pod: str) -> HttpEcho:
+    """An HTTP server that answers with its pod's name, on 0.0.0.0:8080 in ``pod``'s namespace."""
+    return netns.in_netns(pod, lambda: HttpEcho(pod, ("0.0.0.0", APP_PORT)))
 
 
 def _print(
@@ -201,6 +243,7 @@ def _keep_running(out: Callable[[str], None], bed: Testbed) -> None:
 
     out("the testbed keeps running (Ctrl-C to stop); try, in another shell:")
     out("  ip netns exec c1 curl -s telnet://10.96.0.10:80 <<< hello   (C1 to Service echo)")
+    out("  ip netns exec c1 curl -s http://10.96.0.20/   (C1 to Service web, via the waypoint)")
     for node in bed.nodes:
         proxy = bed.proxy(node)
         out(f"  ztunnel {node}: access log {proxy.log_path}")

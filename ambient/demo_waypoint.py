@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +78,12 @@ def allowed_pods(mesh: Mesh, service: Service, port: int, client: Workload, path
     return pods
 
 
-def plan_requests(mesh: Mesh) -> list[HttpRequest]:
-    clients = [w for w in mesh.workloads if w.in_mesh and w.app_address is None and w.ips]
+def plan_requests(
+    mesh: Mesh, is_client: Callable[[Workload], bool] = lambda w: w.app_address is None
+) -> list[HttpRequest]:
+    """GETs from every in-mesh client (``is_client``: in loopback mode, a pod without an app
+    address) to each Service bound to a waypoint, and one from outside the mesh to a pod IP."""
+    clients = [w for w in mesh.workloads if w.in_mesh and is_client(w) and w.ips]
     proxies = waypoint_pods(mesh)
     outsiders = [
         w for w in mesh.workloads if not w.in_mesh and w.node and w.ips and w.uid not in proxies
@@ -116,14 +121,25 @@ def plan_requests(mesh: Mesh) -> list[HttpRequest]:
     return planned
 
 
-def send(request: HttpRequest) -> None:
+def through_socks5(request: HttpRequest) -> socket.socket:
+    """Loopback mode: an in-mesh client reaches the mesh through its ztunnel's SOCKS5 port, a
+    client outside the mesh dials the target itself, from its pod IP."""
     client_ip = str(request.client.ips[0])
+    if request.client.in_mesh:
+        return socks5.connect((client_ip, routing.SOCKS5_PORT), request.target, source=client_ip)
+    return socket.create_connection(request.target, timeout=10, source_address=(client_ip, 0))
+
+
+def send(
+    request: HttpRequest, connect: Callable[[HttpRequest], socket.socket] = through_socks5
+) -> None:
+    """Send the request with the standard library's HTTP client, on a connection made by
+    ``connect`` (the testbed dials from inside the client pod, its capture rules apply)."""
     host, port = request.target
-    conn = http.client.HTTPConnection(host, port, timeout=10, source_address=(client_ip, 0))
+    conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        if request.client.in_mesh:
-            proxy = (client_ip, routing.SOCKS5_PORT)
-            conn.sock = socks5.connect(proxy, request.target, source=client_ip)
+        conn.sock = connect(request)
+        conn.sock.settimeout(10)
         conn.request("GET", request.path, headers={"x-request-id": request.request_id})
         response = conn.getresponse()
         body = response.read()
@@ -150,8 +166,8 @@ def _saw(entries: list[dict[str, Any]], pod: str, source: Workload | None) -> st
 
 def settle(
     requests: list[HttpRequest],
-    waypoints: dict[str, WaypointProcess],
-    proxies: dict[str, ZtunnelProcess],
+    waypoints: Mapping[str, WaypointProcess],
+    proxies: Mapping[str, ZtunnelProcess],
     mesh: Mesh,
 ) -> None:
     """Read what each hop logged and judge each request. The waypoints are stopped first: a

@@ -25,4 +25,13 @@ def test_demo_netns_shows_every_flow_on_its_expected_path() -> None:
     assert "peer identity seen: spiffe://cluster.local/ns/default/sa/c2" in out
     assert "outside -> (no capture) -> plaintext -> ztunnel w2 -> s1" in out
     assert out.count("c1 -> Service echo 10.96.0.10:80: answered by s") == 1
-    assert not any(netns.exists(n) for n in ("c1", "s1", "node-w1", "ambient-underlay"))
+    # The seed's second figure: HTTP through the waypoint pod, routed to web-v1.
+    assert "10/10 HTTP requests took the expected path" in out
+    assert (
+        "c3 -> ztunnel w2 -> HBONE -> waypoint default/waypoint on w1 (route default/web#0) "
+        "-> HBONE -> ztunnel w2 -> web-v1" in out
+    )
+    assert "web-v1's ztunnel saw spiffe://cluster.local/ns/default/sa/waypoint" in out
+    assert "bypassed the waypoint; web-v1's ztunnel saw no identity (plaintext)" in out
+    left = ("c1", "s1", "waypoint", "node-w1", "ambient-underlay")
+    assert not any(netns.exists(n) for n in left)
