@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pyo3::prelude::*;
+use serde::Serialize;
 
 use crate::accesslog::AccessLog;
 
@@ -138,30 +139,58 @@ impl Exchange {
             values.response_bytes.observe(response_bytes as f64);
         }
         if let Some(log) = log {
-            let line = serde_json::json!({
-                "method": self.method,
-                "authority": self.authority,
-                "path": self.path,
-                "protocol": self.protocol,
-                "response_code": code,
-                "response_flags": flags,
-                "response_code_details": details,
-                "route_name": &*self.route,
-                "upstream_host": self.upstream.map(|a| a.to_string()),
-                "upstream_workload": non_empty(&self.key.endpoint),
-                "upstream_peer_uri_san": non_empty(&self.key.endpoint_principal),
-                "destination_service": non_empty(&self.key.service),
-                "downstream_remote_address": self.client.to_string(),
-                "downstream_peer_uri_san": non_empty(&self.key.source_principal),
-                "x_request_id": self.request_id,
-                "user_agent": self.user_agent,
-                "duration": (millis * 1000.0).round() / 1000.0,
-                "bytes_received": request_bytes,
-                "bytes_sent": response_bytes,
-            });
-            log.get().send(format!("{line}\n"));
+            let line = Line {
+                method: &self.method,
+                authority: &self.authority,
+                path: &self.path,
+                protocol: self.protocol,
+                response_code: code,
+                response_flags: flags,
+                response_code_details: details,
+                route_name: &self.route,
+                upstream_host: self.upstream,
+                upstream_workload: non_empty(&self.key.endpoint),
+                upstream_peer_uri_san: non_empty(&self.key.endpoint_principal),
+                destination_service: non_empty(&self.key.service),
+                downstream_remote_address: self.client,
+                downstream_peer_uri_san: non_empty(&self.key.source_principal),
+                x_request_id: &self.request_id,
+                user_agent: self.user_agent.as_deref(),
+                duration: (millis * 1000.0).round() / 1000.0,
+                bytes_received: request_bytes,
+                bytes_sent: response_bytes,
+            };
+            // Straight into the line's text: no JSON value tree per request.
+            if let Ok(mut text) = serde_json::to_string(&line) {
+                text.push('\n');
+                log.get().send(text);
+            }
         }
     }
+}
+
+/// One request's access-log line: Envoy's field names, as Istio's waypoint logs them.
+#[derive(Serialize)]
+struct Line<'a> {
+    method: &'a str,
+    authority: &'a str,
+    path: &'a str,
+    protocol: &'a str,
+    response_code: u16,
+    response_flags: &'a str,
+    response_code_details: Option<&'a str>,
+    route_name: &'a str,
+    upstream_host: Option<SocketAddr>,
+    upstream_workload: Option<&'a str>,
+    upstream_peer_uri_san: Option<&'a str>,
+    destination_service: Option<&'a str>,
+    downstream_remote_address: SocketAddr,
+    downstream_peer_uri_san: Option<&'a str>,
+    x_request_id: &'a str,
+    user_agent: Option<&'a str>,
+    duration: f64,
+    bytes_received: u64,
+    bytes_sent: u64,
 }
 
 fn non_empty(s: &str) -> Option<&str> {
