@@ -51,7 +51,8 @@ class NodeProxy:
 class Testbed:
     """``Testbed(files, workdir).up()`` … ``.down()``; or ``with Testbed(...) as bed:``.
 
-    ``node_args``: extra ``ambient ztunnel`` arguments per node (e.g. ``--trust-domain``).
+    ``node_args``: extra ``ambient ztunnel`` arguments per node (e.g. ``--trust-domain``);
+    ``waypoint_args``: extra ``ambient waypoint`` arguments (e.g. ``--workers``).
     """
 
     __test__ = False  # not a pytest test class, despite its name
@@ -62,6 +63,7 @@ class Testbed:
     # Another name lets a second testbed (a benchmark's) exist beside this one.
     underlay_netns: str = "ambient-underlay"
     ztunnel_args: Sequence[str] = ()
+    waypoint_args: Sequence[str] = ()
     node_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     mesh: Mesh = field(init=False, default_factory=Mesh)
     topology: Topology | None = field(init=False, default=None)
@@ -122,6 +124,7 @@ class Testbed:
                     self.workdir,
                     "--drain-deadline",
                     str(DRAIN_DEADLINE),
+                    *self.waypoint_args,
                     pod=workload.key,
                     netns=self.pod(workload.name).netns,
                 )
