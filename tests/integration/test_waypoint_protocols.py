@@ -333,3 +333,24 @@ def test_a_route_change_applies_to_new_requests_and_the_live_one_finishes(env):
         env.mesh_file.write_text(text)
         env.waypoint.signal(signal.SIGHUP)
         wait_until(lambda: pod("/restored") == "web-1", what="the route restored")
+
+
+def test_sigterm_drains_a_live_request_then_exits_0(env):
+    # Last in this module: it stops the waypoint.
+    done: dict[str, object] = {}
+
+    def slow() -> None:
+        conn = http.client.HTTPConnection("127.62.100.2", 80, timeout=20)
+        conn.sock = socks5.connect((CLIENT, 15080), ("127.62.100.2", 80), source=CLIENT)
+        conn.request("GET", "/draining", headers={"x-echo-delay": "1.5"})
+        response = conn.getresponse()
+        done.update(status=response.status, pod=json.loads(response.read())["pod"])
+        conn.close()
+
+    live = threading.Thread(target=slow)
+    live.start()
+    wait_until(lambda: any(s["path"] == "/draining" for s in env.http[0].seen), what="in flight")
+    env.waypoint.signal(signal.SIGTERM)
+    live.join(15)
+    assert done == {"status": 200, "pod": "web-1"}
+    assert env.waypoint.process.wait(15) == 0
