@@ -454,12 +454,8 @@ class HTTPRouteFilter(Closed, kw_only=True):
     extensionRef: dict[str, Any] | None = None
 
 
-class HTTPBackendRef(Closed, kw_only=True):
-    group: str = ""
-    kind: str = "Service"
-    name: DnsSubdomain
-    namespace: DnsLabel | None = None
-    port: PortNumber | None = None
+class HTTPBackendRef(BackendObjectReference, kw_only=True):
+    # Gateway API: a BackendRef is a BackendObjectReference with a weight (and, here, filters).
     weight: Weight = 1
     filters: list[HTTPRouteFilter] = field(default_factory=list)
 

@@ -45,6 +45,9 @@ def decoder(cls: Any) -> Callable[[Callable[[Any], T]], Callable[[Any], T]]:
 def _decode(cls: type, value: Any) -> Any:
     fn = DECODERS.get(cls)
     if fn is None:
+        # msgspec's dec_hook protocol: NotImplementedError means "not a type this hook
+        # decodes", and msgspec reports the value as of an unsupported type. Only reachable
+        # if a model names a custom type no @decoder registered: a bug here, not user input.
         raise NotImplementedError(f"no decoder for {cls.__name__}")
     return fn(value)
 
