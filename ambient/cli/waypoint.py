@@ -5,7 +5,6 @@ tunnel to the chosen endpoint's ztunnel."""
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import signal
 import sys
@@ -15,18 +14,15 @@ from typing import Any
 
 import orjson
 
-from ..config import ConfigError, MeshCache, load_mesh
+from ..config import MeshCache
 from ..hbone import DataPlane
 from ..identity.ca import WORKLOAD_CERT_TTL
-from ..identity.manager import CertificateManager
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..waypoint.proxy import Waypoint
 from ..waypoint.telemetry import RequestExposition
-from ..ztunnel import admin
-from ..ztunnel.admin import Endpoint
-from ..ztunnel.connection import AccessLog
 from ..ztunnel.reload import ConfigWatcher
-from .common import add_limit_arguments, limit_options, load_ca, raise_fd_limit, socket_address
+from . import proxy
+from .common import add_limit_arguments, limit_options, raise_fd_limit, socket_address
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +85,6 @@ def register(commands: Any) -> None:
     w.set_defaults(run=run)
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def _config_dump(waypoint: Waypoint, reload: dict[str, object]) -> dict[str, Any]:
     return {
         "reload": reload,
@@ -114,15 +105,10 @@ def _config_dump(waypoint: Waypoint, reload: dict[str, object]) -> dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
-    cache = MeshCache()
-    try:
-        mesh = load_mesh(args.config, trust_domain=args.trust_domain, cache=cache)
-    except ConfigError as e:
-        for issue in e.issues:
-            print(f"error: {issue}", file=sys.stderr)
+    cache = MeshCache()  # kept for the reloads
+    mesh = proxy.load(args.config, args.trust_domain, cache)
+    if mesh is None:
         return 2
-    for warning in mesh.warnings:
-        log.warning("%s", warning)
     if mesh.waypoint(args.gateway) is None:
         print(
             f"ambient waypoint: {args.gateway} is not a waypoint of the mesh (a Gateway with "
@@ -130,22 +116,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    ca = load_ca(args.ca_dir)
-    stream = None
-    if args.access_log == "-":
-        stream = sys.stdout
-    elif args.access_log != "off":
-        stream = open(args.access_log, "a", buffering=1)  # noqa: SIM115 (lives as long as we do)
-    access_log = AccessLog(stream) if stream else None
+    access_log = proxy.open_access_log(args.access_log)
     stop = threading.Event()
     raise_fd_limit()
     with DataPlane(args.workers, **limit_options(args)) as dp:
-        certificates = CertificateManager(
-            ca,
-            dp.load_identity,
-            uninstall=dp.core.remove_identity,
-            ttl=dt.timedelta(seconds=args.certificate_ttl),
-        )
+        certificates = proxy.certificates(args, dp)
         pods = frozenset(args.pod) if args.pod else None
         core_log = access_log.core() if access_log is not None else None
         waypoint = Waypoint(args.gateway, dp, certificates, pods=pods, access_log=core_log)
@@ -159,23 +134,14 @@ def run(args: argparse.Namespace) -> int:
             cache=cache,
         )
         try:
-            endpoints = [
-                Endpoint(
-                    _address(args.admin_address),
-                    admin.admin(lambda: _config_dump(waypoint, watcher.status()), stop.set),
-                    localhost_only=True,
-                ),
-                Endpoint(
-                    _address(args.metrics_address),
-                    admin.metrics(
-                        RequestExposition(waypoint.table, lambda: waypoint.mesh, dp.stats)
-                    ),
-                ),
-                Endpoint(
-                    _address(args.readiness_address),
-                    admin.readiness(lambda: waypoint.pending, stop.is_set),
-                ),
-            ]
+            endpoints = proxy.endpoints(
+                args,
+                config_dump=lambda: _config_dump(waypoint, watcher.status()),
+                quit=stop.set,
+                exposition=RequestExposition(waypoint.table, lambda: waypoint.mesh, dp.stats),
+                pending=lambda: waypoint.pending,
+                draining=stop.is_set,
+            )
         except (OSError, ValueError) as e:
             print(f"ambient waypoint: {e}", file=sys.stderr)
             certificates.stop()

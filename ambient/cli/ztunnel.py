@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import signal
 import sys
@@ -12,24 +11,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, MeshCache, load_mesh
+from ..config import MeshCache
 from ..hbone import DataPlane
 from ..identity.ca import WORKLOAD_CERT_TTL
-from ..identity.manager import CertificateManager
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..telemetry.metrics import ConnectionMetrics, Exposition
 from ..zds import ZdsClient
-from ..ztunnel import Ztunnel, admin
-from ..ztunnel.admin import Endpoint
-from ..ztunnel.connection import AccessLog
+from ..ztunnel import Ztunnel
 from ..ztunnel.dump import config_dump
 from ..ztunnel.inpod import InpodPods
 from ..ztunnel.proxy import PROXY_MARK
 from ..ztunnel.reload import ConfigWatcher
+from . import proxy
 from .common import (
     add_limit_arguments,
     limit_options,
-    load_ca,
     raise_fd_limit,
     socket_address,
 )
@@ -125,40 +121,19 @@ def register(commands: Any) -> None:
     z.set_defaults(run=run)
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def run(args: argparse.Namespace) -> int:
     cache = MeshCache()  # kept for the reloads
-    try:
-        mesh = load_mesh(args.config, trust_domain=args.trust_domain, cache=cache)
-    except ConfigError as e:
-        for issue in e.issues:
-            print(f"error: {issue}", file=sys.stderr)
+    mesh = proxy.load(args.config, args.trust_domain, cache)
+    if mesh is None:
         return 2
-    for warning in mesh.warnings:
-        log.warning("%s", warning)
-    ca = load_ca(args.ca_dir)
-    stream = None
-    if args.access_log == "-":
-        stream = sys.stdout
-    elif args.access_log != "off":
-        stream = open(args.access_log, "a", buffering=1)  # noqa: SIM115 (lives as long as we do)
-    access_log = AccessLog(stream, text=args.access_log_format == "text") if stream else None
+    access_log = proxy.open_access_log(args.access_log, text=args.access_log_format == "text")
 
     stop = threading.Event()
     inpod = args.zds_socket is not None
     # In-pod mode: the proxy's own sockets carry the mark the pods' rules let through untouched.
     raise_fd_limit()
     with DataPlane(args.workers, mark=PROXY_MARK if inpod else None, **limit_options(args)) as dp:
-        certificates = CertificateManager(
-            ca,
-            dp.load_identity,
-            uninstall=dp.core.remove_identity,
-            ttl=dt.timedelta(seconds=args.certificate_ttl),
-        )
+        certificates = proxy.certificates(args, dp)
         connection_metrics = ConnectionMetrics()
         ztunnel = Ztunnel(
             args.node,
@@ -188,18 +163,14 @@ def run(args: argparse.Namespace) -> int:
             )
 
         try:
-            endpoints = [
-                Endpoint(
-                    _address(args.admin_address),
-                    admin.admin(lambda: config_dump(ztunnel, watcher.status()), stop.set),
-                    localhost_only=True,
-                ),
-                Endpoint(
-                    _address(args.metrics_address),
-                    admin.metrics(Exposition(connection_metrics, dp.stats)),
-                ),
-                Endpoint(_address(args.readiness_address), admin.readiness(pending, stop.is_set)),
-            ]
+            endpoints = proxy.endpoints(
+                args,
+                config_dump=lambda: config_dump(ztunnel, watcher.status()),
+                quit=stop.set,
+                exposition=Exposition(connection_metrics, dp.stats),
+                pending=pending,
+                draining=stop.is_set,
+            )
         except (OSError, ValueError) as e:
             print(f"ambient ztunnel: {e}", file=sys.stderr)
             certificates.stop()
