@@ -182,6 +182,11 @@ class WaypointTable:
         client_namespace: str = "",
     ) -> str | None:
         """The rule a request would take (``ns/name#rule``, or the Service itself); None: 404."""
+    def stream_series(
+        self,
+    ) -> list[tuple[tuple[str, str | None, str, str, str], Counters]]:
+        """The TCP ports' streams per series: (source principal, source IP, Service, endpoint,
+        endpoint principal) and the counters ztunnel's TCP metrics are made of."""
     def request_series(
         self,
     ) -> list[

@@ -1,5 +1,6 @@
 """Istio's request metrics at a waypoint, with ``reporter="waypoint"``: ``istio_requests_total``,
-``istio_request_duration_milliseconds``, ``istio_request_bytes`` and ``istio_response_bytes``.
+``istio_request_duration_milliseconds``, ``istio_request_bytes`` and ``istio_response_bytes``;
+and, for the streams of its TCP ports, ztunnel's TCP metrics (``istio_tcp_*``).
 
 The core counts each request into a series keyed by what its labels are made of (the client's
 principal and address, the Service, the pod that answered, the code, gRPC or not, the response
@@ -24,11 +25,30 @@ HistogramSample = tuple[list[tuple[str, str]], float, int, list[tuple[float, int
 HistogramFamily = tuple[str, str, list[HistogramSample]]
 
 _TCP_LABELS = tuple(name for name in LABELS if name != "response_flags")
+# ztunnel's TCP families (written by the core for ztunnel; the waypoint's join them by name).
+TCP_FAMILIES = {
+    "istio_tcp_connections_opened": "TCP connections opened",
+    "istio_tcp_connections_closed": "TCP connections closed",
+    "istio_tcp_connections_failed": "TCP connections that could not be made",
+    "istio_tcp_received_bytes": "Bytes received from the client side",
+    "istio_tcp_sent_bytes": "Bytes sent to the client side",
+}
 
 
-def request_labels(mesh: Mesh, key: tuple[Any, ...]) -> list[tuple[str, str]]:
-    """Istio's labels of one request series (see ``WaypointTable.request_series``)."""
-    source_principal, source_ip, service_key, endpoint, endpoint_principal, code, grpc, flags = key
+def with_flag(values: tuple[str, ...], flag: str) -> list[str]:
+    return list(Labels(values).with_flag(flag))
+
+
+def _tcp_labels(
+    mesh: Mesh,
+    source_principal: str,
+    source_ip: str | None,
+    service_key: str,
+    endpoint: str,
+    endpoint_principal: str,
+) -> Labels:
+    """ztunnel's TCP label set for a client, a Service and the pod that answered, as the
+    waypoint reports them."""
     source: Workload | None = None
     if source_ip:
         source = mesh.workload_by_ip(ipaddress.ip_address(source_ip))
@@ -40,7 +60,7 @@ def request_labels(mesh: Mesh, key: tuple[Any, ...]) -> list[tuple[str, str]]:
     service = next(
         (s for s in mesh.services if s.namespace == s_namespace and s.name == s_name), None
     )
-    tcp = Labels.of(
+    return Labels.of(
         reporter="waypoint",
         source=source,
         source_principal=source_principal or None,
@@ -49,6 +69,12 @@ def request_labels(mesh: Mesh, key: tuple[Any, ...]) -> list[tuple[str, str]]:
         service=service,
         mutual_tls=True,
     )
+
+
+def request_labels(mesh: Mesh, key: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """Istio's labels of one request series (see ``WaypointTable.request_series``)."""
+    *who, code, grpc, flags = key
+    tcp = _tcp_labels(mesh, *who)
     labels = dict(zip(_TCP_LABELS, tcp.values, strict=True))
     labels["request_protocol"] = "grpc" if grpc else "http"
     labels["response_code"] = str(code)
@@ -94,11 +120,38 @@ class RequestExposition(Exposition):
             out[labels] = values
         return out
 
+    def _tcp_families(self) -> list[Family]:
+        """ztunnel's TCP families for the streams of the waypoint's TCP ports, each label set's
+        counters summed (two pods of one Deployment have the same labels)."""
+        mesh: Mesh = self.mesh()
+        sums: dict[str, dict[tuple[tuple[str, str], ...], float]] = {
+            name: {} for name in TCP_FAMILIES
+        }
+
+        def add(family: str, values: tuple[str, ...], flag: str, n: float) -> None:
+            labels = tuple(zip(LABELS, with_flag(values, flag), strict=True))
+            sums[family][labels] = sums[family].get(labels, 0.0) + n
+
+        for key, counters in self.table.stream_series():
+            values = _tcp_labels(mesh, *key).values
+            snap = counters.snapshot()
+            add("istio_tcp_connections_opened", values, "-", snap["opened"])
+            for flag, n in snap["closed"].items():
+                add("istio_tcp_connections_closed", values, flag, n)
+            for flag, n in snap["failed"].items():
+                add("istio_tcp_connections_failed", values, flag, n)
+            add("istio_tcp_received_bytes", values, "-", snap["sent"])  # client to server
+            add("istio_tcp_sent_bytes", values, "-", snap["received"])
+        return [
+            (name, TCP_FAMILIES[name], True, [(list(k), v) for k, v in samples.items()])
+            for name, samples in sums.items()
+        ]
+
     def families(self) -> list[Family]:
         out = super().families()
         totals = [(list(labels), float(h[0][1])) for labels, h in self._series().items()]
         out.append(("istio_requests", "Requests through the waypoint", True, totals))
-        return out
+        return out + self._tcp_families()
 
     def histograms(self) -> list[HistogramFamily]:
         names = (

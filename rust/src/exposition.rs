@@ -331,7 +331,16 @@ pub fn encode_metrics(
 ) -> PyResult<String> {
     let mut all = tcp_families(py, &label_names, flag_index, &series)?;
     for (name, help, counter, samples) in families {
-        let mut family = Family::new(&name, &help, counter);
+        // A family Python adds to one the core writes (a waypoint's TCP streams, summed per
+        // label set) joins it: one name, one family in the text.
+        let index = match all.iter().position(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                all.push(Family::new(&name, &help, counter));
+                all.len() - 1
+            }
+        };
+        let family = &mut all[index];
         for (labels, value) in samples {
             let labels = labels_of(labels);
             let whole = value.fract() == 0.0 && (0.0..1e15).contains(&value);
@@ -342,7 +351,6 @@ pub fn encode_metrics(
             };
             family.samples.push((labels, sample));
         }
-        all.push(family);
     }
     all.extend(process_families());
     let histograms = histograms

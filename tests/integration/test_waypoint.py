@@ -526,6 +526,21 @@ def test_a_tcp_port_is_carried_as_a_stream_through_the_waypoint(env):
         assert echoed == b"raw bytes\n"
         names.add(name.decode())
     assert names == {"echo-v1-a", "echo-v1-b"}
+    # L4 at the waypoint, with ztunnel's TCP metrics (reporter="waypoint").
+    families = scrape(env.waypoint)
+
+    def total(family: str) -> float:
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.labels["reporter"] == "waypoint"
+            and s.labels["destination_service_name"] == "raw"
+            and s.labels["source_principal"] == CLIENT_ID
+            and s.name.endswith("_total")
+        )
+
+    assert total("istio_tcp_connections_opened") >= 12
+    assert total("istio_tcp_received_bytes") >= 12 * len(b"raw bytes\n")
 
 
 def test_curl_through_the_waypoint(env):

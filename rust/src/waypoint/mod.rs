@@ -31,10 +31,10 @@ use crate::copy::{
 };
 use crate::hbone::io::H2Io;
 use crate::hbone::server::InboundContext;
-use crate::metrics::Flag;
+use crate::metrics::{ConnectionCount, Counters, Flag};
 use crate::stats::Stats;
 use table::{Protocol, Table, Target};
-use telemetry::RequestMetrics;
+use telemetry::{RequestMetrics, StreamKey};
 use upstream::{Dialer, UpstreamKey, Upstreams};
 
 /// How long protocol detection waits for a client's first bytes before taking the stream as TCP
@@ -178,6 +178,34 @@ impl WaypointTable {
             table::Routed::Rule(rule, _) => Some(rule.route.to_string()),
             table::Routed::NoRoute => None,
         })
+    }
+
+    /// Istio's TCP metrics of the streams carried on TCP ports, one entry per series:
+    /// `((source_principal, source_ip, service, endpoint, endpoint_principal), Counters)`.
+    #[allow(clippy::type_complexity)]
+    fn stream_series(
+        &self,
+        py: Python<'_>,
+    ) -> Vec<(
+        (String, Option<String>, String, String, String),
+        Py<Counters>,
+    )> {
+        let streams = self.metrics.streams.lock().unwrap();
+        streams
+            .iter()
+            .map(|(k, c)| {
+                (
+                    (
+                        k.source_principal.to_string(),
+                        k.source_ip.map(|ip| ip.to_string()),
+                        k.service.to_string(),
+                        k.endpoint.to_string(),
+                        k.endpoint_principal.to_string(),
+                    ),
+                    c.clone_ref(py),
+                )
+            })
+            .collect()
     }
 
     /// Requests answered so far, by status class and by what went wrong.
@@ -405,6 +433,15 @@ async fn carry_tcp(io: H2Io, info: &StreamInfo, ctx: &InboundContext, waypoint: 
         http2: false,
     };
     let _active = requests::Active::new(&table, choice.0);
+    let counters = waypoint.table.get().metrics.stream_counters(StreamKey {
+        source_principal: info.source_principal.clone(),
+        source_ip: Some(info.client.ip()),
+        service: requests::service_name(&table, info.target),
+        endpoint: endpoint.name.clone(),
+        endpoint_principal: endpoint.identity.clone(),
+    });
+    let labelled: &Counters = counters.get();
+    let count = ConnectionCount::open(Some(labelled));
     let (down_send, down_recv, first) = io.into_parts();
     let down_read = || Prefixed {
         first: Some(first.clone()),
@@ -421,7 +458,7 @@ async fn carry_tcp(io: H2Io, info: &StreamInfo, ctx: &InboundContext, waypoint: 
                 (H2Reader(recv), H2Writer(send, cut)),
                 stats,
                 &transferred,
-                None,
+                Some(labelled),
             )
             .await
         }
@@ -432,24 +469,29 @@ async fn carry_tcp(io: H2Io, info: &StreamInfo, ctx: &InboundContext, waypoint: 
                 (StreamReader::new(r), StreamWriter::new(w, cut)),
                 stats,
                 &transferred,
-                None,
+                Some(labelled),
             )
             .await
         }
         Err(e) => {
+            count.finish(Flag::Connect);
             waypoint
                 .counts()
                 .upstream_failures
                 .fetch_add(1, Ordering::Relaxed);
             log::warn!(
-                "waypoint: TCP stream from {} to {}: {e} ({:?})",
+                "waypoint: TCP stream from {} to {}: {e}",
                 info.peer,
-                info.target,
-                Flag::Connect
+                info.target
             );
             return;
         }
     };
+    count.finish(if result.is_ok() {
+        Flag::None
+    } else {
+        Flag::Connect
+    });
     if let Err(e) = result {
         log::debug!(
             "waypoint: TCP stream {} -> {} ended after {}/{} bytes: {e}",

@@ -590,7 +590,7 @@ fn seconds(limit: Option<f64>) -> Option<Duration> {
 }
 
 /// The Service a stream was sent to (`namespace/name`), "" for a pod.
-fn service_name(table: &Table, target: SocketAddr) -> Arc<str> {
+pub fn service_name(table: &Table, target: SocketAddr) -> Arc<str> {
     match table.targets.get(&target.ip()) {
         Some(Target::Service { service }) => table.services[*service].name.clone(),
         _ => Arc::from(""),

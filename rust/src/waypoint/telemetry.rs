@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 use serde::Serialize;
 
 use crate::accesslog::AccessLog;
+use crate::metrics::Counters;
 
 /// Istio's (Envoy's default) bucket bounds for `istio_request_duration_milliseconds`.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -85,9 +86,41 @@ pub struct SeriesValues {
     pub response_bytes: Histogram,
 }
 
+/// Which TCP series a stream at the waypoint (a TCP port) counts in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct StreamKey {
+    pub source_principal: Arc<str>,
+    pub source_ip: Option<IpAddr>,
+    pub service: Arc<str>,
+    pub endpoint: Arc<str>,
+    pub endpoint_principal: Arc<str>,
+}
+
 #[derive(Default)]
 pub struct RequestMetrics {
     pub series: Mutex<HashMap<SeriesKey, SeriesValues>>,
+    /// Istio's TCP metrics of the streams carried on TCP ports, counted as ztunnel counts them
+    /// (the `Counters` its exposition reads).
+    pub streams: Mutex<HashMap<StreamKey, Arc<Py<Counters>>>>,
+}
+
+impl RequestMetrics {
+    /// The counters of `key`'s series. A series seen for the first time is made under the GIL
+    /// (a `Counters` is a Python object, so the metrics endpoint can read it): once per client,
+    /// Service and endpoint, never per byte.
+    pub fn stream_counters(&self, key: StreamKey) -> Arc<Py<Counters>> {
+        if let Some(found) = self.streams.lock().unwrap().get(&key) {
+            return found.clone();
+        }
+        let made = Python::attach(|py| Py::new(py, Counters::default()))
+            .expect("a Counters object can always be made");
+        self.streams
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert_with(|| Arc::new(made))
+            .clone()
+    }
 }
 
 /// One request, from its head to the end of its response.
