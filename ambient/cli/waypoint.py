@@ -48,7 +48,13 @@ def register(commands: Any) -> None:
         "--config", required=True, action="append", type=Path, metavar="FILE",
         help="mesh file (repeatable)",
     )  # fmt: skip
-    w.add_argument("--gateway", required=True, type=_gateway, metavar="NAMESPACE/NAME")
+    w.add_argument(
+        "--gateway",
+        required=True,
+        type=_gateway,
+        metavar="NAMESPACE/NAME",
+        help="the waypoint: a Gateway of the mesh file with gatewayClassName istio-waypoint",
+    )
     w.add_argument(
         "--pod",
         action="append",
@@ -62,15 +68,36 @@ def register(commands: Any) -> None:
         type=Path,
         help="CA made by `ambient ca init`; the waypoint's certificate is issued from it",
     )
-    w.add_argument("--admin-address", type=socket_address, default="127.0.0.1:15000")
-    w.add_argument("--metrics-address", type=socket_address, default="127.0.0.1:15020")
-    w.add_argument("--readiness-address", type=socket_address, default="127.0.0.1:15021")
+    w.add_argument(
+        "--admin-address",
+        type=socket_address,
+        default="127.0.0.1:15000",
+        help="admin endpoint, localhost only: /config_dump (the routing table, request counts, "
+        "certificates), /logging, /quitquitquit (default 127.0.0.1:15000; port 0 picks one)",
+    )
+    w.add_argument(
+        "--metrics-address",
+        type=socket_address,
+        default="127.0.0.1:15020",
+        help="Prometheus metrics, reporter=waypoint: /metrics and /stats/prometheus "
+        "(default 127.0.0.1:15020)",
+    )
+    w.add_argument(
+        "--readiness-address",
+        type=socket_address,
+        default="127.0.0.1:15021",
+        help="readiness: /healthz/ready (default 127.0.0.1:15021)",
+    )
     w.add_argument(
         "--access-log",
         default="-",
         help="where to write one JSON line per request: a file, '-' for stdout, 'off' for none",
     )
-    w.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    w.add_argument(
+        "--trust-domain",
+        default=DEFAULT_TRUST_DOMAIN,
+        help=f"SPIFFE trust domain of the identities (default {DEFAULT_TRUST_DOMAIN})",
+    )
     w.add_argument(
         "--certificate-ttl",
         type=float,
@@ -78,10 +105,26 @@ def register(commands: Any) -> None:
         metavar="SECONDS",
         help="lifetime of the waypoint's certificate, renewed at half of it (default 86400)",
     )
-    w.add_argument("--workers", type=int, default=None, help="core worker threads")
+    w.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="core worker threads (default: one per CPU; the benchmark runs 1, as HAProxy's "
+        "one thread)",
+    )
     add_limit_arguments(w)
-    w.add_argument("--drain-deadline", type=float, default=5.0)
-    w.add_argument("--watch-interval", type=float, default=1.0)
+    w.add_argument(
+        "--drain-deadline",
+        type=float,
+        default=5.0,
+        help="seconds live requests get to finish on SIGTERM (default 5)",
+    )
+    w.add_argument(
+        "--watch-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the config files for changes (default 1)",
+    )
     w.set_defaults(run=run)
 
 
