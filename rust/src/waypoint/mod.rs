@@ -55,7 +55,8 @@ pub struct WaypointTable {
 #[derive(Default)]
 pub struct RequestCounts {
     pub requests: AtomicU64,
-    pub by_class: [AtomicU64; 6], // 1xx..5xx, and "no response" (0)
+    /// 1xx to 5xx.
+    pub by_class: [AtomicU64; 5],
     pub no_route: AtomicU64,
     pub no_healthy_upstream: AtomicU64,
     pub upstream_failures: AtomicU64,
@@ -68,7 +69,7 @@ pub struct RequestCounts {
 impl RequestCounts {
     pub fn answered(&self, status: u16) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let class = usize::from(status / 100).min(5);
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -214,10 +215,7 @@ impl WaypointTable {
         let out = PyDict::new(py);
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         out.set_item("requests", get(&c.requests))?;
-        for (i, name) in ["none", "1xx", "2xx", "3xx", "4xx", "5xx"]
-            .iter()
-            .enumerate()
-        {
+        for (i, name) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
             out.set_item(*name, get(&c.by_class[i]))?;
         }
         out.set_item("no_route", get(&c.no_route))?;
