@@ -117,6 +117,10 @@ status: {podIP: 127.60.1.2}
     + pod("down-1", "n2", "127.60.2.12", "127.61.2.12", "{app: down}")
     + pod("deadish-dead", "n2", "127.60.2.13", "127.61.2.13", "{app: deadish}")
     + pod("deadish-good", "n2", "127.60.2.14", "127.61.2.14", "{app: deadish}")
+    + pod("strict-1", "n2", "127.60.2.15", "127.61.2.15", "{app: strict}").replace(
+        "annotations: {", "annotations: {ambient.dev/waypoint-only: 'true', "
+    )
+    + service("strict", "127.60.100.15", "{app: strict}")
     + service("flaky", "127.60.100.11", "{app: flaky}")
     + service("down", "127.60.100.12", "{app: down}")
     + service("deadish", "127.60.100.13", "{app: deadish}")
@@ -248,6 +252,7 @@ class Env:
                 ("echo-v2-a", "127.61.2.2"),
                 ("flaky-good", "127.61.2.11"),
                 ("deadish-good", "127.61.2.14"),
+                ("strict-1", "127.61.2.15"),
             ]
         }
         # Pods that always answer 503 (deadish-dead has no app at all: its connect fails).
@@ -713,3 +718,16 @@ def test_top_shows_the_waypoints_request_rate_and_codes(env, capsys):
     assert any(
         "default/rules" in line and " 404 " in line and "NR" in line for line in out.splitlines()
     )
+
+
+def test_a_waypoint_only_pod_accepts_the_real_waypoint_and_refuses_a_client_skipping_it(env):
+    # ambient.dev/waypoint-only: its ztunnel takes traffic only from its Service's waypoint.
+    assert pods_answering("127.60.100.15", "/", 3) == Counter({"strict-1": 3})
+    dp = DataPlane(1)
+    try:
+        dp.load_identity(env.ca.issue(CLIENT_ID))
+        plan = HboneTarget("127.60.2.15:15008", "127.60.2.15:8080", [ECHO_ID], CLIENT_ID)
+        with pytest.raises(TunnelError, match="401"):
+            dp.connect(plan)
+    finally:
+        dp.close()
