@@ -214,7 +214,7 @@ impl HboneConnection {
 }
 
 /// A W3C `traceparent` with a random trace and span id, as Istio's ztunnel sends per connection.
-fn new_traceparent() -> HeaderValue {
+pub(crate) fn new_traceparent() -> HeaderValue {
     let trace: u128 = rand::random();
     let span: u64 = rand::random();
     HeaderValue::try_from(format!("00-{trace:032x}-{span:016x}-00")).expect("hex is a valid header")

@@ -379,7 +379,7 @@ async fn lingering_close(mut tcp: TcpStream) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
+pub(crate) fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let response = Response::builder()
         .status(status)
         .body(())

@@ -6,6 +6,9 @@
 //! It shares the HBONE server (TLS, HTTP/2, keepalive, drain, the guards against hostile peers)
 //! with ztunnel's inbound side: only what happens to an accepted CONNECT stream differs.
 
+mod balance;
+mod bodies;
+mod filters;
 mod requests;
 pub mod table;
 mod telemetry;
@@ -30,7 +33,7 @@ use crate::copy::{
     self, Cut, H2Reader, H2Writer, Prefixed, StreamReader, StreamWriter, Transferred,
 };
 use crate::hbone::io::H2Io;
-use crate::hbone::server::InboundContext;
+use crate::hbone::server::{respond_status, InboundContext};
 use crate::metrics::{ConnectionCount, Counters, Flag};
 use crate::stats::Stats;
 use table::{Protocol, Table, Target};
@@ -262,14 +265,6 @@ pub struct StreamInfo {
     pub target: SocketAddr,
 }
 
-fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
-    let response = Response::builder()
-        .status(status)
-        .body(())
-        .expect("static response");
-    let _ = respond.send_response(response, true);
-}
-
 /// The namespace in `spiffe://<td>/ns/<namespace>/sa/<sa>`.
 fn namespace_of(identity: Option<&str>) -> String {
     identity
@@ -416,7 +411,7 @@ async fn detect(io: &mut H2Io) -> Protocol {
 /// A TCP port at the waypoint: one endpoint per stream (least-request), bytes carried as they are.
 async fn carry_tcp(io: H2Io, info: &StreamInfo, ctx: &InboundContext, waypoint: &Waypoint) {
     let table = waypoint.table();
-    let Some(choice) = requests::endpoint_for_stream(&table, info) else {
+    let Some(choice) = balance::endpoint_for_stream(&table, info) else {
         log::warn!(
             "waypoint: TCP stream from {} to {}: no ready endpoint",
             info.peer,
@@ -430,7 +425,7 @@ async fn carry_tcp(io: H2Io, info: &StreamInfo, ctx: &InboundContext, waypoint: 
         hbone: endpoint.hbone.map(|h| (h, endpoint.identity.clone())),
         http2: false,
     };
-    let _active = requests::Active::new(&table, choice.0);
+    let _active = balance::Active::new(&table, choice.0);
     let counters = waypoint.table.get().metrics.stream_counters(StreamKey {
         source_principal: info.source_principal.clone(),
         source_ip: Some(info.client.ip()),

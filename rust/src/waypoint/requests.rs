@@ -5,42 +5,30 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use super::table::{
-    Backend, HeaderModifier, Mirror, PathModifier, Protocol, Routed, Rule, Table, Target,
+use super::balance::{least_request, retry_endpoint, weighted, Active};
+use super::bodies::{empty_body, text_response, CountedRequest, Tracked};
+use super::filters::{
+    copy_parts, host_and_port, modify_headers, random_request_id, redirect, shadow,
+    strip_hop_by_hop, upstream_request, REQUEST_ID,
 };
+use super::table::{Backend, Mirror, Protocol, Routed, Rule, Table, Target};
 use super::telemetry::{Exchange, SeriesKey};
 use super::upstream::{Body, UpstreamError, UpstreamKey};
 use super::{StreamInfo, Waypoint};
 use crate::hbone::io::H2Io;
 use crate::hbone::server::InboundContext;
-
-/// Istio's waypoint adds one when a request has none, so a request can be followed hop by hop.
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-/// Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded as they are.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 /// Serve HTTP on one HBONE stream until the client closes it (or the listener drains: then the
 /// connection finishes its request and closes).
@@ -77,94 +65,6 @@ pub async fn serve(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-        }
-    }
-}
-
-fn text_response(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(text))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    response
-}
-
-/// A request in flight to an endpoint, counted for least-request balancing until dropped.
-pub struct Active {
-    table: Arc<Table>,
-    endpoint: usize,
-}
-
-impl Active {
-    pub fn new(table: &Arc<Table>, endpoint: usize) -> Self {
-        table.endpoints[endpoint]
-            .active
-            .fetch_add(1, Ordering::Relaxed);
-        Self {
-            table: table.clone(),
-            endpoint,
-        }
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.table.endpoints[self.endpoint]
-            .active
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The less loaded of two endpoints picked at random (Envoy's least-request with two choices,
-/// Istio's default), or the only one.
-fn least_request(table: &Table, candidates: &[(usize, u16)]) -> Option<(usize, u16)> {
-    let load = |c: &(usize, u16)| table.endpoints[c.0].active.load(Ordering::Relaxed);
-    match candidates.len() {
-        0 => None,
-        1 => Some(candidates[0]),
-        n => {
-            let a = rand::random_range(0..n);
-            let mut b = rand::random_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
-            let (a, b) = (candidates[a], candidates[b]);
-            Some(if load(&b) < load(&a) { b } else { a })
-        }
-    }
-}
-
-/// A backend by weight (weight 0 is never chosen); None when every weight is 0.
-fn weighted(backends: &[Backend]) -> Option<&Backend> {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut pick = rand::random_range(0..total);
-    for b in backends {
-        let w = u64::from(b.weight);
-        if pick < w {
-            return Some(b);
-        }
-        pick -= w;
-    }
-    None
-}
-
-/// The endpoint for a stream to a TCP port: a pod target is its own endpoint; a Service's is
-/// picked by least request among its endpoints on that port.
-pub fn endpoint_for_stream(table: &Table, info: &StreamInfo) -> Option<(usize, u16)> {
-    match table.targets.get(&info.target.ip())? {
-        Target::Workload { endpoint } => Some((*endpoint, info.target.port())),
-        Target::Service { service } => {
-            let port = table.services[*service].ports.get(&info.target.port())?;
-            let backend = weighted(&port.default.backends)?;
-            least_request(table, &backend.endpoints)
         }
     }
 }
@@ -281,306 +181,6 @@ fn route<'a>(
         rule: Some((rule, prefix)),
         backend: Some(backend),
     })
-}
-
-fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
-    // Names and values were checked when the table was loaded.
-    for (name, value) in &m.set {
-        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
-            headers.insert(n, v);
-        }
-    }
-    for (name, value) in &m.add {
-        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
-            headers.append(n, v);
-        }
-    }
-    for name in &m.remove {
-        headers.remove(name.as_str());
-    }
-}
-
-/// The path after a path modifier; `prefix` is the PathPrefix the request matched.
-fn modified_path(path: &str, modifier: &PathModifier, prefix: Option<&str>) -> String {
-    match modifier {
-        PathModifier::ReplaceFullPath { value } => value.clone(),
-        PathModifier::ReplacePrefixMatch { value } => {
-            let rest = &path[prefix.unwrap_or("").len().min(path.len())..];
-            let mut out = value.trim_end_matches('/').to_string();
-            if !rest.is_empty() {
-                out.push_str(rest);
-            }
-            if out.is_empty() {
-                out.push('/');
-            }
-            out
-        }
-    }
-}
-
-/// The request's host (authority without the port) and port, from `:authority` or `Host`.
-fn host_and_port(parts: &http::request::Parts) -> (String, Option<u16>) {
-    let authority = parts.uri.authority().cloned().or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<Authority>().ok())
-    });
-    match authority {
-        Some(a) => (a.host().to_string(), a.port_u16()),
-        None => (String::new(), None),
-    }
-}
-
-fn redirect(parts: &http::request::Parts, rule: &Rule, prefix: Option<&str>) -> Response<Body> {
-    let r = rule.redirect.as_ref().expect("a redirect rule");
-    let (host, request_port) = host_and_port(parts);
-    let scheme = r.scheme.clone().unwrap_or_else(|| "http".to_string());
-    let host = r.hostname.clone().unwrap_or(host);
-    // Gateway API: an explicit port; else, with a scheme given, that scheme's port; else the
-    // request's. A scheme's well-known port is left out of the Location.
-    let port = r.port.or(if r.scheme.is_some() {
-        None
-    } else {
-        request_port
-    });
-    let well_known = matches!(
-        (scheme.as_str(), port),
-        ("http", Some(80)) | ("https", Some(443))
-    );
-    let path = match &r.path {
-        Some(m) => modified_path(parts.uri.path(), m, prefix),
-        None => parts.uri.path().to_string(),
-    };
-    let mut location = format!("{scheme}://{host}");
-    if let (Some(p), false) = (port, well_known) {
-        location.push_str(&format!(":{p}"));
-    }
-    location.push_str(&path);
-    if let Some(q) = parts.uri.query() {
-        location.push('?');
-        location.push_str(q);
-    }
-    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
-    let mut response = text_response(status, String::new());
-    if let Ok(v) = HeaderValue::try_from(location) {
-        response.headers_mut().insert(header::LOCATION, v);
-    }
-    response
-}
-
-fn random_request_id() -> HeaderValue {
-    let v: u128 = rand::random();
-    let h = format!("{v:032x}");
-    let text = format!(
-        "{}-{}-4{}-a{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..]
-    );
-    HeaderValue::try_from(text).expect("hex is a valid header")
-}
-
-fn new_traceparent() -> HeaderValue {
-    let trace: u128 = rand::random();
-    let span: u64 = rand::random();
-    HeaderValue::try_from(format!("00-{trace:032x}-{span:016x}-01")).expect("hex")
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // `TE: trailers` says the client takes trailers; it is the one TE value HTTP/2 allows
-    // (RFC 9113 §8.2.2) and gRPC servers require it, so it goes on.
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
-            continue;
-        }
-        headers.remove(name);
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// The request as it leaves for the endpoint: filters applied, hop-by-hop headers dropped,
-/// `x-request-id` and `traceparent` present, the URI in the form the upstream protocol wants.
-fn upstream_request(
-    mut parts: http::request::Parts,
-    body: Body,
-    rule: Option<(&Rule, Option<&str>)>,
-    http2: bool,
-    upgrade: bool,
-) -> Request<Body> {
-    let (host, port) = host_and_port(&parts);
-    let mut authority = match port {
-        Some(p) => format!("{host}:{p}"),
-        None => host,
-    };
-    let mut path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    if let Some((rule, prefix)) = rule {
-        if let Some(m) = &rule.request_headers {
-            modify_headers(&mut parts.headers, m);
-        }
-        if let Some(rewrite) = &rule.rewrite {
-            if let Some(h) = &rewrite.hostname {
-                authority = h.clone();
-            }
-            if let Some(m) = &rewrite.path {
-                let path = modified_path(parts.uri.path(), m, prefix);
-                path_and_query = match parts.uri.query() {
-                    Some(q) => format!("{path}?{q}"),
-                    None => path,
-                };
-            }
-        }
-    }
-    if !parts.headers.contains_key(TRACEPARENT) {
-        parts.headers.insert(TRACEPARENT, new_traceparent());
-    }
-    let pq =
-        PathAndQuery::try_from(path_and_query).unwrap_or_else(|_| PathAndQuery::from_static("/"));
-    if http2 {
-        parts.headers.remove(header::HOST);
-        let mut uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .path_and_query(pq.clone());
-        if !authority.is_empty() {
-            uri = uri.authority(authority.as_str());
-        }
-        parts.uri = uri.build().unwrap_or_else(|_| Uri::from(pq));
-        parts.version = Version::HTTP_2;
-    } else {
-        if let Ok(v) = HeaderValue::try_from(authority.as_str()) {
-            if !authority.is_empty() {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-        parts.uri = Uri::from(pq);
-        parts.version = Version::HTTP_11;
-    }
-    Request::from_parts(parts, body)
-}
-
-/// A response body on its way to the client: its bytes counted, its endpoint counted as busy,
-/// and its request reported once it is done (or the client went away: `DC`).
-struct Tracked<B> {
-    body: B,
-    exchange: Arc<Exchange>,
-    status: u16,
-    waypoint: Arc<Waypoint>,
-    _active: Option<Active>,
-    ended: bool,
-}
-
-impl<B> Drop for Tracked<B> {
-    fn drop(&mut self) {
-        let (flags, details) = if self.ended {
-            ("-", None)
-        } else {
-            (
-                "DC",
-                Some("the client went away before the whole response was sent"),
-            )
-        };
-        self.exchange.finish(
-            self.status,
-            flags,
-            details,
-            &self.waypoint.table.get().metrics,
-            self.waypoint.access_log.as_ref(),
-        );
-    }
-}
-
-impl<B> HttpBody for Tracked<B>
-where
-    B: HttpBody<Data = Bytes, Error = hyper::Error> + Unpin,
-{
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.exchange
-                        .response_bytes
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                if self.body.is_end_stream() {
-                    self.ended = true;
-                }
-            }
-            Poll::Ready(None) => self.ended = true,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// A request body on its way to the endpoint, its bytes counted for the report.
-struct CountedRequest {
-    body: Incoming,
-    bytes: Arc<AtomicU64>,
-}
-
-impl HttpBody for CountedRequest {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 fn seconds(limit: Option<f64>) -> Option<Duration> {
@@ -884,42 +484,6 @@ async fn handle(
 
 /// How long a mirrored request may take before it is dropped (nobody waits for its answer).
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn empty_body() -> Body {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-/// A request head again, to send it once more (its extensions are not carried over).
-fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
-    let mut copy = Request::new(());
-    *copy.method_mut() = parts.method.clone();
-    *copy.uri_mut() = parts.uri.clone();
-    *copy.version_mut() = parts.version;
-    *copy.headers_mut() = parts.headers.clone();
-    copy.into_parts().0
-}
-
-/// The endpoint for a retry: least request among the backend's endpoints not tried yet (Envoy's
-/// previous-hosts predicate), or None when every one was.
-fn retry_endpoint(table: &Table, backend: &Backend, tried: &[usize]) -> Option<(usize, u16)> {
-    let untried: Vec<(usize, u16)> = backend
-        .endpoints
-        .iter()
-        .copied()
-        .filter(|(i, _)| !tried.contains(i))
-        .collect();
-    least_request(table, &untried)
-}
-
-/// `host-shadow[:port]`: how a mirrored request says it is one (as Envoy marks it).
-fn shadow(authority: &str) -> String {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => format!("{host}-shadow:{port}"),
-        _ => format!("{authority}-shadow"),
-    }
-}
 
 /// Send a copy of a request without a body to `mirror`'s backend (for its share of requests),
 /// and forget it: its answer is read and dropped, its failure only logged.
