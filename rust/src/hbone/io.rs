@@ -20,6 +20,8 @@ pub struct H2Io {
     pending: Bytes,
     /// The END_STREAM flag was sent: further writes are an error.
     shut: bool,
+    /// An error met after a read had already taken some bytes, for the next read to return.
+    failed: Option<io::Error>,
 }
 
 fn h2_to_io(e: h2::Error) -> io::Error {
@@ -36,6 +38,7 @@ impl H2Io {
             recv,
             pending: Bytes::new(),
             shut: false,
+            failed: None,
         }
     }
 
@@ -59,24 +62,43 @@ impl H2Io {
 }
 
 impl AsyncRead for H2Io {
+    /// Fills `buf` with every DATA frame already received, not just the first: a sender whose
+    /// reads were split (Istio's ztunnel reads a connection 1 KiB at a time at first) sends one
+    /// request as several frames in one TLS record, and handing them over one per read would
+    /// make the HTTP layer forward each piece as its own write and TLS record.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        while self.pending.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())), // the peer ended the stream: EOF
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                Some(Ok(data)) => {
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
+        }
+        let mut filled = false;
+        while buf.remaining() > 0 {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                filled = true;
+                continue;
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Pending if filled => break,
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => break, // the peer ended the stream: EOF (after what was read)
+                Poll::Ready(Some(Err(e))) if filled => {
+                    // Deliver what was read first; the error is the next read's answer.
+                    self.failed = Some(h2_to_io(e));
+                    break;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
+                Poll::Ready(Some(Ok(data))) => {
                     let _ = self.recv.flow_control().release_capacity(data.len());
                     self.pending = data;
                 }
             }
         }
-        let n = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending[..n]);
-        self.pending.advance(n);
         Poll::Ready(Ok(()))
     }
 }
