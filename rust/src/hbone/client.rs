@@ -15,6 +15,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
+use super::batch::{Batched, Passes};
 use super::{
     keepalive, CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
@@ -259,6 +260,8 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
         }
     };
     Stats::inc(&shared.stats.tls_handshakes);
+    let passes = Passes::default();
+    let tls_stream = Batched::new(tls_stream, passes.clone());
     let handshake = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -280,7 +283,7 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
         .expect("ping_pong is taken once, here");
     let task_closed = closed.clone();
     let hard = shared.hard_stop.clone();
-    tokio::spawn(async move {
+    tokio::spawn(passes.drive(async move {
         tokio::select! {
             result = &mut connection => {
                 if let Err(e) = result {
@@ -291,7 +294,7 @@ pub async fn dial(key: &PoolKey, shared: &Arc<Shared>) -> Result<HboneConnection
             _ = hard.cancelled() => {}
         }
         task_closed.store(true, Ordering::Release);
-    });
+    }));
 
     Ok(HboneConnection {
         sender,

@@ -2,6 +2,7 @@
 //!
 //! The HTTP/2 settings are Istio ztunnel's, so both ends size their buffers alike.
 
+pub mod batch;
 pub mod client;
 pub mod io;
 pub mod server;

@@ -25,6 +25,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{Batched, Passes};
 use super::{
     CONNECTION_WINDOW, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, PING_INTERVAL,
     PING_TIMEOUT, STREAM_WINDOW,
@@ -88,7 +89,12 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<InboundContext>) {
             &ctx.shared.stats,
             &ctx.reporter,
             "HBONE",
-            |tcp, peer, admission| serve_connection(tcp, peer, ctx.clone(), admission),
+            |tcp, peer, admission| {
+                let passes = Passes::default();
+                passes
+                    .clone()
+                    .drive(serve_connection(tcp, peer, ctx.clone(), admission, passes))
+            },
         )
         .await;
 }
@@ -195,10 +201,10 @@ async fn tls_handshake(
     }
 }
 
-type ServerConnection = h2::server::Connection<TlsStream<TcpStream>, Bytes>;
+type ServerConnection = h2::server::Connection<Batched<TlsStream<TcpStream>>, Bytes>;
 
 async fn h2_handshake(
-    tls: TlsStream<TcpStream>,
+    tls: Batched<TlsStream<TcpStream>>,
     peer: SocketAddr,
 ) -> Result<ServerConnection, String> {
     let handshake = h2::server::Builder::new()
@@ -225,6 +231,7 @@ async fn serve_connection(
     peer: SocketAddr,
     ctx: Arc<InboundContext>,
     admission: Admission,
+    passes: Passes,
 ) {
     // Holds this connection's place under the listener's caps until it ends.
     let _admission = admission;
@@ -255,6 +262,7 @@ async fn serve_connection(
             .and_then(|(leaf, domain)| tls::spiffe_identity_in(leaf, &domain))
             .map(Arc::from)
     };
+    let tls_stream = Batched::new(tls_stream, passes);
     let mut conn = match Box::pin(h2_handshake(tls_stream, peer)).await {
         Ok(c) => c,
         Err(why) => {
