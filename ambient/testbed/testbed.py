@@ -52,7 +52,8 @@ class Testbed:
     """``Testbed(files, workdir).up()`` … ``.down()``; or ``with Testbed(...) as bed:``.
 
     ``node_args``: extra ``ambient ztunnel`` arguments per node (e.g. ``--trust-domain``);
-    ``waypoint_args``: extra ``ambient waypoint`` arguments (e.g. ``--workers``).
+    ``waypoint_args``: extra ``ambient waypoint`` arguments (e.g. ``--workers``);
+    ``waypoint_access_log=False``: waypoints write no access log (a benchmark's choice).
     """
 
     __test__ = False  # not a pytest test class, despite its name
@@ -64,6 +65,7 @@ class Testbed:
     underlay_netns: str = "ambient-underlay"
     ztunnel_args: Sequence[str] = ()
     waypoint_args: Sequence[str] = ()
+    waypoint_access_log: bool = True
     node_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     mesh: Mesh = field(init=False, default_factory=Mesh)
     topology: Topology | None = field(init=False, default=None)
@@ -127,6 +129,7 @@ class Testbed:
                     *self.waypoint_args,
                     pod=workload.key,
                     netns=self.pod(workload.name).netns,
+                    access_log=self.waypoint_access_log,
                 )
                 self._write_state("starting")
         for process in self.waypoints.values():

@@ -21,9 +21,12 @@ class WaypointProcess(ProxyProcess):
         *extra: str,
         pod: str | None = None,
         netns: str | None = None,
+        access_log: bool = True,
     ) -> None:
         self.gateway = gateway
         self.pod = pod
         label = "waypoint-" + (pod or gateway).replace("/", "-")
         command = ["waypoint", "--gateway", gateway, *(["--pod", pod] if pod else [])]
-        super().__init__(label, command, mesh_files, ca_dir, workdir, *extra, netns=netns)
+        super().__init__(
+            label, command, mesh_files, ca_dir, workdir, *extra, netns=netns, access_log=access_log
+        )

@@ -34,8 +34,10 @@ class ProxyProcess:
         workdir: Path,
         *extra: str,
         netns: str | None = None,
+        access_log: bool = True,
     ) -> None:
-        """``netns``: run inside that network namespace (the testbed's node namespaces)."""
+        """``netns``: run inside that network namespace (the testbed's node namespaces);
+        ``access_log=False``: no access log (the file stays empty), as a proxy runs by default."""
         self.label = label
         self.log_path = workdir / f"{label}.log"
         self.log_path.touch()
@@ -54,8 +56,7 @@ class ProxyProcess:
             "127.0.0.1:0",
             "--readiness-address",
             "127.0.0.1:0",
-            "--access-log",
-            str(self.log_path),
+            *(["--access-log", str(self.log_path)] if access_log else []),
             *extra,
         ]
         for f in mesh_files:
