@@ -37,7 +37,7 @@ class ProxyProcess:
         access_log: bool = True,
     ) -> None:
         """``netns``: run inside that network namespace (the testbed's node namespaces);
-        ``access_log=False``: no access log (the file stays empty), as a proxy runs by default."""
+        ``access_log=False``: no access log (``--access-log off``; the file stays empty)."""
         self.label = label
         self.log_path = workdir / f"{label}.log"
         self.log_path.touch()
@@ -56,7 +56,8 @@ class ProxyProcess:
             "127.0.0.1:0",
             "--readiness-address",
             "127.0.0.1:0",
-            *(["--access-log", str(self.log_path)] if access_log else []),
+            "--access-log",
+            str(self.log_path) if access_log else "off",
             *extra,
         ]
         for f in mesh_files:
