@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import textwrap
 import threading
 import urllib.request
@@ -26,6 +27,7 @@ from ambient.ztunnel.process import ZtunnelProcess
 WAYPOINT_ID = "spiffe://cluster.local/ns/default/sa/waypoint"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 ECHO_ID = "spiffe://cluster.local/ns/default/sa/echo"
+UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
 
 def pod(name: str, node: str, ip: str, app_ip: str, labels: str, namespace: str = "default") -> str:
@@ -376,12 +378,36 @@ def test_the_client_ztunnel_tunnels_to_the_waypoint_with_the_client_identity(env
     assert entries[0]["src.identity"] == CLIENT_ID
 
 
+def test_hop_by_hop_headers_are_not_forwarded(env):
+    """RFC 9110 §7.6.1: Connection, the headers it names, Keep-Alive, Proxy-Connection and TE
+    belong to one hop; `TE: trailers` goes on (gRPC needs it), the rest of the head is kept."""
+    seen = Client("127.60.100.2").echo(
+        "/",
+        headers={
+            "Connection": "keep-alive, x-hop",
+            "X-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Connection": "keep-alive",
+            "TE": "trailers, deflate",
+            "X-Kept": "2",
+        },
+    )["headers"]
+    for name in ("connection", "x-hop", "keep-alive", "proxy-connection"):
+        assert name not in seen, name
+    assert seen["te"] == "trailers"
+    assert seen["x-kept"] == "2"
+
+
 def test_headers_the_waypoint_adds_and_keeps(env):
     seen = Client("127.60.100.2").echo(
         "/", headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
     )
-    assert len(seen["headers"]["x-request-id"]) == 36  # generated when absent
+    # Generated when absent: a version 4 UUID, as Envoy makes them.
+    assert re.fullmatch(UUID4, seen["headers"]["x-request-id"])
     assert seen["headers"]["traceparent"] == "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    fresh = Client("127.60.100.2").echo("/")
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", fresh["headers"]["traceparent"])
+    assert fresh["headers"]["x-request-id"] != seen["headers"]["x-request-id"]
     assert "x-forwarded-for" not in seen["headers"]
     kept = Client("127.60.100.2").echo("/", headers={"x-request-id": "mine"})
     assert kept["headers"]["x-request-id"] == "mine"

@@ -214,11 +214,23 @@ impl HboneConnection {
     }
 }
 
-/// A W3C `traceparent` with a random trace and span id, as Istio's ztunnel sends per connection.
+/// A W3C `traceparent` with a random trace and span id, as Istio's ztunnel sends per connection
+/// (and the waypoint per request): `00-<32 hex>-<16 hex>-00`.
 pub(crate) fn new_traceparent() -> HeaderValue {
-    let trace: u128 = rand::random();
-    let span: u64 = rand::random();
-    HeaderValue::try_from(format!("00-{trace:032x}-{span:016x}-00")).expect("hex is a valid header")
+    let mut text = *b"00-________________________________-________________-00";
+    lower_hex(&rand::random::<[u8; 16]>(), &mut text[3..35]);
+    lower_hex(&rand::random::<[u8; 8]>(), &mut text[36..52]);
+    HeaderValue::from_bytes(&text).expect("hex is a valid header")
+}
+
+/// `bytes` as lower-case hex into `out` (two characters a byte). Random ids are made per request
+/// at the waypoint, where `format!`'s integer formatting cost more than the rest of the id.
+pub(crate) fn lower_hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
 }
 
 /// Dial a new HBONE connection for `key`.

@@ -9,7 +9,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use super::bodies::text_response;
 use super::table::{HeaderModifier, PathModifier, Rule};
 use super::upstream::Body;
-use crate::hbone::client::new_traceparent;
+use crate::hbone::client::{lower_hex, new_traceparent};
 
 /// Istio's waypoint adds one when a request has none, so a request can be followed hop by hop.
 pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -115,21 +115,26 @@ pub(super) fn redirect(
     response
 }
 
+/// A random (version 4) UUID, as Envoy generates `x-request-id`.
 pub(super) fn random_request_id() -> HeaderValue {
-    let v: u128 = rand::random();
-    let h = format!("{v:032x}");
-    let text = format!(
-        "{}-{}-4{}-a{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..]
-    );
-    HeaderValue::try_from(text).expect("hex is a valid header")
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = 0x40 | (bytes[6] & 0x0f); // version 4
+    bytes[8] = 0xa0 | (bytes[8] & 0x0f); // variant 10xx (written as `a`, as before)
+    let mut text = *b"________-____-____-____-____________";
+    lower_hex(&bytes[..4], &mut text[..8]);
+    lower_hex(&bytes[4..6], &mut text[9..13]);
+    lower_hex(&bytes[6..8], &mut text[14..18]);
+    lower_hex(&bytes[8..10], &mut text[19..23]);
+    lower_hex(&bytes[10..], &mut text[24..]);
+    HeaderValue::from_bytes(&text).expect("hex is a valid header")
 }
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none (and name none: `Connection` is one of them): one look at the
+    // names present instead of hashing each hop-by-hop name to remove it.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // `TE: trailers` says the client takes trailers; it is the one TE value HTTP/2 allows
     // (RFC 9113 §8.2.2) and gRPC servers require it, so it goes on.
     let trailers = headers
@@ -171,11 +176,8 @@ pub(super) fn upstream_request(
         Some(p) => format!("{host}:{p}"),
         None => host,
     };
-    let mut path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
+    // Rewritten, or the request's own (a cheap clone of its bytes).
+    let mut rewritten_path: Option<String> = None;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if let Some((rule, prefix)) = rule {
         if let Some(m) = &rule.request_headers {
@@ -187,18 +189,21 @@ pub(super) fn upstream_request(
             }
             if let Some(m) = &rewrite.path {
                 let path = modified_path(parts.uri.path(), m, prefix);
-                path_and_query = match parts.uri.query() {
+                rewritten_path = Some(match parts.uri.query() {
                     Some(q) => format!("{path}?{q}"),
                     None => path,
-                };
+                });
             }
         }
     }
     if !parts.headers.contains_key(TRACEPARENT) {
         parts.headers.insert(TRACEPARENT, new_traceparent());
     }
-    let pq =
-        PathAndQuery::try_from(path_and_query).unwrap_or_else(|_| PathAndQuery::from_static("/"));
+    let pq = match rewritten_path {
+        Some(p) => PathAndQuery::try_from(p).ok(),
+        None => parts.uri.path_and_query().cloned(),
+    }
+    .unwrap_or_else(|| PathAndQuery::from_static("/"));
     if http2 {
         parts.headers.remove(header::HOST);
         let mut uri = Uri::builder()

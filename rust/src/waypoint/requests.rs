@@ -24,7 +24,7 @@ use super::filters::{
     strip_hop_by_hop, upstream_request, REQUEST_ID,
 };
 use super::table::{Backend, Mirror, Protocol, Routed, Rule, Table, Target};
-use super::telemetry::{Exchange, SeriesKey};
+use super::telemetry::{Exchange, Head, SeriesKey};
 use super::upstream::{Body, UpstreamError, UpstreamKey};
 use super::{StreamInfo, Waypoint};
 use crate::hbone::io::H2Io;
@@ -197,8 +197,40 @@ pub fn service_name(table: &Table, target: SocketAddr) -> Arc<str> {
     }
 }
 
-/// The report of a request, begun when its head is in.
-fn exchange(parts: &http::request::Parts, info: &StreamInfo, service: Arc<str>) -> Exchange {
+/// The report of a request, begun when its head is in; `logged`: the waypoint writes an access
+/// log, so the line's text fields are taken from the head.
+fn exchange(
+    parts: &http::request::Parts,
+    info: &StreamInfo,
+    service: Arc<str>,
+    logged: bool,
+) -> Exchange {
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    Exchange {
+        started: Instant::now(),
+        head: logged.then(|| log_head(parts)),
+        client: info.client,
+        key: SeriesKey {
+            source_principal: info.source_principal.clone(),
+            source_ip: Some(info.client.ip()),
+            service,
+            endpoint: Arc::from(""),
+            endpoint_principal: Arc::from(""),
+            code: 0,
+            grpc,
+            flags: "-",
+        },
+        route: Arc::from(""),
+        upstream: None,
+        request_bytes: Arc::default(),
+        response_bytes: AtomicU64::new(0),
+    }
+}
+
+fn log_head(parts: &http::request::Parts) -> Head {
     let text = |name: &HeaderName| {
         parts
             .headers
@@ -207,12 +239,7 @@ fn exchange(parts: &http::request::Parts, info: &StreamInfo, service: Arc<str>) 
             .map(str::to_string)
     };
     let (host, port) = host_and_port(parts);
-    let grpc = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    Exchange {
-        started: Instant::now(),
+    Head {
         method: parts.method.to_string(),
         authority: match port {
             Some(p) => format!("{host}:{p}"),
@@ -230,21 +257,6 @@ fn exchange(parts: &http::request::Parts, info: &StreamInfo, service: Arc<str>) 
         },
         request_id: text(&REQUEST_ID).unwrap_or_default(),
         user_agent: text(&header::USER_AGENT),
-        client: info.client,
-        key: SeriesKey {
-            source_principal: info.source_principal.clone(),
-            source_ip: Some(info.client.ip()),
-            service,
-            endpoint: Arc::from(""),
-            endpoint_principal: Arc::from(""),
-            code: 0,
-            grpc,
-            flags: "-",
-        },
-        route: Arc::from(""),
-        upstream: None,
-        request_bytes: Arc::default(),
-        response_bytes: AtomicU64::new(0),
     }
 }
 
@@ -281,7 +293,8 @@ async fn handle(
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(REQUEST_ID, random_request_id());
     }
-    let mut report = exchange(&parts, info, service_name(&table, info.target));
+    let logged = waypoint.access_log.is_some();
+    let mut report = exchange(&parts, info, service_name(&table, info.target), logged);
     let destination = {
         let head = super::table::Head {
             method: parts.method.as_str(),
@@ -340,6 +353,7 @@ async fn handle(
     let overall = rule.and_then(|r| seconds(r.request_timeout));
     let per_try = rule.and_then(|r| seconds(r.backend_timeout));
     let mut streamed = Some(body);
+    let mut head = Some(parts);
     let mut tried: Vec<usize> = Vec::with_capacity(attempts as usize);
     let mut endpoint_index = destination.endpoint;
     let mut port = destination.port;
@@ -367,19 +381,24 @@ async fn handle(
         report.key.endpoint_principal = endpoint.identity.clone();
         report.upstream = Some(key.address);
         let active = Active::new(&table, endpoint_index);
-        let (attempt_parts, attempt_body) = match streamed.take() {
-            Some(body) if !replayable => (
-                {
-                    let copy = copy_parts(&parts);
-                    std::mem::replace(&mut parts, copy)
-                },
-                CountedRequest {
-                    body,
-                    bytes: report.request_bytes.clone(),
-                }
-                .boxed(),
-            ),
-            _ => (copy_parts(&parts), empty_body()),
+        // The last attempt (the only one, for a request with a body) sends the head itself; an
+        // attempt that may be followed by another sends a copy.
+        let attempt_parts = if attempt == attempts {
+            head.take()
+                .expect("the head is kept until the last attempt")
+        } else {
+            copy_parts(
+                head.as_ref()
+                    .expect("the head is kept until the last attempt"),
+            )
+        };
+        let attempt_body = match streamed.take() {
+            Some(body) if !replayable => CountedRequest {
+                body,
+                bytes: report.request_bytes.clone(),
+            }
+            .boxed(),
+            _ => empty_body(),
         };
         let outgoing = upstream_request(
             attempt_parts,

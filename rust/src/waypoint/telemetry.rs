@@ -123,15 +123,21 @@ impl RequestMetrics {
     }
 }
 
-/// One request, from its head to the end of its response.
-pub struct Exchange {
-    pub started: Instant,
+/// What only the access-log line needs of a request's head: taken only when there is a log.
+pub struct Head {
     pub method: String,
     pub authority: String,
     pub path: String,
     pub protocol: &'static str,
     pub request_id: String,
     pub user_agent: Option<String>,
+}
+
+/// One request, from its head to the end of its response.
+pub struct Exchange {
+    pub started: Instant,
+    /// None when the waypoint writes no access log.
+    pub head: Option<Head>,
     pub client: SocketAddr,
     pub key: SeriesKey,
     pub route: Arc<str>,
@@ -171,12 +177,12 @@ impl Exchange {
             values.request_bytes.observe(request_bytes as f64);
             values.response_bytes.observe(response_bytes as f64);
         }
-        if let Some(log) = log {
+        if let (Some(log), Some(head)) = (log, &self.head) {
             let line = Line {
-                method: &self.method,
-                authority: &self.authority,
-                path: &self.path,
-                protocol: self.protocol,
+                method: &head.method,
+                authority: &head.authority,
+                path: &head.path,
+                protocol: head.protocol,
                 response_code: code,
                 response_flags: flags,
                 response_code_details: details,
@@ -187,8 +193,8 @@ impl Exchange {
                 destination_service: non_empty(&self.key.service),
                 downstream_remote_address: self.client,
                 downstream_peer_uri_san: non_empty(&self.key.source_principal),
-                x_request_id: &self.request_id,
-                user_agent: self.user_agent.as_deref(),
+                x_request_id: &head.request_id,
+                user_agent: head.user_agent.as_deref(),
                 duration: (millis * 1000.0).round() / 1000.0,
                 bytes_received: request_bytes,
                 bytes_sent: response_bytes,

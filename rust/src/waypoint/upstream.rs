@@ -114,9 +114,11 @@ impl Upstreams {
         request: Request<Body>,
         dial: &Dialer,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // Dialing is boxed: its state (TLS, HTTP/2 and HTTP handshakes) would otherwise be part
+        // of every request's future, moved and zeroed per request though it is rarely needed.
         let (sender, fresh) = match self.idle(key) {
             Some(s) => (s, false),
-            None => (dial.dial(key).await?, true),
+            None => (Box::pin(dial.dial(key)).await?, true),
         };
         match sender {
             Sender::Http2(mut s) => {
@@ -135,7 +137,7 @@ impl Upstreams {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(request) if !fresh => {
-                        let Sender::Http1(mut s) = dial.dial(key).await? else {
+                        let Sender::Http1(mut s) = Box::pin(dial.dial(key)).await? else {
                             unreachable!("an HTTP/1.1 key dials HTTP/1.1")
                         };
                         let response =
