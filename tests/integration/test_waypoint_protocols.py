@@ -1,5 +1,6 @@
 """The waypoint with the protocols a Service port may speak, each end an implementation that is
 not ambient's: gRPC (grpcio client and server, HTTP/2 with trailers, by the port name ``grpc``),
+cleartext HTTP/2 with prior knowledge on an ``http`` port (python-hyper's h2),
 WebSocket (the ``websockets`` package, an HTTP/1.1 Upgrade carried through), protocol detection
 on a port that names none (HTTP parsed, anything else carried as TCP); and a route changed by a
 config reload while a request is in flight."""
@@ -13,10 +14,14 @@ import signal
 import socket
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import ServerConnection
@@ -298,6 +303,57 @@ def test_a_port_naming_no_protocol_is_parsed_as_http_when_http_arrives(env):
     conn.close()
     assert seen["path"] == "/sniffed"
     assert "x-request-id" in seen["headers"]  # the waypoint read it as HTTP
+
+
+def h2c_get(vip: str, path: str, first_write: int | None = None) -> tuple[int, dict[str, str]]:
+    """One GET over cleartext HTTP/2 with prior knowledge (python-hyper's h2), its preface and
+    request written whole or, with ``first_write``, that many bytes first and the rest later."""
+    sock = socks5.connect((CLIENT, 15080), (vip, 80), source=CLIENT)
+    sock.settimeout(10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    headers = [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", vip)]
+    conn.send_headers(1, headers, end_stream=True)
+    out = conn.data_to_send()
+    if first_write is not None:
+        sock.sendall(out[:first_write])
+        out = out[first_write:]
+        time.sleep(0.3)  # the first bytes reach the waypoint on their own
+    sock.sendall(out)
+    status, body = 0, b""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, json.loads(body)
+            sock.sendall(conn.data_to_send())
+    finally:
+        sock.close()
+    raise AssertionError(f"no complete response (status {status})")
+
+
+def test_http2_with_prior_knowledge_on_an_http_port(env):
+    """A port named `http` takes cleartext HTTP/2 too (the preface tells); the request goes on
+    to the endpoint as HTTP/1.1, the port's protocol."""
+    status, seen = h2c_get("127.62.100.2", "/h2c")
+    assert status == 200
+    assert seen["path"] == "/h2c"
+    assert "x-request-id" in seen["headers"]
+
+
+def test_a_preface_split_across_writes_is_still_http2(env):
+    """The first bytes are only the start of the preface: the waypoint waits for the rest."""
+    status, seen = h2c_get("127.62.100.2", "/split", first_write=5)
+    assert status == 200
+    assert seen["path"] == "/split"
 
 
 def test_a_port_naming_no_protocol_carries_other_bytes_as_tcp(env):

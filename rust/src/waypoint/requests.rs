@@ -4,7 +4,9 @@
 //! through in both directions; nothing is buffered whole.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,27 +32,66 @@ use super::{StreamInfo, Waypoint};
 use crate::hbone::io::H2Io;
 use crate::hbone::server::InboundContext;
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Serve HTTP on one HBONE stream until the client closes it (or the listener drains: then the
 /// connection finishes its request and closes).
 pub async fn serve(
-    io: H2Io,
+    mut io: H2Io,
     http2_only: bool,
     info: Arc<StreamInfo>,
     ctx: &InboundContext,
     waypoint: &Arc<Waypoint>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    if http2_only {
-        builder = builder.http2_only();
-    }
     let service_waypoint = waypoint.clone();
     let service = hyper::service::service_fn(move |request| {
         let waypoint = service_waypoint.clone();
         let info = info.clone();
         async move { Ok::<_, Infallible>(handle(request, &info, &waypoint).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    // The version is decided here from the first bytes when they tell (they almost always
+    // do), so the connection is hyper's HTTP/1 or HTTP/2 one itself; hyper-util's auto
+    // connection, which wraps every read to look for the preface, is kept for a first frame
+    // that is only the start of the preface.
+    let version = if http2_only {
+        Some(Version::HTTP_2)
+    } else {
+        match io.peek().await {
+            Ok(first) if first.starts_with(H2_PREFACE) => Some(Version::HTTP_2),
+            Ok(first) if !first.is_empty() && H2_PREFACE.starts_with(first) => None,
+            _ => Some(Version::HTTP_11),
+        }
+    };
+    let io = TokioIo::new(io);
+    match version {
+        Some(Version::HTTP_11) => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(io, service)
+                .with_upgrades();
+            until_done(conn, ctx, |c| c.graceful_shutdown()).await
+        }
+        Some(_) => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service);
+            until_done(conn, ctx, |c| c.graceful_shutdown()).await
+        }
+        None => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new());
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            until_done(conn, ctx, |c| c.graceful_shutdown()).await
+        }
+    }
+}
+
+/// Drive an HTTP connection to its end; when the listener drains, shut it down gracefully.
+async fn until_done<C, E>(conn: C, ctx: &InboundContext, graceful_shutdown: fn(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
     let mut draining = false;
     loop {
@@ -63,7 +104,7 @@ pub async fn serve(
             }
             _ = ctx.scope.draining.cancelled(), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown(conn.as_mut());
             }
         }
     }
