@@ -186,6 +186,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A transport that counts the writes it gets.
+    #[derive(Default)]
     struct Counting {
         writes: usize,
         bytes: Vec<u8>,
@@ -220,13 +221,7 @@ mod tests {
     fn writes_flushed_in_one_pass_leave_together_in_the_next() {
         run(async {
             let passes = Passes::default();
-            let mut io = Batched::new(
-                Counting {
-                    writes: 0,
-                    bytes: Vec::new(),
-                },
-                passes.clone(),
-            );
+            let mut io = Batched::new(Counting::default(), passes.clone());
             let mut step = 0;
             passes
                 .drive(std::future::poll_fn(|cx| {
@@ -254,13 +249,7 @@ mod tests {
     fn a_record_sized_write_goes_straight_through_after_what_was_held() {
         run(async {
             let passes = Passes::default();
-            let mut io = Batched::new(
-                Counting {
-                    writes: 0,
-                    bytes: Vec::new(),
-                },
-                passes,
-            );
+            let mut io = Batched::new(Counting::default(), passes);
             io.write_all(b"head").await.unwrap();
             let big = vec![7u8; HELD_MAX];
             io.write_all(&big).await.unwrap();

@@ -76,11 +76,7 @@ where
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.exchange
-                        .response_bytes
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
+                count_data(frame, &self.exchange.response_bytes);
                 if self.body.is_end_stream() {
                     self.ended = true;
                 }
@@ -100,6 +96,13 @@ where
     }
 }
 
+/// Add a DATA frame's length to `bytes` (trailers count nothing).
+fn count_data(frame: &Frame<Bytes>, bytes: &AtomicU64) {
+    if let Some(data) = frame.data_ref() {
+        bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+}
+
 /// A request body on its way to the endpoint, its bytes counted for the report.
 pub(super) struct CountedRequest {
     pub(super) body: Incoming,
@@ -116,9 +119,7 @@ impl HttpBody for CountedRequest {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+            count_data(frame, &self.bytes);
         }
         polled
     }
