@@ -103,8 +103,10 @@ def format_address(address: Address) -> str:
 class DataPlane:
     """Owns one compiled data-plane runtime and everything on it.
 
-    ``workers``: tokio worker threads (default: one per core). ``pool_max_streams``: concurrent
-    streams per pooled HBONE connection (the peer's limit applies if lower).
+    ``workers``: tokio worker threads (default: one per core; with 1, tokio's current-thread
+    scheduler on a thread of its own, cheaper per request than a lone multi-thread worker).
+    ``pool_max_streams``: concurrent streams per pooled HBONE connection (the peer's limit
+    applies if lower).
     ``pool_idle_timeout``: seconds before an unused pooled connection is closed.
     ``mark``: SO_MARK on every socket (Istio uses 0x539 so its redirection skips the proxy).
     Bounds: ``decision_threads`` threads run Python decisions, at most

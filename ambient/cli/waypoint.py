@@ -109,8 +109,8 @@ def register(commands: Any) -> None:
         "--workers",
         type=int,
         default=None,
-        help="core worker threads (default: one per CPU; the benchmark runs 1, as HAProxy's "
-        "one thread)",
+        help="core worker threads (default: one per CPU; 1 runs tokio's current-thread "
+        "scheduler, the cheapest per request; the benchmark runs 1, as HAProxy's one thread)",
     )
     add_limit_arguments(w)
     w.add_argument(

@@ -10,12 +10,13 @@ use std::time::Duration;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use tokio::runtime::{Handle, Runtime};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accesslog::AccessLog;
 use crate::decision::{DecisionPool, InboundDecider, OutboundDecider, Plan};
+use crate::engine::Engine;
 use crate::hbone::server::{self, InboundContext, Role};
 use crate::identity::{IdentityMaterial, IdentityStore};
 use crate::limits::{Caps, ConnectionLimiter};
@@ -49,9 +50,6 @@ const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 1_000;
 /// An HBONE connection (server side) with no stream for this long is closed; longer than the
 /// clients' pool idle timeout (Istio's: 5 minutes), so a client normally closes first.
 const DEFAULT_HBONE_IDLE_TIMEOUT: f64 = 600.0;
-/// Tokio's pool for blocking work; nothing of ours runs there (decisions have their own
-/// threads), so it only needs to be bounded.
-const MAX_BLOCKING_THREADS: usize = 16;
 /// How long closing waits for the last reports to reach Python.
 const REPORTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a connection cut at the drain deadline is told.
@@ -150,7 +148,7 @@ impl Listener {
 /// The data-plane runtime. One per process is typical; several may coexist (tests do).
 #[pyclass(frozen, module = "ambient._core")]
 pub struct Core {
-    runtime: Mutex<Option<Runtime>>,
+    engine: Mutex<Option<Engine>>,
     handle: Handle,
     shared: Arc<Shared>,
     listeners: Mutex<Vec<ListenerScope>>,
@@ -239,18 +237,8 @@ impl Core {
         max_connections_per_source: usize,
         hbone_idle_timeout: f64,
     ) -> PyResult<Self> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder
-            .enable_all()
-            .thread_name("ambient-core")
-            .max_blocking_threads(MAX_BLOCKING_THREADS)
-            // An idle worker gives back the memory its connections freed (see `allocator`).
-            .on_thread_park(crate::allocator::release_idle_memory);
-        if let Some(n) = worker_threads {
-            if n == 0 {
-                return Err(PyValueError::new_err("worker_threads: expected at least 1"));
-            }
-            builder.worker_threads(n);
+        if worker_threads == Some(0) {
+            return Err(PyValueError::new_err("worker_threads: expected at least 1"));
         }
         if decision_threads == 0 {
             return Err(PyValueError::new_err(
@@ -259,8 +247,7 @@ impl Core {
         }
         let hbone_idle_timeout = duration("hbone_idle_timeout", hbone_idle_timeout)?;
         let pool_idle_timeout = duration("pool_idle_timeout", pool_idle_timeout)?;
-        let runtime = builder
-            .build()
+        let engine = Engine::start(worker_threads)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the tokio runtime: {e}")))?;
         let decisions = DecisionPool::start(decision_threads, max_pending_decisions)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start decision threads: {e}")))?;
@@ -282,7 +269,7 @@ impl Core {
             hbone_idle_timeout,
         });
         let sweeper = shared.clone();
-        runtime.spawn(async move {
+        engine.handle().spawn(async move {
             let every = POOL_SWEEP_INTERVAL.min(sweeper.pool.idle_timeout() / 2);
             let every = every.max(Duration::from_millis(10));
             loop {
@@ -293,8 +280,8 @@ impl Core {
             }
         });
         Ok(Self {
-            handle: runtime.handle().clone(),
-            runtime: Mutex::new(Some(runtime)),
+            handle: engine.handle().clone(),
+            engine: Mutex::new(Some(engine)),
             shared,
             listeners: Mutex::new(Vec::new()),
         })
@@ -650,11 +637,11 @@ impl Core {
     #[pyo3(signature = (deadline=0.0))]
     fn close(&self, py: Python<'_>, deadline: f64) -> PyResult<bool> {
         let finished = self.drain(py, deadline)?;
-        let runtime = self.runtime.lock().unwrap().take();
+        let engine = self.engine.lock().unwrap().take();
         let reports = self.shared.reports.clone();
         py.detach(move || {
-            if let Some(runtime) = runtime {
-                runtime.shutdown_timeout(Duration::from_secs(1));
+            if let Some(engine) = engine {
+                engine.shutdown_timeout(Duration::from_secs(1));
             }
             reports.close_and_wait(REPORTS_FLUSH_TIMEOUT);
         });
@@ -664,7 +651,7 @@ impl Core {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.runtime.lock().unwrap().is_none()
+        self.engine.lock().unwrap().is_none()
     }
 }
 
@@ -674,9 +661,9 @@ impl Drop for Core {
         self.shared.decisions.close();
         self.shared.draining.cancel();
         self.shared.hard_stop.cancel();
-        if let Some(runtime) = self.runtime.lock().unwrap().take() {
+        if let Some(engine) = self.engine.lock().unwrap().take() {
             // Never block here: this may run with the GIL held while a blocking task waits for it.
-            runtime.shutdown_background();
+            engine.shutdown_background();
         }
     }
 }

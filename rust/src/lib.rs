@@ -11,6 +11,7 @@ mod copy;
 mod core;
 mod decision;
 mod ending;
+mod engine;
 mod exposition;
 mod hbone;
 mod identity;
