@@ -496,6 +496,10 @@ def summarise(readings: list[dict[str, Any]]) -> dict[str, Any]:
                     added_theirs = theirs[q] - l4_theirs[q]
                     by_round.setdefault(f"added_{q}_waypoint", []).append(added_ours)
                     by_round.setdefault(f"added_{q}_haproxy", []).append(added_theirs)
+                    # Paired within the round: the machine's drift between rounds cancels.
+                    by_round.setdefault(f"added_{q}_waypoint_minus_haproxy", []).append(
+                        added_ours - added_theirs
+                    )
         ratios[mode] = {k: median(v) for k, v in by_round.items()}
     out["same_round"] = ratios
     return out
