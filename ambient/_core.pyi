@@ -32,6 +32,9 @@ def yaml_documents(text: str, max_depth: int) -> list[Any] | None:
 def sync_level() -> None:
     """Make the core log at the level Python's `_core` logger has now (call after changing it)."""
 
+def normalize_path(path: str) -> str:
+    """A request path as the waypoint normalizes it before authorization and routing."""
+
 def forwarded_host(value: str) -> str | None:
     """The `host=` of a `Forwarded` header, as the core reads it to key remembered answers."""
 
@@ -182,6 +185,21 @@ class WaypointTable:
         client_namespace: str = "",
     ) -> str | None:
         """The rule a request would take (``ns/name#rule``, or the Service itself); None: 404."""
+    def authorize(
+        self,
+        target: str,
+        method: str,
+        path: str,
+        *,
+        host: str = "",
+        headers: list[tuple[str, str]] = ...,
+        source_principal: str = "",
+        source_ip: str = "127.0.0.1",
+        auth: tuple[str, list[str], str, str] | None = None,
+    ) -> tuple[bool, str | None, list[str]]:
+        """The AuthorizationPolicies' verdict on a request (path normalized first): allowed,
+        the deciding policy, the AUDIT and dry-run policies that matched. ``auth``: a verified
+        JWT's (principal, audiences, presenter, claims JSON)."""
     def stream_series(
         self,
     ) -> list[tuple[tuple[str, str | None, str, str, str], Counters]]:

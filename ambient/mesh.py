@@ -21,6 +21,7 @@ from .identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from .policy.model import Policy
 
 if TYPE_CHECKING:
+    from .waypoint.authz import WaypointPolicy
     from .waypoint.routes import HttpRoute
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -144,6 +145,8 @@ class Mesh:
     waypoints: tuple[Waypoint, ...] = ()
     # Gateway API HTTPRoutes, compiled for a waypoint's routing (ambient.waypoint.routes).
     http_routes: tuple[HttpRoute, ...] = ()
+    # AuthorizationPolicies with targetRefs, enforced by waypoints (ambient.waypoint.authz).
+    waypoint_policies: tuple[WaypointPolicy, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )

@@ -112,6 +112,14 @@ def register(commands: Any) -> None:
         help="core worker threads (default: one per CPU; 1 runs tokio's current-thread "
         "scheduler, the cheapest per request; the benchmark runs 1, as HAProxy's one thread)",
     )
+    w.add_argument(
+        "--trusted-proxies",
+        type=int,
+        default=0,
+        metavar="N",
+        help="addresses of x-forwarded-for trusted from its right for AuthorizationPolicy "
+        "remoteIpBlocks / remote.ip (Istio's numTrustedProxies; default 0: the source IP)",
+    )
     add_limit_arguments(w)
     w.add_argument(
         "--drain-deadline",
@@ -166,7 +174,14 @@ def run(args: argparse.Namespace) -> int:
         certificates = proxy.certificates(args, dp)
         pods = frozenset(args.pod) if args.pod else None
         core_log = access_log.core() if access_log is not None else None
-        waypoint = Waypoint(args.gateway, dp, certificates, pods=pods, access_log=core_log)
+        waypoint = Waypoint(
+            args.gateway,
+            dp,
+            certificates,
+            pods=pods,
+            access_log=core_log,
+            trusted_proxies=args.trusted_proxies,
+        )
         waypoint.apply(mesh)
         watcher = ConfigWatcher(
             args.config,

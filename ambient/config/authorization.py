@@ -173,12 +173,6 @@ def convert(resource: k8s.AuthorizationPolicy) -> Converted:
     meta, spec = resource.metadata, resource.spec
     namespace = meta.namespace
     key = f"{namespace}/{meta.name}"
-    if spec.action == "CUSTOM":
-        raise PolicyError(
-            "spec.action",
-            "CUSTOM delegates to an external authorizer (ext_authz provider), which ambient "
-            "does not have; use ALLOW or DENY",
-        )
     out = Converted(None)
     if spec.targetRefs or spec.targetRef:
         out.warnings.append(
@@ -186,6 +180,12 @@ def convert(resource: k8s.AuthorizationPolicy) -> Converted:
             "waypoint, not by ztunnel"
         )
         return out
+    if spec.action == "CUSTOM":
+        raise PolicyError(
+            "spec.action",
+            "CUSTOM delegates to an external authorizer (ext_authz provider), which ztunnel "
+            "does not call; use ALLOW or DENY",
+        )
     if spec.selector is not None and spec.selector.matchLabels:
         scope = Scope.WORKLOAD_SELECTOR
     elif namespace == ROOT_NAMESPACE:

@@ -21,7 +21,7 @@ from typing import Any
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from ..waypoint import routes
+from ..waypoint import authz, routes
 from . import authorization, tags, translate, waypoints, yamlfile
 from . import kubernetes as k8s
 from . import ztunnel_local as local
@@ -394,6 +394,27 @@ def _http_routes(
     return compiled
 
 
+def _waypoint_policies(out: _Collected, cache: MeshCache | None) -> list[authz.WaypointPolicy]:
+    """The AuthorizationPolicies with targetRefs, compiled for waypoints; one a waypoint cannot
+    enforce as written is an issue."""
+    compiled = []
+    for resource, loc in out.authorization_policies:
+        if not (resource.spec.targetRefs or resource.spec.targetRef):
+            continue
+        try:
+            compiled.append(
+                _build(
+                    cache,
+                    "waypoint policy",
+                    (resource,),
+                    functools.partial(authz.compile_policy, resource),
+                )
+            )
+        except authz.AuthzError as e:
+            out.issues.append(ConfigIssue(loc, e.field, str(e)))
+    return compiled
+
+
 def load_mesh(
     paths: Sequence[str | Path],
     *,
@@ -504,6 +525,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
             )
         )
     policies: list[Policy] = []
+    waypoint_policies = _waypoint_policies(out, cache)
     for resource, loc in out.authorization_policies:
         try:
             converted = _build(
@@ -536,6 +558,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
         policies=tuple(policies),
         waypoints=tuple(all_waypoints),
         http_routes=tuple(http_routes),
+        waypoint_policies=tuple(waypoint_policies),
         namespaces=MappingProxyType(
             {k: MappingProxyType(v) for k, v in sorted(namespaces.items())}
         ),

@@ -36,6 +36,8 @@ class Waypoint:
     ``pods``: serve only these pods of the Gateway (``namespace/name``; default all of them — in
     loopback mode one process stands for every pod, in a pod's network namespace it is one pod).
     ``access_log``: where the core writes a JSON line per request.
+    ``trusted_proxies``: addresses of ``x-forwarded-for`` trusted (from its right) for a
+    policy's ``remoteIpBlocks`` and ``remote.ip`` (Envoy's ``xff_num_trusted_hops``).
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class Waypoint:
         *,
         pods: frozenset[str] | None = None,
         access_log: AccessLog | None = None,
+        trusted_proxies: int = 0,
     ) -> None:
         self.key = key
+        self.trusted_proxies = trusted_proxies
         self.dataplane = dataplane
         self.certificates = certificates
         self.only_pods = pods
@@ -78,7 +82,7 @@ class Waypoint:
                 log.warning(
                     "waypoint %s is not declared in the mesh: it takes no traffic", self.key
                 )
-            self.table.update(table_json(mesh, self.key))
+            self.table.update(table_json(mesh, self.key, trusted_proxies=self.trusted_proxies))
             self.mesh = mesh
             desired = self.own_pods(mesh)
             for uid in [u for u in self.listeners if u not in desired]:

@@ -27,6 +27,7 @@ import orjson
 
 from ..config import kubernetes as k8s
 from ..mesh import HealthStatus, Mesh, Service, Workload
+from . import authz
 from .routes import Backend, HttpRoute, precedence
 
 # ztunnel's HBONE port on every in-mesh pod (Istio's).
@@ -267,24 +268,56 @@ def bound_workloads(mesh: Mesh, waypoint: str) -> Iterable[Workload]:
     return (w for w in mesh.workloads if w.waypoint == waypoint)
 
 
-def compile_table(mesh: Mesh, waypoint: str) -> dict[str, Any]:
-    """The table of waypoint ``namespace/name`` in ``mesh`` (a JSON-ready dict)."""
+def compile_table(mesh: Mesh, waypoint: str, *, trusted_proxies: int = 0) -> dict[str, Any]:
+    """The table of waypoint ``namespace/name`` in ``mesh`` (a JSON-ready dict).
+    ``trusted_proxies``: hops of ``x-forwarded-for`` trusted for ``remote.ip``."""
     c = _Compiler(mesh, waypoint)
     targets: dict[str, dict[str, Any]] = {}
     services = []
+    policies = _Policies(mesh, waypoint)
     for service in bound_services(mesh, waypoint):
         ports = {str(port): c.port(service, port, mesh.http_routes) for port in service.ports}
-        services.append({"name": f"{service.namespace}/{service.name}", "ports": ports})
+        name = f"{service.namespace}/{service.name}"
+        services.append({"name": name, "ports": ports, "policies": policies.of(name)})
         for _, vip in service.vips:
             targets[str(vip)] = {"kind": "service", "service": len(services) - 1}
     for workload in bound_workloads(mesh, waypoint):
         for ip in workload.ips:
             targets[str(ip)] = {"kind": "workload", "endpoint": c.endpoint(workload)}
-    return {"targets": targets, "services": services, "endpoints": c.endpoints}
+    return {
+        "targets": targets,
+        "services": services,
+        "endpoints": c.endpoints,
+        "workload_policies": policies.of(None),
+        "policies": policies.compiled,
+        "trusted_proxies": trusted_proxies,
+    }
 
 
-def table_json(mesh: Mesh, waypoint: str) -> str:
-    return orjson.dumps(compile_table(mesh, waypoint)).decode()
+class _Policies:
+    """The AuthorizationPolicies that apply at this waypoint, each compiled once; a Service (or
+    traffic to pods) refers to its own by index, in the mesh's order."""
+
+    def __init__(self, mesh: Mesh, waypoint: str) -> None:
+        self.mesh = mesh
+        self.waypoint = waypoint
+        self.compiled: list[dict[str, Any]] = []
+        self._index: dict[str, int] = {}
+
+    def of(self, service: str | None) -> list[int]:
+        out = []
+        for p in self.mesh.waypoint_policies:
+            if not authz.applies(p, self.waypoint, service):
+                continue
+            if p.key not in self._index:
+                self._index[p.key] = len(self.compiled)
+                self.compiled.append(authz.policy_json(p))
+            out.append(self._index[p.key])
+        return out
+
+
+def table_json(mesh: Mesh, waypoint: str, *, trusted_proxies: int = 0) -> str:
+    return orjson.dumps(compile_table(mesh, waypoint, trusted_proxies=trusted_proxies)).decode()
 
 
 def explain_route(

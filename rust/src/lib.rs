@@ -77,5 +77,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<accesslog::AccessLog>()?;
     m.add_class::<accesslog::LogTemplate>()?;
     m.add_function(wrap_pyfunction!(table::py_forwarded_host, m)?)?;
+    m.add_function(wrap_pyfunction!(waypoint::normalize_path, m)?)?;
     Ok(())
 }

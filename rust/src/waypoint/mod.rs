@@ -6,6 +6,7 @@
 //! It shares the HBONE server (TLS, HTTP/2, keepalive, drain, the guards against hostile peers)
 //! with ztunnel's inbound side: only what happens to an accepted CONNECT stream differs.
 
+pub mod authz;
 mod balance;
 mod bodies;
 mod filters;
@@ -67,6 +68,8 @@ pub struct RequestCounts {
     pub retries_exhausted: AtomicU64,
     pub mirrored: AtomicU64,
     pub refused_targets: AtomicU64,
+    /// Denied by an AuthorizationPolicy (403).
+    pub denied: AtomicU64,
 }
 
 impl RequestCounts {
@@ -164,14 +167,7 @@ impl WaypointTable {
                 "{target} is not a Service port bound to this waypoint"
             ))
         })?;
-        let mut map = http::HeaderMap::new();
-        for (name, value) in &headers {
-            let name = http::HeaderName::try_from(name.as_str())
-                .map_err(|_| PyValueError::new_err(format!("bad header name {name:?}")))?;
-            let value = http::HeaderValue::try_from(value.as_str())
-                .map_err(|_| PyValueError::new_err(format!("bad header value {value:?}")))?;
-            map.append(name, value);
-        }
+        let map = header_map(&headers)?;
         let head = table::Head {
             method,
             path,
@@ -182,6 +178,71 @@ impl WaypointTable {
             table::Routed::Rule(rule, _) => Some(rule.route.to_string()),
             table::Routed::NoRoute => None,
         })
+    }
+
+    /// The verdict of this table's AuthorizationPolicies on a request to `target` (`ip:port`),
+    /// as the waypoint reaches it per request (the path is normalized first): `(allowed,
+    /// deciding policy or None, AUDIT and dry-run policies that matched)`. For `ambient explain`
+    /// and the test that holds it to `ambient.waypoint.authz.evaluate`. `auth`: a verified
+    /// JWT's `(principal, audiences, presenter, claims as JSON)`.
+    #[pyo3(signature = (
+        target, method, path, *, host="", headers=Vec::new(), source_principal="",
+        source_ip="127.0.0.1", auth=None,
+    ))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn authorize(
+        &self,
+        target: &str,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: Vec<(String, String)>,
+        source_principal: &str,
+        source_ip: &str,
+        auth: Option<(String, Vec<String>, String, String)>,
+    ) -> PyResult<(bool, Option<String>, Vec<String>)> {
+        let target: SocketAddr = target.parse().map_err(|_| {
+            PyValueError::new_err(format!("target: expected ip:port, got {target:?}"))
+        })?;
+        let source_ip: std::net::IpAddr = source_ip.parse().map_err(|_| {
+            PyValueError::new_err(format!("source_ip: expected an IP, got {source_ip:?}"))
+        })?;
+        let table = self.current();
+        let bound = table.targets.get(&target.ip()).ok_or_else(|| {
+            PyValueError::new_err(format!("{target} is not bound to this waypoint"))
+        })?;
+        let map = header_map(&headers)?;
+        let auth = match auth {
+            Some((principal, audiences, presenter, claims)) => Some(authz::RequestAuth {
+                principal,
+                audiences,
+                presenter,
+                claims: serde_json::from_str(&claims)
+                    .map_err(|e| PyValueError::new_err(format!("auth claims: {e}")))?,
+            }),
+            None => None,
+        };
+        let path = authz::normalize_path(path);
+        let request = authz::Request {
+            method,
+            host,
+            path: &path,
+            headers: &map,
+            source_principal: source_principal
+                .strip_prefix("spiffe://")
+                .unwrap_or(source_principal),
+            source_ip,
+            remote_ip: authz::remote_ip(&map, source_ip, table.trusted_proxies),
+            destination_ip: target.ip(),
+            destination_port: target.port(),
+            auth: auth.as_ref(),
+        };
+        let verdict = table.policies.evaluate(table.policies_for(bound), &request);
+        Ok((
+            verdict.allowed,
+            verdict.policy.map(str::to_string),
+            verdict.logged.iter().map(|p| p.key.clone()).collect(),
+        ))
     }
 
     /// Istio's TCP metrics of the streams carried on TCP ports, one entry per series:
@@ -228,6 +289,7 @@ impl WaypointTable {
         out.set_item("retries_exhausted", get(&c.retries_exhausted))?;
         out.set_item("mirrored", get(&c.mirrored))?;
         out.set_item("refused_targets", get(&c.refused_targets))?;
+        out.set_item("denied", get(&c.denied))?;
         Ok(out)
     }
 }
@@ -263,6 +325,24 @@ pub struct StreamInfo {
     pub client_namespace: String,
     /// The CONNECT authority: a Service VIP or a pod IP, with the port.
     pub target: SocketAddr,
+}
+
+fn header_map(headers: &[(String, String)]) -> PyResult<http::HeaderMap> {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in headers {
+        let name = http::HeaderName::try_from(name.as_str())
+            .map_err(|_| PyValueError::new_err(format!("bad header name {name:?}")))?;
+        let value = http::HeaderValue::try_from(value.as_str())
+            .map_err(|_| PyValueError::new_err(format!("bad header value {value:?}")))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// `path` as the waypoint normalizes a request's path before authorization and routing.
+#[pyfunction]
+pub fn normalize_path(path: &str) -> String {
+    authz::normalize_path(path).into_owned()
 }
 
 /// The namespace in `spiffe://<td>/ns/<namespace>/sa/<sa>`.

@@ -3,6 +3,7 @@
 //! request), its route's filters applied, and sent to the endpoint (`upstream`). Bodies stream
 //! through in both directions; nothing is buffered whole.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
+use super::authz::{normalize_path, remote_ip, Request as AuthzRequest};
 use super::balance::{least_request, retry_endpoint, weighted, Active};
 use super::bodies::{empty_body, text_response, CountedRequest, Tracked};
 use super::filters::{
@@ -106,6 +108,80 @@ where
                 draining = true;
                 graceful_shutdown(conn.as_mut());
             }
+        }
+    }
+}
+
+/// The body of a request an AuthorizationPolicy denied (Envoy's, which Istio users match on).
+const DENIED_BODY: &str = "RBAC: access denied";
+
+/// The AuthorizationPolicies applying to this request, in Istio's order: None when allowed,
+/// else what denied it, as Envoy's `response_code_details` says it.
+fn authorize(table: &Table, info: &StreamInfo, parts: &http::request::Parts) -> Option<String> {
+    let target = table.targets.get(&info.target.ip())?;
+    let applying = table.policies_for(target);
+    if applying.is_empty() {
+        return None;
+    }
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    let source_ip = info.client.ip();
+    let request = AuthzRequest {
+        method: parts.method.as_str(),
+        host,
+        path: parts.uri.path(),
+        headers: &parts.headers,
+        source_principal: info
+            .source_principal
+            .strip_prefix("spiffe://")
+            .unwrap_or(&info.source_principal),
+        source_ip,
+        remote_ip: remote_ip(&parts.headers, source_ip, table.trusted_proxies),
+        destination_ip: info.target.ip(),
+        destination_port: info.target.port(),
+        auth: None,
+    };
+    let verdict = table.policies.evaluate(applying, &request);
+    for p in &verdict.logged {
+        let kind = if p.dry_run { "dry-run" } else { "audit" };
+        log::info!(
+            "waypoint: {} {} from {}: {kind} {:?} policy {} matched",
+            parts.method,
+            parts.uri,
+            info.source_principal,
+            p.action,
+            p.key
+        );
+    }
+    if verdict.allowed {
+        return None;
+    }
+    Some(match verdict.policy {
+        Some(key) => format!("rbac_access_denied_matched_policy[{key}]"),
+        None => "rbac_access_denied_matched_policy[none]: no ALLOW policy matched".to_string(),
+    })
+}
+
+/// `uri` with `path` in place of its path (query kept).
+fn normalize_uri(uri: &mut http::Uri, path: &str) {
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(path_and_query) {
+        parts.path_and_query = Some(pq);
+        if let Ok(normal) = http::Uri::from_parts(parts) {
+            *uri = normal;
         }
     }
 }
@@ -334,8 +410,25 @@ async fn handle(
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(REQUEST_ID, random_request_id());
     }
+    // Authorization and routing see the normalized path, and so does the endpoint.
+    if let Cow::Owned(normal) = normalize_path(parts.uri.path()) {
+        normalize_uri(&mut parts.uri, &normal);
+    }
     let logged = waypoint.access_log.is_some();
     let mut report = exchange(&parts, info, service_name(&table, info.target), logged);
+    if let Some(denied) = authorize(&table, info, &parts) {
+        counts.denied.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "waypoint: {} {} from {} ({}) denied: {}",
+            parts.method,
+            parts.uri,
+            info.peer,
+            info.source_principal,
+            denied
+        );
+        let response = text_response(StatusCode::FORBIDDEN, DENIED_BODY.to_string());
+        return local(&report, response, "-", Some(&denied), waypoint);
+    }
     let destination = {
         let head = super::table::Head {
             method: parts.method.as_str(),

@@ -16,6 +16,8 @@ use http::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde::Deserialize;
 
+use super::authz::{Policies, Policy, PolicySet, PolicySpec};
+
 /// A CONNECT target this waypoint is bound to.
 #[derive(Deserialize, Debug)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -177,6 +179,9 @@ pub struct Service {
     /// `namespace/name`.
     pub name: String,
     pub ports: HashMap<u16, PortSpec>,
+    /// The policies (indices into the table's) that apply to requests for this Service.
+    #[serde(default)]
+    pub policies: Vec<usize>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -184,6 +189,15 @@ struct TableSpec {
     targets: HashMap<IpAddr, Target>,
     services: Vec<Service>,
     endpoints: Vec<Endpoint>,
+    /// The AuthorizationPolicies that apply at this waypoint; services refer to them by index.
+    #[serde(default)]
+    policies: Vec<PolicySpec>,
+    /// Those that apply to traffic sent to a pod (they target the waypoint itself).
+    #[serde(default)]
+    workload_policies: Vec<usize>,
+    /// Hops of `x-forwarded-for` trusted for `remote.ip`.
+    #[serde(default)]
+    trusted_proxies: usize,
 }
 
 /// A path condition, compiled.
@@ -365,6 +379,7 @@ impl Port {
 pub struct CompiledService {
     pub name: Arc<str>,
     pub ports: HashMap<u16, Port>,
+    pub policies: PolicySet,
 }
 
 /// One snapshot's table, shared by the requests that started under it.
@@ -372,6 +387,9 @@ pub struct Table {
     pub targets: HashMap<IpAddr, Target>,
     pub services: Vec<CompiledService>,
     pub endpoints: Vec<Endpoint>,
+    pub policies: Policies,
+    pub workload_policies: PolicySet,
+    pub trusted_proxies: usize,
 }
 
 /// A whole-value regular expression (the reference uses `re.fullmatch`).
@@ -448,7 +466,22 @@ fn check_rule(rule: &Rule, endpoints: usize, at: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn check_policies(indices: &[usize], n: usize, of: &str) -> Result<(), String> {
+    match indices.iter().find(|i| **i >= n) {
+        Some(i) => Err(format!("waypoint table: {of}: policy {i} out of range")),
+        None => Ok(()),
+    }
+}
+
 impl Table {
+    /// The policies that apply to a request sent to `target`.
+    pub fn policies_for(&self, target: &Target) -> &PolicySet {
+        match target {
+            Target::Service { service } => &self.services[*service].policies,
+            Target::Workload { .. } => &self.workload_policies,
+        }
+    }
+
     /// Parse and compile a table; the error names the part that is wrong (a bug in the
     /// compiler on the Python side: users' mistakes are refused when the config is loaded).
     pub fn from_json(text: &str) -> Result<Self, String> {
@@ -464,6 +497,13 @@ impl Table {
                 return Err(format!("waypoint table: target {ip} out of range"));
             }
         }
+        let all = spec
+            .policies
+            .into_iter()
+            .map(Policy::from_spec)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("waypoint table: {e}"))?;
+        let policies = Policies { all };
         let mut services = Vec::with_capacity(spec.services.len());
         for service in spec.services {
             let mut ports = HashMap::with_capacity(service.ports.len());
@@ -490,15 +530,21 @@ impl Table {
                     },
                 );
             }
+            check_policies(&service.policies, policies.all.len(), &service.name)?;
             services.push(CompiledService {
                 name: Arc::from(service.name),
                 ports,
+                policies: PolicySet::new(&policies, &service.policies),
             });
         }
+        check_policies(&spec.workload_policies, policies.all.len(), "pods")?;
         Ok(Self {
             targets: spec.targets,
             services,
             endpoints: spec.endpoints,
+            workload_policies: PolicySet::new(&policies, &spec.workload_policies),
+            policies,
+            trusted_proxies: spec.trusted_proxies,
         })
     }
 }
