@@ -21,6 +21,7 @@ from .identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from .policy.model import Policy
 
 if TYPE_CHECKING:
+    from .waypoint.authn import RequestAuthn
     from .waypoint.authz import WaypointPolicy
     from .waypoint.routes import HttpRoute
 
@@ -147,6 +148,8 @@ class Mesh:
     http_routes: tuple[HttpRoute, ...] = ()
     # AuthorizationPolicies with targetRefs, enforced by waypoints (ambient.waypoint.authz).
     waypoint_policies: tuple[WaypointPolicy, ...] = ()
+    # RequestAuthentications with targetRefs: JWT at waypoints (ambient.waypoint.authn).
+    request_authentications: tuple[RequestAuthn, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )

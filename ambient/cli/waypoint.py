@@ -120,6 +120,14 @@ def register(commands: Any) -> None:
         help="addresses of x-forwarded-for trusted from its right for AuthorizationPolicy "
         "remoteIpBlocks / remote.ip (Istio's numTrustedProxies; default 0: the source IP)",
     )
+    w.add_argument(
+        "--jwks-refresh",
+        type=float,
+        default=1200.0,
+        metavar="SECONDS",
+        help="how often remote JWT key sets (RequestAuthentication jwksUri) are fetched again "
+        "(default 1200, Istio's 20 minutes; every 10 s while a fetch fails)",
+    )
     add_limit_arguments(w)
     w.add_argument(
         "--drain-deadline",
@@ -143,6 +151,7 @@ def _config_dump(waypoint: Waypoint, reload: dict[str, object]) -> dict[str, Any
         "servedPods": sorted(p.workload.key for p in waypoint.listeners.values()),
         "table": orjson.loads(waypoint.table.json),
         "requests": waypoint.table.counts(),
+        "jwks": waypoint.jwks.status(),
         "certificates": [
             {
                 "identity": c.identity,
@@ -181,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
             pods=pods,
             access_log=core_log,
             trusted_proxies=args.trusted_proxies,
+            jwks_refresh=args.jwks_refresh,
         )
+        waypoint.jwks.start()
         waypoint.apply(mesh)
         watcher = ConfigWatcher(
             args.config,

@@ -285,6 +285,50 @@ class AuthorizationPolicy(Resource):
 MODELS["AuthorizationPolicy"] = AuthorizationPolicy
 
 
+# --- RequestAuthentication (security.istio.io): JWT at the waypoint ----------------------------
+
+
+class JWTHeader(Closed):
+    name: str
+    prefix: str = ""
+
+
+class ClaimToHeader(Closed):
+    header: str
+    claim: str
+
+
+class JWTRule(Closed):
+    issuer: str
+    audiences: list[str] = field(default_factory=list)
+    jwksUri: str | None = None
+    jwks: str | None = None
+    fromHeaders: list[JWTHeader] = field(default_factory=list)
+    fromParams: list[str] = field(default_factory=list)
+    fromCookies: list[str] = field(default_factory=list)
+    outputPayloadToHeader: str | None = None
+    outputClaimToHeaders: list[ClaimToHeader] = field(default_factory=list)
+    forwardOriginalToken: bool = False
+    timeout: str | None = None
+
+
+class RequestAuthenticationSpec(Closed):
+    selector: WorkloadSelector | None = None
+    targetRef: PolicyTargetReference | None = None
+    targetRefs: list[PolicyTargetReference] = field(default_factory=list)
+    jwtRules: list[JWTRule] = field(default_factory=list)
+
+
+class RequestAuthentication(Resource):
+    apiVersion: Literal["security.istio.io/v1", "security.istio.io/v1beta1"]
+    kind: Literal["RequestAuthentication"]
+    metadata: NamespacedMeta
+    spec: RequestAuthenticationSpec = field(default_factory=RequestAuthenticationSpec)
+
+
+MODELS["RequestAuthentication"] = RequestAuthentication
+
+
 # --- Gateway (gateway.networking.k8s.io): a waypoint when its class is istio-waypoint --------
 
 

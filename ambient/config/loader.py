@@ -21,7 +21,7 @@ from typing import Any
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from ..waypoint import authz, routes
+from ..waypoint import authn, authz, routes
 from . import authorization, tags, translate, waypoints, yamlfile
 from . import kubernetes as k8s
 from . import ztunnel_local as local
@@ -41,6 +41,9 @@ class _Collected:
     pods: list[tuple[k8s.Pod, Location]] = field(default_factory=list)
     services: list[tuple[k8s.Service, Location]] = field(default_factory=list)
     authorization_policies: list[tuple[k8s.AuthorizationPolicy, Location]] = field(
+        default_factory=list
+    )
+    request_authentications: list[tuple[k8s.RequestAuthentication, Location]] = field(
         default_factory=list
     )
     gateways: list[tuple[k8s.Gateway, Location]] = field(default_factory=list)
@@ -256,6 +259,7 @@ _GROUPS: dict[type, str] = {
     k8s.Pod: "pods",
     k8s.Service: "services",
     k8s.AuthorizationPolicy: "authorization_policies",
+    k8s.RequestAuthentication: "request_authentications",
     k8s.Gateway: "gateways",
     k8s.HTTPRoute: "http_routes",
 }
@@ -415,6 +419,32 @@ def _waypoint_policies(out: _Collected, cache: MeshCache | None) -> list[authz.W
     return compiled
 
 
+def _jwt_rules(out: _Collected, cache: MeshCache | None) -> list[authn.RequestAuthn]:
+    """The RequestAuthentications with targetRefs, for waypoints; selector ones are for sidecars
+    and ztunnel, which see no HTTP: skipped with a warning."""
+    compiled = []
+    for resource, loc in out.request_authentications:
+        if not (resource.spec.targetRefs or resource.spec.targetRef):
+            out.warnings.append(
+                f"{loc}: RequestAuthentication {resource.metadata.namespace}/"
+                f"{resource.metadata.name} has no targetRefs: only a waypoint sees HTTP, and a "
+                "waypoint takes the ones that name it or its Services"
+            )
+            continue
+        try:
+            compiled.append(
+                _build(
+                    cache,
+                    "jwt rules",
+                    (resource,),
+                    functools.partial(authn.compile_authn, resource),
+                )
+            )
+        except authz.AuthzError as e:
+            out.issues.append(ConfigIssue(loc, e.field, str(e)))
+    return compiled
+
+
 def load_mesh(
     paths: Sequence[str | Path],
     *,
@@ -461,6 +491,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
                 ("Pod", out.pods),
                 ("Service", out.services),
                 ("AuthorizationPolicy", out.authorization_policies),
+                ("RequestAuthentication", out.request_authentications),
                 ("HTTPRoute", out.http_routes),
             )
             for r, loc in group
@@ -526,6 +557,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
         )
     policies: list[Policy] = []
     waypoint_policies = _waypoint_policies(out, cache)
+    jwt_rules = _jwt_rules(out, cache)
     for resource, loc in out.authorization_policies:
         try:
             converted = _build(
@@ -559,6 +591,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
         waypoints=tuple(all_waypoints),
         http_routes=tuple(http_routes),
         waypoint_policies=tuple(waypoint_policies),
+        request_authentications=tuple(jwt_rules),
         namespaces=MappingProxyType(
             {k: MappingProxyType(v) for k, v in sorted(namespaces.items())}
         ),

@@ -43,7 +43,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import kubernetes as k8s
 
@@ -183,7 +183,9 @@ class Decision:
 # --- compiling an AuthorizationPolicy --------------------------------------------------------
 
 
-def targets_of(resource: k8s.AuthorizationPolicy) -> tuple[Target, ...]:
+def targets_of(
+    resource: k8s.AuthorizationPolicy | k8s.RequestAuthentication,
+) -> tuple[Target, ...]:
     spec, namespace = resource.spec, resource.metadata.namespace
     refs = list(spec.targetRefs) + ([spec.targetRef] if spec.targetRef else [])
     out = []
@@ -372,9 +374,15 @@ def compile_policy(resource: k8s.AuthorizationPolicy) -> WaypointPolicy:
 # --- which policies apply --------------------------------------------------------------------
 
 
-def applies(policy: WaypointPolicy, waypoint: str, service: str | None) -> bool:
-    """Does ``policy`` apply at waypoint ``namespace/name`` to a request for ``service``
-    (``namespace/name``; None for traffic sent to a pod)?"""
+class Targeted(Protocol):
+    @property
+    def targets(self) -> tuple[Target, ...]: ...
+
+
+def applies(policy: Targeted, waypoint: str, service: str | None) -> bool:
+    """Does ``policy`` (an AuthorizationPolicy or a RequestAuthentication) apply at waypoint
+    ``namespace/name`` to a request for ``service`` (``namespace/name``; None for traffic sent
+    to a pod)?"""
     for t in policy.targets:
         if t.kind == "GatewayClass":
             return True

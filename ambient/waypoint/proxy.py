@@ -17,6 +17,7 @@ from .._core import AccessLog, Listener, WaypointTable
 from ..hbone import DataPlane, format_address
 from ..identity.manager import CertificateManager
 from ..mesh import Mesh, Workload
+from . import authn
 from .table import HBONE_PORT, table_json
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,12 @@ class Waypoint:
         pods: frozenset[str] | None = None,
         access_log: AccessLog | None = None,
         trusted_proxies: int = 0,
+        jwks_refresh: float = authn.DEFAULT_REFRESH,
     ) -> None:
         self.key = key
         self.trusted_proxies = trusted_proxies
+        # Remote JWT key sets; a change recompiles the table (`refresh_jwks`).
+        self.jwks = authn.JwksCache(jwks_refresh, changed=self.refresh_jwks)
         self.dataplane = dataplane
         self.certificates = certificates
         self.only_pods = pods
@@ -60,6 +64,14 @@ class Waypoint:
         self.mesh = Mesh()
         self.listeners: dict[str, PodListener] = {}
         self._lock = threading.RLock()
+
+    def _table_json(self, mesh: Mesh) -> str:
+        return table_json(mesh, self.key, trusted_proxies=self.trusted_proxies, jwks=self.jwks)
+
+    def refresh_jwks(self) -> None:
+        """A remote key set changed: the same snapshot, recompiled with it."""
+        with self._lock:
+            self.table.update(self._table_json(self.mesh))
 
     def own_pods(self, mesh: Mesh) -> dict[str, Workload]:
         waypoint = mesh.waypoint(self.key)
@@ -82,7 +94,7 @@ class Waypoint:
                 log.warning(
                     "waypoint %s is not declared in the mesh: it takes no traffic", self.key
                 )
-            self.table.update(table_json(mesh, self.key, trusted_proxies=self.trusted_proxies))
+            self.table.update(self._table_json(mesh))
             self.mesh = mesh
             desired = self.own_pods(mesh)
             for uid in [u for u in self.listeners if u not in desired]:
@@ -134,5 +146,6 @@ class Waypoint:
                     self._open(pod)
 
     def close(self, deadline: float = 0.0) -> bool:
+        self.jwks.stop()
         with self._lock:
             return self.dataplane.drain(deadline)

@@ -27,7 +27,7 @@ import orjson
 
 from ..config import kubernetes as k8s
 from ..mesh import HealthStatus, Mesh, Service, Workload
-from . import authz
+from . import authn, authz
 from .routes import Backend, HttpRoute, precedence
 
 # ztunnel's HBONE port on every in-mesh pod (Istio's).
@@ -268,9 +268,16 @@ def bound_workloads(mesh: Mesh, waypoint: str) -> Iterable[Workload]:
     return (w for w in mesh.workloads if w.waypoint == waypoint)
 
 
-def compile_table(mesh: Mesh, waypoint: str, *, trusted_proxies: int = 0) -> dict[str, Any]:
+def compile_table(
+    mesh: Mesh,
+    waypoint: str,
+    *,
+    trusted_proxies: int = 0,
+    jwks: authn.JwksCache | None = None,
+) -> dict[str, Any]:
     """The table of waypoint ``namespace/name`` in ``mesh`` (a JSON-ready dict).
-    ``trusted_proxies``: hops of ``x-forwarded-for`` trusted for ``remote.ip``."""
+    ``trusted_proxies``: hops of ``x-forwarded-for`` trusted for ``remote.ip``; ``jwks``: where
+    remote JWT key sets come from (None: a rule with a ``jwksUri`` refuses its tokens)."""
     c = _Compiler(mesh, waypoint)
     targets: dict[str, dict[str, Any]] = {}
     services = []
@@ -278,7 +285,14 @@ def compile_table(mesh: Mesh, waypoint: str, *, trusted_proxies: int = 0) -> dic
     for service in bound_services(mesh, waypoint):
         ports = {str(port): c.port(service, port, mesh.http_routes) for port in service.ports}
         name = f"{service.namespace}/{service.name}"
-        services.append({"name": name, "ports": ports, "policies": policies.of(name)})
+        services.append(
+            {
+                "name": name,
+                "ports": ports,
+                "policies": policies.of(name),
+                "jwt_rules": _jwt_rules(mesh, waypoint, name, jwks),
+            }
+        )
         for _, vip in service.vips:
             targets[str(vip)] = {"kind": "service", "service": len(services) - 1}
     for workload in bound_workloads(mesh, waypoint):
@@ -289,9 +303,17 @@ def compile_table(mesh: Mesh, waypoint: str, *, trusted_proxies: int = 0) -> dic
         "services": services,
         "endpoints": c.endpoints,
         "workload_policies": policies.of(None),
+        "workload_jwt_rules": _jwt_rules(mesh, waypoint, None, jwks),
         "policies": policies.compiled,
         "trusted_proxies": trusted_proxies,
     }
+
+
+def _jwt_rules(
+    mesh: Mesh, waypoint: str, service: str | None, jwks: authn.JwksCache | None
+) -> list[dict[str, Any]]:
+    applying = (a for a in mesh.request_authentications if authz.applies(a, waypoint, service))
+    return authn.rules_json(applying, jwks)
 
 
 class _Policies:
@@ -316,8 +338,15 @@ class _Policies:
         return out
 
 
-def table_json(mesh: Mesh, waypoint: str, *, trusted_proxies: int = 0) -> str:
-    return orjson.dumps(compile_table(mesh, waypoint, trusted_proxies=trusted_proxies)).decode()
+def table_json(
+    mesh: Mesh,
+    waypoint: str,
+    *,
+    trusted_proxies: int = 0,
+    jwks: authn.JwksCache | None = None,
+) -> str:
+    table = compile_table(mesh, waypoint, trusted_proxies=trusted_proxies, jwks=jwks)
+    return orjson.dumps(table).decode()
 
 
 def explain_route(

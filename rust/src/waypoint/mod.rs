@@ -6,6 +6,7 @@
 //! It shares the HBONE server (TLS, HTTP/2, keepalive, drain, the guards against hostile peers)
 //! with ztunnel's inbound side: only what happens to an accepted CONNECT stream differs.
 
+pub mod authn;
 pub mod authz;
 mod balance;
 mod bodies;
@@ -70,6 +71,8 @@ pub struct RequestCounts {
     pub refused_targets: AtomicU64,
     /// Denied by an AuthorizationPolicy (403).
     pub denied: AtomicU64,
+    /// A JWT refused by a RequestAuthentication (401).
+    pub unauthenticated: AtomicU64,
 }
 
 impl RequestCounts {
@@ -290,6 +293,7 @@ impl WaypointTable {
         out.set_item("mirrored", get(&c.mirrored))?;
         out.set_item("refused_targets", get(&c.refused_targets))?;
         out.set_item("denied", get(&c.denied))?;
+        out.set_item("unauthenticated", get(&c.unauthenticated))?;
         Ok(out)
     }
 }

@@ -20,7 +20,8 @@ use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use super::authz::{normalize_path, remote_ip, Request as AuthzRequest};
+use super::authn::Refused;
+use super::authz::{normalize_path, remote_ip, Request as AuthzRequest, RequestAuth};
 use super::balance::{least_request, retry_endpoint, weighted, Active};
 use super::bodies::{empty_body, text_response, CountedRequest, Tracked};
 use super::filters::{
@@ -117,7 +118,12 @@ const DENIED_BODY: &str = "RBAC: access denied";
 
 /// The AuthorizationPolicies applying to this request, in Istio's order: None when allowed,
 /// else what denied it, as Envoy's `response_code_details` says it.
-fn authorize(table: &Table, info: &StreamInfo, parts: &http::request::Parts) -> Option<String> {
+fn authorize(
+    table: &Table,
+    info: &StreamInfo,
+    parts: &http::request::Parts,
+    auth: Option<&RequestAuth>,
+) -> Option<String> {
     let target = table.targets.get(&info.target.ip())?;
     let applying = table.policies_for(target);
     if applying.is_empty() {
@@ -148,7 +154,7 @@ fn authorize(table: &Table, info: &StreamInfo, parts: &http::request::Parts) -> 
         remote_ip: remote_ip(&parts.headers, source_ip, table.trusted_proxies),
         destination_ip: info.target.ip(),
         destination_port: info.target.port(),
-        auth: None,
+        auth,
     };
     let verdict = table.policies.evaluate(applying, &request);
     for p in &verdict.logged {
@@ -169,6 +175,42 @@ fn authorize(table: &Table, info: &StreamInfo, parts: &http::request::Parts) -> 
         Some(key) => format!("rbac_access_denied_matched_policy[{key}]"),
         None => "rbac_access_denied_matched_policy[none]: no ALLOW policy matched".to_string(),
     })
+}
+
+/// The request's JWT checked by the rules that apply to it: None without a token (or without
+/// rules), the claims of a valid one; a refusal is a 401.
+fn authenticate(
+    table: &Table,
+    info: &StreamInfo,
+    parts: &mut http::request::Parts,
+) -> Result<Option<Arc<RequestAuth>>, Refused> {
+    let Some(target) = table.targets.get(&info.target.ip()) else {
+        return Ok(None);
+    };
+    let authn = table.authn_for(target);
+    if authn.is_empty() {
+        return Ok(None);
+    }
+    authn.authenticate(parts)
+}
+
+/// Envoy's challenge on a refused JWT: the realm is the request's URL.
+fn www_authenticate(parts: &http::request::Parts) -> String {
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
+    format!(
+        "Bearer realm=\"http://{host}{}\", error=\"invalid_token\"",
+        parts.uri.path()
+    )
 }
 
 /// `uri` with `path` in place of its path (query kept).
@@ -416,7 +458,28 @@ async fn handle(
     }
     let logged = waypoint.access_log.is_some();
     let mut report = exchange(&parts, info, service_name(&table, info.target), logged);
-    if let Some(denied) = authorize(&table, info, &parts) {
+    // Istio's filter order: authentication (JWT), then authorization, then the router.
+    let auth = match authenticate(&table, info, &mut parts) {
+        Ok(auth) => auth,
+        Err(refused) => {
+            counts.unauthenticated.fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "waypoint: {} {} from {} ({}) refused its JWT: {}",
+                parts.method,
+                parts.uri,
+                info.peer,
+                info.source_principal,
+                refused.reason
+            );
+            let details = format!("jwt_authn_access_denied{{{}}}", refused.reason);
+            let mut response = text_response(StatusCode::UNAUTHORIZED, refused.reason.clone());
+            if let Ok(v) = HeaderValue::from_str(&www_authenticate(&parts)) {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return local(&report, response, "-", Some(&details), waypoint);
+        }
+    };
+    if let Some(denied) = authorize(&table, info, &parts, auth.as_deref()) {
         counts.denied.fetch_add(1, Ordering::Relaxed);
         log::info!(
             "waypoint: {} {} from {} ({}) denied: {}",

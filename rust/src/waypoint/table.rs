@@ -16,6 +16,7 @@ use http::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde::Deserialize;
 
+use super::authn::{Authn, JwtRuleSpec};
 use super::authz::{Policies, Policy, PolicySet, PolicySpec};
 
 /// A CONNECT target this waypoint is bound to.
@@ -182,6 +183,9 @@ pub struct Service {
     /// The policies (indices into the table's) that apply to requests for this Service.
     #[serde(default)]
     pub policies: Vec<usize>,
+    /// The JWT rules of the RequestAuthentications that apply to them.
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRuleSpec>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -198,6 +202,8 @@ struct TableSpec {
     /// Hops of `x-forwarded-for` trusted for `remote.ip`.
     #[serde(default)]
     trusted_proxies: usize,
+    #[serde(default)]
+    workload_jwt_rules: Vec<JwtRuleSpec>,
 }
 
 /// A path condition, compiled.
@@ -380,6 +386,7 @@ pub struct CompiledService {
     pub name: Arc<str>,
     pub ports: HashMap<u16, Port>,
     pub policies: PolicySet,
+    pub authn: Authn,
 }
 
 /// One snapshot's table, shared by the requests that started under it.
@@ -389,6 +396,7 @@ pub struct Table {
     pub endpoints: Vec<Endpoint>,
     pub policies: Policies,
     pub workload_policies: PolicySet,
+    pub workload_authn: Authn,
     pub trusted_proxies: usize,
 }
 
@@ -482,6 +490,14 @@ impl Table {
         }
     }
 
+    /// The JWT rules that apply to a request sent to `target`.
+    pub fn authn_for(&self, target: &Target) -> &Authn {
+        match target {
+            Target::Service { service } => &self.services[*service].authn,
+            Target::Workload { .. } => &self.workload_authn,
+        }
+    }
+
     /// Parse and compile a table; the error names the part that is wrong (a bug in the
     /// compiler on the Python side: users' mistakes are refused when the config is loaded).
     pub fn from_json(text: &str) -> Result<Self, String> {
@@ -531,10 +547,13 @@ impl Table {
                 );
             }
             check_policies(&service.policies, policies.all.len(), &service.name)?;
+            let authn = Authn::new(service.jwt_rules)
+                .map_err(|e| format!("waypoint table: {}: {e}", service.name))?;
             services.push(CompiledService {
                 name: Arc::from(service.name),
                 ports,
                 policies: PolicySet::new(&policies, &service.policies),
+                authn,
             });
         }
         check_policies(&spec.workload_policies, policies.all.len(), "pods")?;
@@ -543,6 +562,8 @@ impl Table {
             services,
             endpoints: spec.endpoints,
             workload_policies: PolicySet::new(&policies, &spec.workload_policies),
+            workload_authn: Authn::new(spec.workload_jwt_rules)
+                .map_err(|e| format!("waypoint table: pods: {e}"))?,
             policies,
             trusted_proxies: spec.trusted_proxies,
         })
