@@ -6,11 +6,18 @@ from outside the mesh straight to a pod IP, which bypasses the waypoint (as the 
 For each request the demo prints the hops, the route the waypoint took, the identity each hop saw
 (the waypoint saw the client; the destination's ztunnel saw the waypoint) and who answered; a
 request is ok only when it took that path and was answered by a pod its route allows.
+
+L7 security, where the mesh file has it: to a Service with a waypoint AuthorizationPolicy the
+demo also asks for ``/admin``, and to one with a RequestAuthentication it sends a forged JWT of
+its issuer. What each request must get (200, or 403 naming the policy, or 401) is what the
+reference semantics (``ambient.waypoint.authz``) decide; the waypoint must answer it itself.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
+import ipaddress
 import json
 import socket
 import time
@@ -20,6 +27,7 @@ from typing import Any
 
 from . import routing, socks5
 from .mesh import Mesh, Service, Workload
+from .waypoint import authz
 from .waypoint.process import WaypointProcess
 from .waypoint.routes import RequestHead, applies, select
 from .ztunnel.process import ZtunnelProcess
@@ -46,11 +54,16 @@ class HttpRequest:
     failure: str = ""
     ok: bool = False
     hops: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    expected: int = 200  # 403: an AuthorizationPolicy denies it; 401: its JWT is refused
+    why: str = ""  # what the demo expects the waypoint to say, for a 401 or 403
+    details: str = ""  # what the waypoint said (its access log's response_code_details)
 
     @property
     def label(self) -> str:
         via = f"Service {self.service.name}" if self.service else "pod IP"
-        return f"{self.client.name} -> {via} {self.target[0]}:{self.target[1]} GET {self.path}"
+        jwt = " with a forged JWT" if "authorization" in self.headers else ""
+        return f"{self.client.name} -> {via} {self.target[0]}:{self.target[1]} GET {self.path}{jwt}"
 
 
 def _pods_of(mesh: Mesh, namespace: str, name: str) -> set[str]:
@@ -101,6 +114,8 @@ def plan_requests(
                 planned.append(
                     HttpRequest(client, service, target, path, frozenset(allowed), waypoint.key)
                 )
+        if clients:
+            planned += security_requests(mesh, service, waypoint.key, clients[0], target)
         # From outside the mesh, straight to one of the Service's pods: no waypoint on the way.
         endpoints = list(mesh.endpoints_of(service))
         if outsiders and endpoints:
@@ -119,6 +134,70 @@ def plan_requests(
     for i, request in enumerate(planned):
         request.request_id = f"ambient-demo-{i}"
     return planned
+
+
+def security_requests(
+    mesh: Mesh, service: Service, waypoint: str, client: Workload, target: tuple[str, int]
+) -> list[HttpRequest]:
+    """``/admin`` where a waypoint AuthorizationPolicy applies (its fate per the reference), and a
+    forged JWT where a RequestAuthentication does (a 401)."""
+    out = []
+    name = f"{service.namespace}/{service.name}"
+    policies = [p for p in mesh.waypoint_policies if authz.applies(p, waypoint, name)]
+    if policies:
+        request = authz.Request(
+            method="GET",
+            host=target[0],
+            path="/admin",
+            headers={},
+            source_principal=str(client.identity).removeprefix("spiffe://"),
+            source_ip=client.ips[0],
+            destination_ip=ipaddress.ip_address(target[0]),
+            destination_port=target[1],
+        )
+        decision = authz.evaluate(policies, request)
+        port = target[1]
+        allowed = allowed_pods(mesh, service, port, client, "/admin") if decision.allowed else set()
+        out.append(
+            HttpRequest(
+                client,
+                service,
+                target,
+                "/admin",
+                frozenset(allowed),
+                waypoint,
+                expected=200 if decision.allowed else 403,
+                why=f"rbac_access_denied_matched_policy[{decision.policy or 'none'}]",
+            )
+        )
+    authns = [a for a in mesh.request_authentications if authz.applies(a, waypoint, name)]
+    if authns and authns[0].rules:
+        out.append(
+            HttpRequest(
+                client,
+                service,
+                target,
+                "/hello",
+                frozenset(),
+                waypoint,
+                headers={"authorization": f"Bearer {forged_jwt(authns[0].rules[0].issuer)}"},
+                expected=401,
+                why="jwt_authn_access_denied",
+            )
+        )
+    return out
+
+
+def forged_jwt(issuer: str) -> str:
+    """A well-formed JWT of ``issuer`` whose signature no key of its set made."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = {"alg": "ES256", "typ": "JWT", "kid": "demo-1"}
+    payload = {"iss": issuer, "sub": "mallory", "exp": int(time.time()) + 600}
+    parts = [b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), b64(bytes(64))]
+    return ".".join(parts)
 
 
 def through_socks5(request: HttpRequest) -> socket.socket:
@@ -140,7 +219,8 @@ def send(
     try:
         conn.sock = connect(request)
         conn.sock.settimeout(10)
-        conn.request("GET", request.path, headers={"x-request-id": request.request_id})
+        headers = {"x-request-id": request.request_id, **request.headers}
+        conn.request("GET", request.path, headers=headers)
         response = conn.getresponse()
         body = response.read()
         request.status = response.status
@@ -197,8 +277,25 @@ def settle(
         if request.waypoint is not None:
             request.route = found["route_name"] if found else ""
             request.waypoint_saw = found.get("downstream_peer_uri_san") if found else None
+            request.details = str(found.get("response_code_details") or "") if found else ""
         node = pod.node if pod else "?"
-        if request.waypoint is not None:
+        if request.expected != 200:
+            # Answered by the waypoint itself: nothing went further.
+            request.hops = [
+                request.client.name,
+                f"ztunnel {request.client.node}",
+                "HBONE",
+                f"waypoint {request.waypoint} on {source.node if source else '?'}",
+                f"answered {request.status or '?'} there",
+            ]
+            request.ok = (
+                request.status == request.expected
+                and found is not None
+                and request.details.startswith(request.why)
+                and request.waypoint_saw == str(request.client.identity)
+                and not request.answered_by
+            )
+        elif request.waypoint is not None:
             request.hops = [
                 request.client.name,
                 f"ztunnel {request.client.node}",
@@ -254,7 +351,13 @@ def print_requests(out: Callable[[str], None], requests: list[HttpRequest]) -> N
         out(f"  [{mark}] {r.label}")
         out(f"        path: {' -> '.join(r.hops)}")
         answered = f"{r.status} from {r.answered_by}" if r.status else r.failure
-        if r.waypoint is not None:
+        if r.expected != 200:
+            out(
+                f"        {r.status or r.failure} from the waypoint (expected {r.expected}): "
+                f"{r.details or 'nothing logged'}; the waypoint saw "
+                f"{r.waypoint_saw or 'no identity'}"
+            )
+        elif r.waypoint is not None:
             out(
                 f"        {answered}; the waypoint saw {r.waypoint_saw or 'no identity'}; "
                 f"{r.answered_by}'s ztunnel saw {r.destination_saw or 'no identity'}"

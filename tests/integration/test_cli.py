@@ -53,7 +53,9 @@ def test_demo_shows_every_flow_and_exits_0():
     started = time.monotonic()
     result = ambient("demo")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("[ok ]") == 4 + 10  # L4 flows, then HTTP through the waypoint
+    # L4 flows, then HTTP through the waypoint: 10 routed, one denied by an AuthorizationPolicy,
+    # one refused for its JWT.
+    assert result.stdout.count("[ok ]") == 4 + 12
     assert "BAD" not in result.stdout
     assert "s1's ztunnel saw peer: spiffe://cluster.local/ns/default/sa/c1" in result.stdout
     assert "s1's ztunnel saw peer: none (no identity)" in result.stdout  # from outside the mesh
@@ -64,6 +66,15 @@ def test_demo_shows_every_flow_and_exits_0():
         "-> HBONE -> ztunnel w2 -> echo-v1" in result.stdout
     )
     assert "the waypoint saw spiffe://cluster.local/ns/default/sa/c1" in result.stdout
+    # L7 security at the waypoint: the 403 names the policy, the 401 says why.
+    assert (
+        "403 from the waypoint (expected 403): "
+        "rbac_access_denied_matched_policy[default/echo-no-admin]" in result.stdout
+    )
+    assert (
+        "401 from the waypoint (expected 401): jwt_authn_access_denied{Jwt verification fails}"
+        in result.stdout
+    )
     assert "echo-v1's ztunnel saw spiffe://cluster.local/ns/default/sa/waypoint" in result.stdout
     assert "from echo-v2" not in result.stdout  # the seed's route: every request to echo-v1
     assert "bypassed the waypoint; echo-v1's ztunnel saw no identity (plaintext)" in result.stdout

@@ -26,7 +26,9 @@ def test_demo_netns_shows_every_flow_on_its_expected_path() -> None:
     assert "outside -> (no capture) -> plaintext -> ztunnel w2 -> s1" in out
     assert out.count("c1 -> Service echo 10.96.0.10:80: answered by s") == 1
     # The seed's second figure: HTTP through the waypoint pod, routed to web-v1.
-    assert "10/10 HTTP requests took the expected path" in out
+    assert "12/12 HTTP requests took the expected path" in out
+    assert "rbac_access_denied_matched_policy[default/web-no-admin]" in out
+    assert "jwt_authn_access_denied{Jwt verification fails}" in out
     assert (
         "c3 -> ztunnel w2 -> HBONE -> waypoint default/waypoint on w1 (route default/web#0) "
         "-> HBONE -> ztunnel w2 -> web-v1" in out
