@@ -16,7 +16,8 @@ from . import routing
 from .mesh import HealthStatus, IPAddress, Mesh, Workload
 from .policy.engine import Authorizer, connection
 from .routing import Transport
-from .waypoint.table import explain_route
+from .waypoint import authz
+from .waypoint.table import explain_authorization, explain_route
 
 
 class ExplainError(ValueError):
@@ -145,6 +146,44 @@ class HttpRequest:
     method: str = "GET"
     path: str = "/"
     headers: tuple[tuple[str, str], ...] = ()
+    # A verified JWT's principal (iss/sub), as RequestAuthentication would give it; None: none.
+    request_principal: str | None = None
+
+
+def _normalized(path_and_query: str) -> str:
+    """The path as the waypoint routes and authorizes it (normalized), with its query."""
+    path, sep, query = path_and_query.partition("?")
+    return authz.normalize_path(path) + sep + query
+
+
+def _waypoint_authorization(
+    mesh: Mesh,
+    waypoint: str,
+    target: str,
+    request: HttpRequest,
+    src: Workload,
+    src_ip: IPAddress,
+) -> tuple[authz.Decision, list[tuple[str, str]]]:
+    path, _, _ = request.path.partition("?")
+    ip, _, port = target.rpartition(":")
+    headers: dict[str, list[str]] = {}
+    for name, value in request.headers:
+        headers.setdefault(name.lower(), []).append(value)
+    auth = None
+    if request.request_principal:
+        auth = authz.RequestAuth(request.request_principal)
+    seen = authz.Request(
+        method=request.method,
+        host=headers.get("host", [target])[0],
+        path=authz.normalize_path(path),
+        headers=headers,
+        source_principal=str(src.identity).removeprefix("spiffe://") if src.in_mesh else "",
+        source_ip=src_ip,
+        destination_ip=ipaddress.ip_address(ip.strip("[]")),
+        destination_port=int(port),
+        auth=auth,
+    )
+    return explain_authorization(mesh, waypoint, target, seen, path)
 
 
 def explain(
@@ -250,19 +289,29 @@ def explain(
                 route.waypoint.key,
                 route.authority or routing.format_address(dst_ip, port),
                 request.method,
-                request.path,
+                _normalized(request.path),
                 list(request.headers),
                 src.namespace,
             )
-            hops.append(f"waypoint {route.waypoint.key}: {decided}")
+            authority = route.authority or routing.format_address(dst_ip, port)
+            decision, verdicts = _waypoint_authorization(
+                mesh, route.waypoint.key, authority, request, src, src_ip
+            )
+            key = route.waypoint.key
+            if not decision.allowed:
+                hops.append(f"waypoint {key}: 403 RBAC: access denied ({decision.reason})")
+                out.legs.append(
+                    Leg(hops, "HBONE", False, decision.reason, route.destination, verdicts)
+                )
+                continue
+            hops.append(f"waypoint {key}: authorization: {decision.reason}")
+            hops.append(f"waypoint {key}: {decided}")
             hops.append(
-                f"waypoint {route.waypoint.key}: a second HBONE tunnel, as the waypoint's own "
-                "identity, to the chosen pod's ztunnel (L7 policy is not evaluated here)"
+                f"waypoint {key}: a second HBONE tunnel, as the waypoint's own identity, to the "
+                "chosen pod's ztunnel"
             )
             out.legs.append(
-                Leg(
-                    hops, "HBONE", True, f"through waypoint {route.waypoint.key}", route.destination
-                )
+                Leg(hops, "HBONE", True, f"through waypoint {key}", route.destination, verdicts)
             )
             continue
         reached = route.destination

@@ -20,7 +20,8 @@ def register(commands: Any) -> None:
         help="show the path and policy verdicts of a connection, without sending it",
         description="SOURCE is a pod (namespace/name) or an IP; DEST is IP:PORT or a Service "
         "hostname:PORT. Through a waypoint, the route an HTTP request (--method, --path, "
-        "--header) takes there is shown too. Exit status: 0 allowed, 1 denied, 2 bad input.",
+        "--header, --request-principal) takes there and the verdicts of the waypoint's "
+        "AuthorizationPolicies are shown too. Exit status: 0 allowed, 1 denied, 2 bad input.",
     )
     e.add_argument("--config", required=True, action="append", type=Path, metavar="FILE")
     e.add_argument("source", metavar="SOURCE")
@@ -40,6 +41,13 @@ def register(commands: Any) -> None:
         metavar="NAME:VALUE",
         help="through a waypoint: a request header (repeatable)",
     )
+    e.add_argument(
+        "--request-principal",
+        default=None,
+        metavar="ISS/SUB",
+        help="through a waypoint: the request carries a valid JWT of this principal (as "
+        "RequestAuthentication gives it); without it, none",
+    )
     e.set_defaults(run=run)
 
 
@@ -53,7 +61,9 @@ def _header(text: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     try:
         mesh = load_mesh(args.config)
-        request = HttpRequest(args.method.upper(), args.path, tuple(args.header))
+        request = HttpRequest(
+            args.method.upper(), args.path, tuple(args.header), args.request_principal
+        )
         result = explain(mesh, args.source, args.destination, request)
     except ConfigError as err:
         for issue in err.issues:

@@ -395,3 +395,59 @@ def explain_route(
             state = ", ".join(pods) if pods else "no ready endpoint (503)"
         backends.append(f"{b['service']} weight {b['weight']}: {state}")
     return f"{method} {path}: takes {name} -> " + "; ".join(backends or ["no backend (500)"])
+
+
+def explain_authorization(
+    mesh: Mesh,
+    waypoint: str,
+    target: str,
+    request: authz.Request,
+    raw_path: str,
+) -> tuple[authz.Decision, list[tuple[str, str]]]:
+    """What waypoint ``waypoint``'s AuthorizationPolicies decide on ``request`` sent to ``target``
+    (``ip:port``): the decision of the core's check (the one the waypoint runs per request),
+    and each applying policy's own verdict from the reference, for ``ambient explain``."""
+    from .._core import WaypointTable  # the compiled matcher; config tools need no core otherwise
+
+    compiled = compile_table(mesh, waypoint)
+    ip = target.rpartition(":")[0].strip("[]")
+    found = compiled["targets"].get(ip)
+    if found is None:
+        return authz.Decision(True, "not bound to this waypoint"), []
+    service = compiled["services"][found["service"]]["name"] if found["kind"] == "service" else None
+    policies = [p for p in mesh.waypoint_policies if authz.applies(p, waypoint, service)]
+    if not policies:
+        return authz.Decision(True, "no AuthorizationPolicy applies at the waypoint"), []
+    table = WaypointTable(orjson.dumps(compiled).decode())
+    auth = request.auth
+    allowed, policy, _ = table.authorize(
+        target,
+        request.method,
+        raw_path,
+        host=request.host,
+        headers=[(k, v) for k, vs in request.headers.items() for v in vs],
+        source_principal=request.source_principal,
+        source_ip=str(request.source_ip),
+        auth=None
+        if auth is None
+        else (
+            auth.principal,
+            list(auth.audiences),
+            auth.presenter,
+            orjson.dumps(auth.claims).decode(),
+        ),
+    )
+    verdicts = []
+    for p in policies:
+        kind = f"{p.action}{' (dry-run)' if p.dry_run else ''}"
+        verdicts.append(
+            (
+                p.key,
+                f"{kind}: {'matches' if authz.policy_matches(p, request) else 'does not match'}",
+            )
+        )
+    if allowed:
+        why = f"allowed by policy {policy}" if policy else "no ALLOW policy applies"
+    else:
+        why = f"denied by policy {policy}" if policy else "no ALLOW policy matched"
+    return authz.Decision(allowed, why, policy), verdicts

@@ -252,3 +252,68 @@ def test_through_a_waypoint_the_route_of_an_http_request_is_shown(tmp_path, caps
     assert code == 0
     assert "HBONE (mTLS) to waypoint default/wp at 10.0.3.1:15008" in out
     assert f"waypoint default/wp: {hop}" in out
+
+
+WAYPOINT_POLICIES = """
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: api}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: users-need-jwt, namespace: default}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]
+  rules:
+  - to: [{operation: {paths: ["/v1/*"]}}]
+    from: [{source: {requestPrincipals: ["https://idp.example/*"]}}]
+  - to: [{operation: {notPaths: ["/v1/*"]}}]
+"""
+
+
+@pytest.mark.parametrize(
+    "args,code,shown",
+    [
+        (
+            ["--path", "/admin/../admin"],
+            1,
+            ["waypoint default/wp: 403 RBAC: access denied (denied by policy default/no-admin)",
+             "default/no-admin: DENY: matches"],
+        ),
+        (
+            ["--path", "/v1/users", "--header", "X-User: alice"],
+            1,
+            ["403 RBAC: access denied (no ALLOW policy matched)",
+             "default/users-need-jwt: ALLOW: does not match"],
+        ),
+        (
+            ["--path", "/v1/users", "--header", "X-User: alice",
+             "--request-principal", "https://idp.example/alice"],
+            0,
+            ["waypoint default/wp: authorization: allowed by policy default/users-need-jwt",
+             "waypoint default/wp: GET /v1/users: takes default/api#0"],
+        ),
+        (
+            ["--path", "/old"],
+            0,
+            ["authorization: allowed by policy default/users-need-jwt",
+             "default/no-admin: DENY: does not match"],
+        ),
+    ],
+    ids=["DENY after normalization", "ALLOW needs a JWT", "with a request principal", "other path"],
+)  # fmt: skip
+def test_through_a_waypoint_its_authorization_policies_are_shown(
+    tmp_path, capsys, args, code, shown
+):
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(WAYPOINT_MESH + WAYPOINT_POLICIES)
+    got = main(["explain", "--config", str(mesh), "default/client", "10.96.0.1:80", *args])
+    out = capsys.readouterr().out
+    assert got == code, out
+    for line in shown:
+        assert line in out, out
