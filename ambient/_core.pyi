@@ -200,6 +200,11 @@ class WaypointTable:
         """The AuthorizationPolicies' verdict on a request (path normalized first): allowed,
         the deciding policy, the AUDIT and dry-run policies that matched. ``auth``: a verified
         JWT's (principal, audiences, presenter, claims JSON)."""
+    def authenticate(
+        self, target: str, headers: list[tuple[str, str]] = ..., path: str = "/"
+    ) -> tuple[str | None, tuple[str, list[str], str, str] | None]:
+        """The RequestAuthentications' verdict on a request's JWT: (None, auth) for a valid
+        token (principal, audiences, presenter, claims JSON) or none; (reason, None) for a 401."""
     def stream_series(
         self,
     ) -> list[tuple[tuple[str, str | None, str, str, str], Counters]]:

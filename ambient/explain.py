@@ -148,6 +148,8 @@ class HttpRequest:
     headers: tuple[tuple[str, str], ...] = ()
     # A verified JWT's principal (iss/sub), as RequestAuthentication would give it; None: none.
     request_principal: str | None = None
+    # A JWT the request carries (checked as the waypoint checks it); None: none.
+    jwt: str | None = None
 
 
 def _normalized(path_and_query: str) -> str:
@@ -183,7 +185,7 @@ def _waypoint_authorization(
         destination_port=int(port),
         auth=auth,
     )
-    return explain_authorization(mesh, waypoint, target, seen, path)
+    return explain_authorization(mesh, waypoint, target, seen, path, request.jwt)
 
 
 def explain(
@@ -299,7 +301,10 @@ def explain(
             )
             key = route.waypoint.key
             if not decision.allowed:
-                hops.append(f"waypoint {key}: 403 RBAC: access denied ({decision.reason})")
+                if decision.reason.startswith("401"):
+                    hops.append(f"waypoint {key}: {decision.reason}")
+                else:
+                    hops.append(f"waypoint {key}: 403 RBAC: access denied ({decision.reason})")
                 out.legs.append(
                     Leg(hops, "HBONE", False, decision.reason, route.destination, verdicts)
                 )

@@ -20,7 +20,7 @@ def register(commands: Any) -> None:
         help="show the path and policy verdicts of a connection, without sending it",
         description="SOURCE is a pod (namespace/name) or an IP; DEST is IP:PORT or a Service "
         "hostname:PORT. Through a waypoint, the route an HTTP request (--method, --path, "
-        "--header, --request-principal) takes there and the verdicts of the waypoint's "
+        "--header, --jwt, --request-principal) takes there and the verdicts of the waypoint's "
         "AuthorizationPolicies are shown too. Exit status: 0 allowed, 1 denied, 2 bad input.",
     )
     e.add_argument("--config", required=True, action="append", type=Path, metavar="FILE")
@@ -48,6 +48,13 @@ def register(commands: Any) -> None:
         help="through a waypoint: the request carries a valid JWT of this principal (as "
         "RequestAuthentication gives it); without it, none",
     )
+    e.add_argument(
+        "--jwt",
+        default=None,
+        metavar="TOKEN",
+        help="through a waypoint: the request carries this JWT (Authorization: Bearer), checked "
+        "as the waypoint checks it (inline key sets; remote ones are not fetched by explain)",
+    )
     e.set_defaults(run=run)
 
 
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         mesh = load_mesh(args.config)
         request = HttpRequest(
-            args.method.upper(), args.path, tuple(args.header), args.request_principal
+            args.method.upper(), args.path, tuple(args.header), args.request_principal, args.jwt
         )
         result = explain(mesh, args.source, args.destination, request)
     except ConfigError as err:

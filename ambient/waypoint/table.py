@@ -19,6 +19,7 @@ evaluation, and a differential test checks that the core's choice equals
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -403,10 +404,13 @@ def explain_authorization(
     target: str,
     request: authz.Request,
     raw_path: str,
+    jwt: str | None = None,
 ) -> tuple[authz.Decision, list[tuple[str, str]]]:
     """What waypoint ``waypoint``'s AuthorizationPolicies decide on ``request`` sent to ``target``
     (``ip:port``): the decision of the core's check (the one the waypoint runs per request),
-    and each applying policy's own verdict from the reference, for ``ambient explain``."""
+    and each applying policy's own verdict from the reference, for ``ambient explain``. ``jwt``:
+    a token the request carries, checked first by the core's RequestAuthentication check
+    (remote key sets are not fetched here: their tokens are refused)."""
     from .._core import WaypointTable  # the compiled matcher; config tools need no core otherwise
 
     compiled = compile_table(mesh, waypoint)
@@ -415,10 +419,21 @@ def explain_authorization(
     if found is None:
         return authz.Decision(True, "not bound to this waypoint"), []
     service = compiled["services"][found["service"]]["name"] if found["kind"] == "service" else None
+    table = WaypointTable(orjson.dumps(compiled).decode())
+    if jwt is not None:
+        headers = [("authorization", f"Bearer {jwt}")]
+        refused, found = table.authenticate(target, headers, raw_path or "/")
+        if refused is not None:
+            return authz.Decision(False, f"401: the JWT is refused: {refused}"), []
+        if found is not None:
+            principal, audiences, presenter, claims = found
+            verified = authz.RequestAuth(
+                principal, tuple(audiences), presenter, orjson.loads(claims)
+            )
+            request = dataclasses.replace(request, auth=verified)
     policies = [p for p in mesh.waypoint_policies if authz.applies(p, waypoint, service)]
     if not policies:
         return authz.Decision(True, "no AuthorizationPolicy applies at the waypoint"), []
-    table = WaypointTable(orjson.dumps(compiled).decode())
     auth = request.auth
     allowed, policy, _ = table.authorize(
         target,

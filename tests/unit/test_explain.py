@@ -317,3 +317,40 @@ def test_through_a_waypoint_its_authorization_policies_are_shown(
     assert got == code, out
     for line in shown:
         assert line in out, out
+
+
+JWT_RULE = """
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: api}]
+  jwtRules: [{issuer: "https://idp.example", jwks: 'JWKS'}]
+"""
+
+
+def test_explain_checks_a_jwt_as_the_waypoint_does(tmp_path, capsys):
+    import json as _json
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = _json.loads(pyjwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    jwks = _json.dumps({"keys": [{**public, "kid": "k1"}]})
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(WAYPOINT_MESH + WAYPOINT_POLICIES + JWT_RULE.replace("JWKS", jwks))
+
+    def explain(token: str) -> tuple[int, str]:
+        args = ["--path", "/v1/users", "--header", "X-User: alice", "--jwt", token]
+        code = main(["explain", "--config", str(mesh), "default/client", "10.96.0.1:80", *args])
+        return code, capsys.readouterr().out
+
+    claims = {"iss": "https://idp.example", "sub": "alice", "exp": 4102444800}
+    good = pyjwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
+    code, out = explain(good)
+    assert code == 0 and "allowed by policy default/users-need-jwt" in out, out
+    expired = pyjwt.encode({**claims, "exp": 1}, key, algorithm="ES256", headers={"kid": "k1"})
+    code, out = explain(expired)
+    assert code == 1 and "401: the JWT is refused: Jwt is expired" in out, out

@@ -248,6 +248,49 @@ impl WaypointTable {
         ))
     }
 
+    /// What the RequestAuthentications that apply to `target` (`ip:port`) make of a request
+    /// with `headers` to `path` (as the waypoint checks each request): `(None, auth)` with
+    /// `auth` = `(principal, audiences, presenter, claims JSON)` for a valid token or None
+    /// without one; `(reason, None)` for a refused token (a 401). For `ambient explain --jwt`.
+    #[pyo3(signature = (target, headers=Vec::new(), path="/"))]
+    #[allow(clippy::type_complexity)]
+    fn authenticate(
+        &self,
+        target: &str,
+        headers: Vec<(String, String)>,
+        path: &str,
+    ) -> PyResult<(
+        Option<String>,
+        Option<(String, Vec<String>, String, String)>,
+    )> {
+        let target: SocketAddr = target.parse().map_err(|_| {
+            PyValueError::new_err(format!("target: expected ip:port, got {target:?}"))
+        })?;
+        let table = self.current();
+        let bound = table.targets.get(&target.ip()).ok_or_else(|| {
+            PyValueError::new_err(format!("{target} is not bound to this waypoint"))
+        })?;
+        let mut request = Request::builder()
+            .uri(path)
+            .body(())
+            .map_err(|e| PyValueError::new_err(format!("path: {e}")))?;
+        *request.headers_mut() = header_map(&headers)?;
+        let (mut parts, ()) = request.into_parts();
+        Ok(match table.authn_for(bound).authenticate(&mut parts) {
+            Ok(None) => (None, None),
+            Ok(Some(auth)) => (
+                None,
+                Some((
+                    auth.principal.clone(),
+                    auth.audiences.clone(),
+                    auth.presenter.clone(),
+                    auth.claims.to_string(),
+                )),
+            ),
+            Err(refused) => (Some(refused.reason), None),
+        })
+    }
+
     /// Istio's TCP metrics of the streams carried on TCP ports, one entry per series:
     /// `((source_principal, source_ip, service, endpoint, endpoint_principal), Counters)`.
     #[allow(clippy::type_complexity)]
