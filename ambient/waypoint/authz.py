@@ -246,6 +246,10 @@ def _test(
 ) -> Check | None:
     if not values and not not_values:
         return None
+    if attribute == "source.principal":
+        # Policies name principals without "spiffe://"; tolerate it being written anyway.
+        values = [v.removeprefix("spiffe://") for v in values]
+        not_values = [v.removeprefix("spiffe://") for v in not_values]
     return Check(
         attribute,
         _check_values(attribute, values, where[0]),
@@ -269,22 +273,19 @@ def _source(src: k8s.Source, namespace: str, where: str) -> Match:
         ("source.ip", src.ipBlocks, src.notIpBlocks, "ipBlocks"),
         ("remote.ip", src.remoteIpBlocks, src.notRemoteIpBlocks, "remoteIpBlocks"),
     )  # fmt: skip
+    return _checks(fields, where)
+
+
+def _checks(fields: Sequence[tuple[str, Sequence[str], Sequence[str], str]], where: str) -> Match:
+    """A source's or an operation's fields (attribute, values, not-values, field name) as the
+    checks of one match; a field given neither values nor not-values is no check."""
     tests = []
     for attribute, values, not_values, name in fields:
         not_name = "not" + name[0].upper() + name[1:]
-        values = [_principal(v) for v in values] if attribute == "source.principal" else values
-        not_values = (
-            [_principal(v) for v in not_values] if attribute == "source.principal" else not_values
-        )
         t = _test(attribute, values, not_values, (f"{where}.{name}", f"{where}.{not_name}"))
         if t is not None:
             tests.append(t)
     return tuple(tests)
-
-
-def _principal(value: str) -> str:
-    # Policies name principals without "spiffe://"; tolerate it being written anyway.
-    return value.removeprefix("spiffe://")
 
 
 def _operation(op: k8s.Operation, where: str) -> Match:
@@ -294,13 +295,7 @@ def _operation(op: k8s.Operation, where: str) -> Match:
         ("request.method", op.methods, op.notMethods, "methods"),
         ("request.path", op.paths, op.notPaths, "paths"),
     )
-    tests = []
-    for attribute, values, not_values, name in fields:
-        not_name = "not" + name[0].upper() + name[1:]
-        t = _test(attribute, values, not_values, (f"{where}.{name}", f"{where}.{not_name}"))
-        if t is not None:
-            tests.append(t)
-    return tuple(tests)
+    return _checks(fields, where)
 
 
 def _condition(cond: k8s.Condition, where: str) -> Check:
@@ -318,15 +313,9 @@ def _condition(cond: k8s.Condition, where: str) -> Check:
         raise AuthzError(f"{where}.key", f"unknown condition key {cond.key!r}")
     if not cond.values and not cond.notValues:
         raise AuthzError(where, "a condition needs values or notValues")
-    values = (
-        [_principal(v) for v in cond.values] if attribute == "source.principal" else cond.values
+    test = _test(
+        attribute, cond.values, cond.notValues, (f"{where}.values", f"{where}.notValues"), key
     )
-    not_values = (
-        [_principal(v) for v in cond.notValues]
-        if attribute == "source.principal"
-        else cond.notValues
-    )
-    test = _test(attribute, values, not_values, (f"{where}.values", f"{where}.notValues"), key)
     assert test is not None
     return test
 

@@ -379,7 +379,13 @@ fn text(v: &str) -> Actual<'_> {
     Actual::Text(Cow::Borrowed(v))
 }
 
-fn namespace_of(principal: &str) -> &str {
+/// A SPIFFE identity as policies name it: without `spiffe://`.
+pub fn without_scheme(principal: &str) -> &str {
+    principal.strip_prefix("spiffe://").unwrap_or(principal)
+}
+
+/// The namespace in `[spiffe://]<td>/ns/<namespace>/sa/<sa>`, "" otherwise.
+pub fn namespace_of(principal: &str) -> &str {
     principal
         .split_once("/ns/")
         .map(|(_, rest)| rest.split('/').next().unwrap_or(""))

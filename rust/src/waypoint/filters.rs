@@ -59,18 +59,27 @@ pub(super) fn modified_path(path: &str, modifier: &PathModifier, prefix: Option<
     }
 }
 
+/// The request's authority as sent: `:authority` (HTTP/2, absolute form), else `Host`; "" if
+/// neither.
+pub(super) fn authority(parts: &http::request::Parts) -> &str {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
 /// The request's host (authority without the port) and port, from `:authority` or `Host`.
 pub(super) fn host_and_port(parts: &http::request::Parts) -> (String, Option<u16>) {
-    let authority = parts.uri.authority().cloned().or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<Authority>().ok())
-    });
-    match authority {
-        Some(a) => (a.host().to_string(), a.port_u16()),
-        None => (String::new(), None),
+    match authority(parts).parse::<Authority>() {
+        Ok(a) => (a.host().to_string(), a.port_u16()),
+        Err(_) => (String::new(), None),
     }
 }
 

@@ -231,9 +231,7 @@ impl WaypointTable {
             host,
             path: &path,
             headers: &map,
-            source_principal: source_principal
-                .strip_prefix("spiffe://")
-                .unwrap_or(source_principal),
+            source_principal: authz::without_scheme(source_principal),
             source_ip,
             remote_ip: authz::remote_ip(&map, source_ip, table.trusted_proxies),
             destination_ip: target.ip(),
@@ -392,15 +390,6 @@ pub fn normalize_path(path: &str) -> String {
     authz::normalize_path(path).into_owned()
 }
 
-/// The namespace in `spiffe://<td>/ns/<namespace>/sa/<sa>`.
-fn namespace_of(identity: Option<&str>) -> String {
-    identity
-        .and_then(|id| id.split("/ns/").nth(1))
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or("")
-        .to_string()
-}
-
 /// The `for` address of a `Forwarded` header (RFC 7239), as ztunnel sends it: `for="ip:port"`.
 fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
     let value = headers.get("forwarded")?.to_str().ok()?;
@@ -472,7 +461,7 @@ pub async fn serve_stream(
     let info = Arc::new(StreamInfo {
         peer,
         client: forwarded_for(request.headers()).unwrap_or(peer),
-        client_namespace: namespace_of(peer_identity.as_deref()),
+        client_namespace: authz::namespace_of(peer_identity.as_deref().unwrap_or("")).to_string(),
         source_principal: peer_identity.unwrap_or_else(|| Arc::from("")),
         target,
     });

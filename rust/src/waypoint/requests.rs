@@ -21,11 +21,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use super::authn::Refused;
-use super::authz::{normalize_path, remote_ip, Request as AuthzRequest, RequestAuth};
+use super::authz::{
+    normalize_path, remote_ip, without_scheme, Request as AuthzRequest, RequestAuth,
+};
 use super::balance::{least_request, retry_endpoint, weighted, Active};
 use super::bodies::{empty_body, text_response, CountedRequest, Tracked};
 use super::filters::{
-    copy_parts, host_and_port, modify_headers, random_request_id, redirect, shadow,
+    authority, copy_parts, host_and_port, modify_headers, random_request_id, redirect, shadow,
     strip_hop_by_hop, upstream_request, REQUEST_ID,
 };
 use super::table::{Backend, Mirror, Protocol, Routed, Rule, Table, Target};
@@ -120,36 +122,22 @@ const DENIED_BODY: &str = "RBAC: access denied";
 /// else what denied it, as Envoy's `response_code_details` says it.
 fn authorize(
     table: &Table,
+    bound: Option<&Target>,
     info: &StreamInfo,
     parts: &http::request::Parts,
     auth: Option<&RequestAuth>,
 ) -> Option<String> {
-    let target = table.targets.get(&info.target.ip())?;
-    let applying = table.policies_for(target);
+    let applying = table.policies_for(bound?);
     if applying.is_empty() {
         return None;
     }
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
     let source_ip = info.client.ip();
     let request = AuthzRequest {
         method: parts.method.as_str(),
-        host,
+        host: authority(parts),
         path: parts.uri.path(),
         headers: &parts.headers,
-        source_principal: info
-            .source_principal
-            .strip_prefix("spiffe://")
-            .unwrap_or(&info.source_principal),
+        source_principal: without_scheme(&info.source_principal),
         source_ip,
         remote_ip: remote_ip(&parts.headers, source_ip, table.trusted_proxies),
         destination_ip: info.target.ip(),
@@ -181,34 +169,20 @@ fn authorize(
 /// rules), the claims of a valid one; a refusal is a 401.
 fn authenticate(
     table: &Table,
-    info: &StreamInfo,
+    bound: Option<&Target>,
     parts: &mut http::request::Parts,
 ) -> Result<Option<Arc<RequestAuth>>, Refused> {
-    let Some(target) = table.targets.get(&info.target.ip()) else {
-        return Ok(None);
-    };
-    let authn = table.authn_for(target);
-    if authn.is_empty() {
-        return Ok(None);
+    match bound.map(|t| table.authn_for(t)) {
+        Some(authn) if !authn.is_empty() => authn.authenticate(parts),
+        _ => Ok(None),
     }
-    authn.authenticate(parts)
 }
 
 /// Envoy's challenge on a refused JWT: the realm is the request's URL.
 fn www_authenticate(parts: &http::request::Parts) -> String {
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
     format!(
-        "Bearer realm=\"http://{host}{}\", error=\"invalid_token\"",
+        "Bearer realm=\"http://{}{}\", error=\"invalid_token\"",
+        authority(parts),
         parts.uri.path()
     )
 }
@@ -459,7 +433,10 @@ async fn handle(
     let logged = waypoint.access_log.is_some();
     let mut report = exchange(&parts, info, service_name(&table, info.target), logged);
     // Istio's filter order: authentication (JWT), then authorization, then the router.
-    let auth = match authenticate(&table, info, &mut parts) {
+    // The policies and JWT rules of the Service (or pod) the stream was sent to; routing below
+    // refuses a target no longer bound.
+    let bound = table.targets.get(&info.target.ip());
+    let auth = match authenticate(&table, bound, &mut parts) {
         Ok(auth) => auth,
         Err(refused) => {
             counts.unauthenticated.fetch_add(1, Ordering::Relaxed);
@@ -479,7 +456,7 @@ async fn handle(
             return local(&report, response, "-", Some(&details), waypoint);
         }
     };
-    if let Some(denied) = authorize(&table, info, &parts, auth.as_deref()) {
+    if let Some(denied) = authorize(&table, bound, info, &parts, auth.as_deref()) {
         counts.denied.fetch_add(1, Ordering::Relaxed);
         log::info!(
             "waypoint: {} {} from {} ({}) denied: {}",
