@@ -175,6 +175,11 @@ class WaypointTable:
     @property
     def json(self) -> str: ...
     def counts(self) -> dict[str, int]: ...
+    def set_plugin_runner(self, runner: Any) -> None:
+        """The object whose ``on_request`` / ``on_response`` run the table's Python filters
+        (``ambient.waypoint.plugins.PluginHost``), called on the core's filter threads."""
+    def plugin_failures(self) -> dict[tuple[str, str], int]:
+        """Failures per (filter, reason): raised, timeout, busy, invalid."""
     def route(
         self,
         target: str,

@@ -23,6 +23,7 @@ from .policy.model import Policy
 if TYPE_CHECKING:
     from .waypoint.authn import RequestAuthn
     from .waypoint.authz import WaypointPolicy
+    from .waypoint.plugins import WaypointPlugin
     from .waypoint.routes import HttpRoute
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -150,6 +151,8 @@ class Mesh:
     waypoint_policies: tuple[WaypointPolicy, ...] = ()
     # RequestAuthentications with targetRefs: JWT at waypoints (ambient.waypoint.authn).
     request_authentications: tuple[RequestAuthn, ...] = ()
+    # WasmPlugins with targetRefs: Python filters at waypoints (ambient.waypoint.plugins).
+    plugins: tuple[WaypointPlugin, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )

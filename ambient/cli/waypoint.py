@@ -152,6 +152,11 @@ def _config_dump(waypoint: Waypoint, reload: dict[str, object]) -> dict[str, Any
         "table": orjson.loads(waypoint.table.json),
         "requests": waypoint.table.counts(),
         "jwks": waypoint.jwks.status(),
+        "filters": waypoint.filters.status(),
+        "filterFailures": [
+            {"filter": name, "reason": reason, "count": count}
+            for (name, reason), count in sorted(waypoint.table.plugin_failures().items())
+        ],
         "certificates": [
             {
                 "identity": c.identity,

@@ -329,6 +329,48 @@ class RequestAuthentication(Resource):
 MODELS["RequestAuthentication"] = RequestAuthentication
 
 
+# --- WasmPlugin (extensions.istio.io): a Python filter at the waypoint --------------------------
+
+
+class PortSelector(Closed):
+    number: PortNumber
+
+
+class TrafficSelector(Closed):
+    mode: Literal["UNDEFINED", "CLIENT", "SERVER", "CLIENT_AND_SERVER"] = "UNDEFINED"
+    ports: list[PortSelector] = field(default_factory=list)
+
+
+class WasmPluginSpec(Closed):
+    url: str
+    selector: WorkloadSelector | None = None
+    targetRef: PolicyTargetReference | None = None
+    targetRefs: list[PolicyTargetReference] = field(default_factory=list)
+    pluginName: str = ""
+    phase: Literal["UNSPECIFIED_PHASE", "AUTHN", "AUTHZ", "STATS"] = "UNSPECIFIED_PHASE"
+    priority: int | None = None
+    pluginConfig: dict[str, Any] = field(default_factory=dict)
+    failStrategy: Literal["FAIL_CLOSE", "FAIL_OPEN"] = "FAIL_CLOSE"
+    match: list[TrafficSelector] = field(default_factory=list)
+    type: Literal["UNSPECIFIED_PLUGIN_TYPE", "HTTP", "NETWORK"] = "UNSPECIFIED_PLUGIN_TYPE"
+    # Fields of Wasm modules fetched from a registry: accepted, meaningless for a Python file.
+    sha256: str | None = None
+    imagePullPolicy: str | None = None
+    imagePullSecret: str | None = None
+    verificationKey: str | None = None
+    vmConfig: dict[str, Any] | None = None
+
+
+class WasmPlugin(Resource):
+    apiVersion: Literal["extensions.istio.io/v1alpha1"]
+    kind: Literal["WasmPlugin"]
+    metadata: NamespacedMeta
+    spec: WasmPluginSpec
+
+
+MODELS["WasmPlugin"] = WasmPlugin
+
+
 # --- Gateway (gateway.networking.k8s.io): a waypoint when its class is istio-waypoint --------
 
 

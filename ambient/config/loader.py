@@ -21,7 +21,7 @@ from typing import Any
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from ..waypoint import authn, authz, routes
+from ..waypoint import authn, authz, plugins, routes
 from . import authorization, tags, translate, waypoints, yamlfile
 from . import kubernetes as k8s
 from . import ztunnel_local as local
@@ -47,6 +47,7 @@ class _Collected:
         default_factory=list
     )
     gateways: list[tuple[k8s.Gateway, Location]] = field(default_factory=list)
+    wasm_plugins: list[tuple[k8s.WasmPlugin, Location]] = field(default_factory=list)
     http_routes: list[tuple[k8s.HTTPRoute, Location]] = field(default_factory=list)
     local_configs: list[tuple[local.LocalConfig, Location]] = field(default_factory=list)
     issues: list[ConfigIssue] = field(default_factory=list)
@@ -262,6 +263,7 @@ _GROUPS: dict[type, str] = {
     k8s.RequestAuthentication: "request_authentications",
     k8s.Gateway: "gateways",
     k8s.HTTPRoute: "http_routes",
+    k8s.WasmPlugin: "wasm_plugins",
 }
 
 
@@ -445,6 +447,24 @@ def _jwt_rules(out: _Collected, cache: MeshCache | None) -> list[authn.RequestAu
     return compiled
 
 
+def _plugins(out: _Collected) -> list[plugins.WaypointPlugin]:
+    """The WasmPlugins with targetRefs, as Python filters for waypoints (their files are loaded
+    by the waypoint that runs them); selector ones are a sidecar's: skipped with a warning."""
+    compiled = []
+    for resource, loc in out.wasm_plugins:
+        if not (resource.spec.targetRefs or resource.spec.targetRef):
+            out.warnings.append(
+                f"{loc}: WasmPlugin {resource.metadata.namespace}/{resource.metadata.name} has "
+                "no targetRefs: a waypoint takes the ones that name it or its Services"
+            )
+            continue
+        try:
+            compiled.append(plugins.compile_plugin(resource, Path(loc.file).resolve().parent))
+        except authz.AuthzError as e:
+            out.issues.append(ConfigIssue(loc, e.field, str(e)))
+    return compiled
+
+
 def load_mesh(
     paths: Sequence[str | Path],
     *,
@@ -493,6 +513,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
                 ("AuthorizationPolicy", out.authorization_policies),
                 ("RequestAuthentication", out.request_authentications),
                 ("HTTPRoute", out.http_routes),
+                ("WasmPlugin", out.wasm_plugins),
             )
             for r, loc in group
         ),
@@ -558,6 +579,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
     policies: list[Policy] = []
     waypoint_policies = _waypoint_policies(out, cache)
     jwt_rules = _jwt_rules(out, cache)
+    waypoint_plugins = _plugins(out)
     for resource, loc in out.authorization_policies:
         try:
             converted = _build(
@@ -592,6 +614,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
         http_routes=tuple(http_routes),
         waypoint_policies=tuple(waypoint_policies),
         request_authentications=tuple(jwt_rules),
+        plugins=tuple(waypoint_plugins),
         namespaces=MappingProxyType(
             {k: MappingProxyType(v) for k, v in sorted(namespaces.items())}
         ),

@@ -184,7 +184,7 @@ class Decision:
 
 
 def targets_of(
-    resource: k8s.AuthorizationPolicy | k8s.RequestAuthentication,
+    resource: k8s.AuthorizationPolicy | k8s.RequestAuthentication | k8s.WasmPlugin,
 ) -> tuple[Target, ...]:
     spec, namespace = resource.spec, resource.metadata.namespace
     refs = list(spec.targetRefs) + ([spec.targetRef] if spec.targetRef else [])

@@ -17,8 +17,9 @@ from .._core import AccessLog, Listener, WaypointTable
 from ..hbone import DataPlane, format_address
 from ..identity.manager import CertificateManager
 from ..mesh import Mesh, Workload
-from . import authn
-from .table import HBONE_PORT, table_json
+from . import authn, plugins
+from .authz import applies
+from .table import HBONE_PORT, bound_services, table_json
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +52,35 @@ class Waypoint:
         access_log: AccessLog | None = None,
         trusted_proxies: int = 0,
         jwks_refresh: float = authn.DEFAULT_REFRESH,
+        filter_poll: float = plugins.DEFAULT_POLL,
     ) -> None:
         self.key = key
         self.trusted_proxies = trusted_proxies
         # Remote JWT key sets; a change recompiles the table (`refresh_jwks`).
         self.jwks = authn.JwksCache(jwks_refresh, changed=self.refresh_jwks)
+        # Python filters (WasmPlugins): reloaded when their files change.
+        self.filters = plugins.PluginHost(changed=self.refresh_jwks, poll=filter_poll)
         self.dataplane = dataplane
         self.certificates = certificates
         self.only_pods = pods
         self.access_log = access_log
         self.table = WaypointTable(table_json(Mesh(), key))
+        self.table.set_plugin_runner(self.filters)
         self.mesh = Mesh()
         self.listeners: dict[str, PodListener] = {}
         self._lock = threading.RLock()
 
     def _table_json(self, mesh: Mesh) -> str:
-        return table_json(mesh, self.key, trusted_proxies=self.trusted_proxies, jwks=self.jwks)
+        return table_json(
+            mesh,
+            self.key,
+            trusted_proxies=self.trusted_proxies,
+            jwks=self.jwks,
+            filters=self.filters,
+        )
 
     def refresh_jwks(self) -> None:
-        """A remote key set changed: the same snapshot, recompiled with it."""
+        """A remote key set (or a filter's file) changed: the same snapshot, recompiled."""
         with self._lock:
             self.table.update(self._table_json(self.mesh))
 
@@ -94,6 +105,7 @@ class Waypoint:
                 log.warning(
                     "waypoint %s is not declared in the mesh: it takes no traffic", self.key
                 )
+            self.filters.update([p for p in mesh.plugins if _serves(p, self.key, mesh)])
             self.table.update(self._table_json(mesh))
             self.mesh = mesh
             desired = self.own_pods(mesh)
@@ -147,5 +159,13 @@ class Waypoint:
 
     def close(self, deadline: float = 0.0) -> bool:
         self.jwks.stop()
+        self.filters.stop()
         with self._lock:
             return self.dataplane.drain(deadline)
+
+
+def _serves(plugin: plugins.WaypointPlugin, waypoint: str, mesh: Mesh) -> bool:
+    """Does waypoint ``waypoint`` run ``plugin`` (for itself or a Service bound to it)?"""
+    return applies(plugin, waypoint, None) or any(
+        applies(plugin, waypoint, f"{s.namespace}/{s.name}") for s in bound_services(mesh, waypoint)
+    )

@@ -28,7 +28,7 @@ import orjson
 
 from ..config import kubernetes as k8s
 from ..mesh import HealthStatus, Mesh, Service, Workload
-from . import authn, authz
+from . import authn, authz, plugins
 from .routes import Backend, HttpRoute, precedence
 
 # ztunnel's HBONE port on every in-mesh pod (Istio's).
@@ -275,14 +275,17 @@ def compile_table(
     *,
     trusted_proxies: int = 0,
     jwks: authn.JwksCache | None = None,
+    filters: plugins.PluginHost | None = None,
 ) -> dict[str, Any]:
     """The table of waypoint ``namespace/name`` in ``mesh`` (a JSON-ready dict).
     ``trusted_proxies``: hops of ``x-forwarded-for`` trusted for ``remote.ip``; ``jwks``: where
-    remote JWT key sets come from (None: a rule with a ``jwksUri`` refuses its tokens)."""
+    remote JWT key sets come from (None: a rule with a ``jwksUri`` refuses its tokens);
+    ``filters``: the loaded Python filters (whether each reads responses or bodies)."""
     c = _Compiler(mesh, waypoint)
     targets: dict[str, dict[str, Any]] = {}
     services = []
     policies = _Policies(mesh, waypoint)
+    filter_json = plugins.PluginsJson()
     for service in bound_services(mesh, waypoint):
         ports = {str(port): c.port(service, port, mesh.http_routes) for port in service.ports}
         name = f"{service.namespace}/{service.name}"
@@ -292,6 +295,7 @@ def compile_table(
                 "ports": ports,
                 "policies": policies.of(name),
                 "jwt_rules": _jwt_rules(mesh, waypoint, name, jwks),
+                "plugins": plugins.plugins_of(mesh.plugins, waypoint, name, filter_json, filters),
             }
         )
         for _, vip in service.vips:
@@ -305,6 +309,8 @@ def compile_table(
         "endpoints": c.endpoints,
         "workload_policies": policies.of(None),
         "workload_jwt_rules": _jwt_rules(mesh, waypoint, None, jwks),
+        "workload_plugins": plugins.plugins_of(mesh.plugins, waypoint, None, filter_json, filters),
+        "plugins": filter_json.compiled,
         "policies": policies.compiled,
         "trusted_proxies": trusted_proxies,
     }
@@ -345,8 +351,11 @@ def table_json(
     *,
     trusted_proxies: int = 0,
     jwks: authn.JwksCache | None = None,
+    filters: plugins.PluginHost | None = None,
 ) -> str:
-    table = compile_table(mesh, waypoint, trusted_proxies=trusted_proxies, jwks=jwks)
+    table = compile_table(
+        mesh, waypoint, trusted_proxies=trusted_proxies, jwks=jwks, filters=filters
+    )
     return orjson.dumps(table).decode()
 
 

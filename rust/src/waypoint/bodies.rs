@@ -103,9 +103,76 @@ fn count_data(frame: &Frame<Bytes>, bytes: &AtomicU64) {
     }
 }
 
+/// A request body as the client sends it, or as read whole for a Python filter that asked to see
+/// it (bounded by the filter's limit).
+pub(super) enum RequestBody {
+    Streamed(Incoming),
+    Buffered(Option<Bytes>),
+}
+
+impl RequestBody {
+    /// The body read whole, refused past `limit` bytes (`Ok(None)`).
+    pub(super) async fn buffered(self, limit: usize) -> Result<Option<Self>, hyper::Error> {
+        let body = match self {
+            RequestBody::Streamed(body) => body,
+            buffered => return Ok(Some(buffered)),
+        };
+        match http_body_util::Limited::new(body, limit).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                Ok(Some(RequestBody::Buffered(
+                    (!bytes.is_empty()).then_some(bytes),
+                )))
+            }
+            Err(e) => match e.downcast::<hyper::Error>() {
+                Ok(e) => Err(*e),
+                Err(_) => Ok(None),
+            },
+        }
+    }
+
+    pub(super) fn bytes(&self) -> Option<Bytes> {
+        match self {
+            RequestBody::Buffered(b) => Some(b.clone().unwrap_or_default()),
+            RequestBody::Streamed(_) => None,
+        }
+    }
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(body) => body.is_end_stream(),
+            RequestBody::Buffered(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(body) => body.size_hint(),
+            RequestBody::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
 /// A request body on its way to the endpoint, its bytes counted for the report.
 pub(super) struct CountedRequest {
-    pub(super) body: Incoming,
+    pub(super) body: RequestBody,
     pub(super) bytes: Arc<AtomicU64>,
 }
 

@@ -11,11 +11,13 @@ pub mod authz;
 mod balance;
 mod bodies;
 mod filters;
+mod plugins;
 mod requests;
 pub mod table;
 mod telemetry;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -54,6 +56,7 @@ pub struct WaypointTable {
     json: RwLock<String>,
     counts: Arc<RequestCounts>,
     metrics: RequestMetrics,
+    plugins: plugins::PluginHost,
 }
 
 /// Requests answered, by class: what `ambient top` and the tests read without parsing logs.
@@ -93,21 +96,45 @@ impl WaypointTable {
 impl WaypointTable {
     #[new]
     fn new(json: &str) -> PyResult<Self> {
-        let table = Table::from_json(json).map_err(PyValueError::new_err)?;
+        let plugins = plugins::PluginHost::default();
+        let table = Table::from_json(json, &plugins).map_err(PyValueError::new_err)?;
         Ok(Self {
             current: RwLock::new(Arc::new(table)),
             json: RwLock::new(json.to_string()),
             counts: Arc::default(),
             metrics: RequestMetrics::default(),
+            plugins,
         })
     }
 
     /// Swap in a new table (a new snapshot); requests already started keep the old one.
     fn update(&self, json: &str) -> PyResult<()> {
-        let table = Table::from_json(json).map_err(PyValueError::new_err)?;
+        let table = Table::from_json(json, &self.plugins).map_err(PyValueError::new_err)?;
         *self.current.write().unwrap() = Arc::new(table);
         *self.json.write().unwrap() = json.to_string();
         Ok(())
+    }
+
+    /// The object that runs the table's Python filters: its `on_request(name, method, path,
+    /// authority, headers, source_principal, source_ip, destination, service,
+    /// request_principal, body)` and `on_response(name, state, status, headers)` are called on
+    /// the core's filter threads (`ambient.waypoint.plugins.PluginHost`).
+    fn set_plugin_runner(&self, runner: Py<PyAny>) -> PyResult<()> {
+        self.plugins
+            .set_runner(runner)
+            .map_err(|e| PyValueError::new_err(format!("cannot start the filter threads: {e}")))
+    }
+
+    /// Failures of each Python filter so far: `{(filter, reason): count}`, reason `raised`,
+    /// `timeout`, `busy` or `invalid`.
+    fn plugin_failures(&self) -> HashMap<(String, String), u64> {
+        self.plugins
+            .failures
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|((name, reason), n)| ((name.to_string(), reason.to_string()), *n))
+            .collect()
     }
 
     /// The table's JSON as last set (for `config_dump`).
@@ -335,6 +362,7 @@ impl WaypointTable {
         out.set_item("refused_targets", get(&c.refused_targets))?;
         out.set_item("denied", get(&c.denied))?;
         out.set_item("unauthenticated", get(&c.unauthenticated))?;
+        out.set_item("filter_answered", get(&self.plugins.answered))?;
         Ok(out)
     }
 }
@@ -355,6 +383,10 @@ impl Waypoint {
 
     fn counts(&self) -> &RequestCounts {
         &self.table.get().counts
+    }
+
+    fn plugin_host(&self) -> &plugins::PluginHost {
+        &self.table.get().plugins
     }
 }
 

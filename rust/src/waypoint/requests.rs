@@ -25,11 +25,12 @@ use super::authz::{
     normalize_path, remote_ip, without_scheme, Request as AuthzRequest, RequestAuth,
 };
 use super::balance::{least_request, retry_endpoint, weighted, Active};
-use super::bodies::{empty_body, text_response, CountedRequest, Tracked};
+use super::bodies::{empty_body, text_response, CountedRequest, RequestBody, Tracked};
 use super::filters::{
     authority, copy_parts, host_and_port, modify_headers, random_request_id, redirect, shadow,
     strip_hop_by_hop, upstream_request, REQUEST_ID,
 };
+use super::plugins::{FilterRequest, Phase, Verdict};
 use super::table::{Backend, Mirror, Protocol, Routed, Rule, Table, Target};
 use super::telemetry::{Exchange, Head, SeriesKey};
 use super::upstream::{Body, UpstreamError, UpstreamKey};
@@ -193,6 +194,10 @@ fn normalize_uri(uri: &mut http::Uri, path: &str) {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
+    set_path_and_query(uri, path_and_query);
+}
+
+fn set_path_and_query(uri: &mut http::Uri, path_and_query: String) {
     let mut parts = uri.clone().into_parts();
     if let Ok(pq) = http::uri::PathAndQuery::try_from(path_and_query) {
         parts.path_and_query = Some(pq);
@@ -200,6 +205,181 @@ fn normalize_uri(uri: &mut http::Uri, path: &str) {
             *uri = normal;
         }
     }
+}
+
+/// A request on its way through the Python filters: what they may change, and the state of
+/// those that look at the response too.
+struct Filtering {
+    body: RequestBody,
+    responders: Vec<(usize, pyo3::Py<pyo3::PyAny>)>,
+}
+
+/// Run the Python filters of `phase` that apply to this request, in order: None when the
+/// request goes on, else the response (a filter answered it, or failed closed).
+#[allow(clippy::too_many_arguments)]
+async fn run_plugins(
+    phase: Phase,
+    applying: &[usize],
+    table: &Table,
+    waypoint: &Waypoint,
+    info: &StreamInfo,
+    parts: &mut http::request::Parts,
+    filtering: &mut Filtering,
+    auth: Option<&RequestAuth>,
+    report: &Exchange,
+) -> Option<Response<Body>> {
+    let host = waypoint.plugin_host();
+    for &index in applying {
+        let plugin = &table.plugins[index];
+        let spec = &plugin.spec;
+        if spec.phase != phase
+            || !(spec.ports.is_empty() || spec.ports.contains(&info.target.port()))
+        {
+            continue;
+        }
+        if spec.body_limit > 0 {
+            let body = std::mem::replace(&mut filtering.body, RequestBody::Buffered(None));
+            match body.buffered(spec.body_limit).await {
+                Ok(Some(body)) => filtering.body = body,
+                Ok(None) => {
+                    let text = format!(
+                        "the request body is larger than filter {}'s limit of {} bytes",
+                        spec.name, spec.body_limit
+                    );
+                    let response =
+                        text_response(StatusCode::PAYLOAD_TOO_LARGE, format!("{text}\n"));
+                    return Some(local(report, response, "-", Some(&text), waypoint));
+                }
+                Err(e) => {
+                    let text = format!("the client's request body failed: {e}");
+                    let response = text_response(StatusCode::BAD_REQUEST, format!("{text}\n"));
+                    return Some(local(report, response, "DC", Some(&text), waypoint));
+                }
+            }
+        }
+        let request = FilterRequest {
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.to_string()),
+            authority: authority(parts).to_string(),
+            headers: parts.headers.clone(),
+            source_principal: info.source_principal.to_string(),
+            source_ip: info.client.ip().to_string(),
+            destination: info.target.to_string(),
+            service: report.key.service.to_string(),
+            request_principal: auth.map(|a| a.principal.clone()),
+            body: filtering.body.bytes(),
+        };
+        match host.on_request(plugin, request).await {
+            Ok(Verdict::Continue {
+                headers,
+                path,
+                state,
+            }) => {
+                if let Some(headers) = headers {
+                    parts.headers = headers;
+                }
+                if let Some(path) = path {
+                    set_path_and_query(&mut parts.uri, path);
+                }
+                if let Some(state) = state {
+                    filtering.responders.push((index, state));
+                }
+            }
+            Ok(Verdict::Respond {
+                status,
+                body,
+                headers,
+            }) => {
+                host.answered.fetch_add(1, Ordering::Relaxed);
+                log::info!(
+                    "waypoint: {} {} from {} ({}) answered {status} by filter {}",
+                    parts.method,
+                    parts.uri,
+                    info.peer,
+                    info.source_principal,
+                    spec.name
+                );
+                let mut response = Response::new(
+                    http_body_util::Full::new(body)
+                        .map_err(|never| match never {})
+                        .boxed(),
+                );
+                *response.status_mut() =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                *response.headers_mut() = headers;
+                let details = format!("python_filter_response{{{}}}", spec.name);
+                return Some(local(report, response, "-", Some(&details), waypoint));
+            }
+            Err(failure) => {
+                let strategy = if spec.fail_open {
+                    "FAIL_OPEN: going on"
+                } else {
+                    "FAIL_CLOSE: 500"
+                };
+                log::warn!(
+                    "waypoint: filter {} on {} {} from {} ({}) {}; {strategy}",
+                    spec.name,
+                    parts.method,
+                    parts.uri,
+                    info.peer,
+                    info.source_principal,
+                    failure.text
+                );
+                if !spec.fail_open {
+                    let details =
+                        format!("python_filter_failed{{{}:{}}}", spec.name, failure.reason);
+                    let response = text_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("filter {} failed\n", spec.name),
+                    );
+                    return Some(local(report, response, "-", Some(&details), waypoint));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The filters that asked for it look at the response head, last first: None when it goes on
+/// (perhaps with new headers), else the 500 of a filter that failed closed.
+async fn plugins_on_response(
+    table: &Table,
+    waypoint: &Waypoint,
+    responders: Vec<(usize, pyo3::Py<pyo3::PyAny>)>,
+    status: u16,
+    headers: &mut http::HeaderMap,
+    report: &Exchange,
+) -> Option<Response<Body>> {
+    let host = waypoint.plugin_host();
+    for (index, state) in responders.into_iter().rev() {
+        let plugin = &table.plugins[index];
+        match host.on_response(plugin, state, status, headers).await {
+            Ok(Some(new)) => *headers = new,
+            Ok(None) => {}
+            Err(failure) => {
+                log::warn!(
+                    "waypoint: filter {} on a {status} response {}",
+                    plugin.spec.name,
+                    failure.text
+                );
+                if !plugin.spec.fail_open {
+                    let details = format!(
+                        "python_filter_failed{{{}:{}}}",
+                        plugin.spec.name, failure.reason
+                    );
+                    let response = text_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("filter {} failed\n", plugin.spec.name),
+                    );
+                    return Some(local(report, response, "-", Some(&details), waypoint));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Why a request got no upstream: the response, and the flag Istio logs for it.
@@ -423,6 +603,10 @@ async fn handle(
     let table = waypoint.table();
     let counts = waypoint.counts();
     let (mut parts, body) = request.into_parts();
+    let mut filtering = Filtering {
+        body: RequestBody::Streamed(body),
+        responders: Vec::new(),
+    };
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(REQUEST_ID, random_request_id());
     }
@@ -432,10 +616,34 @@ async fn handle(
     }
     let logged = waypoint.access_log.is_some();
     let mut report = exchange(&parts, info, service_name(&table, info.target), logged);
-    // Istio's filter order: authentication (JWT), then authorization, then the router.
-    // The policies and JWT rules of the Service (or pod) the stream was sent to; routing below
-    // refuses a target no longer bound.
+    // Istio's filter order: authentication (JWT), then authorization, then the router, with the
+    // Python filters of each phase before the step it names.
+    // The policies, JWT rules and filters of the Service (or pod) the stream was sent to;
+    // routing below refuses a target no longer bound.
     let bound = table.targets.get(&info.target.ip());
+    let plugins = bound.map_or(&[][..], |t| table.plugins_for(t));
+    macro_rules! phase {
+        ($phase:expr, $auth:expr) => {
+            if !plugins.is_empty() {
+                if let Some(response) = run_plugins(
+                    $phase,
+                    plugins,
+                    &table,
+                    waypoint,
+                    info,
+                    &mut parts,
+                    &mut filtering,
+                    $auth,
+                    &report,
+                )
+                .await
+                {
+                    return response;
+                }
+            }
+        };
+    }
+    phase!(Phase::Authn, None);
     let auth = match authenticate(&table, bound, &mut parts) {
         Ok(auth) => auth,
         Err(refused) => {
@@ -456,6 +664,7 @@ async fn handle(
             return local(&report, response, "-", Some(&details), waypoint);
         }
     };
+    phase!(Phase::Authz, auth.as_deref());
     if let Some(denied) = authorize(&table, bound, info, &parts, auth.as_deref()) {
         counts.denied.fetch_add(1, Ordering::Relaxed);
         log::info!(
@@ -469,6 +678,8 @@ async fn handle(
         let response = text_response(StatusCode::FORBIDDEN, DENIED_BODY.to_string());
         return local(&report, response, "-", Some(&denied), waypoint);
     }
+    phase!(Phase::Stats, auth.as_deref());
+    let body = filtering.body;
     let destination = {
         let head = super::table::Head {
             method: parts.method.as_str(),
@@ -657,6 +868,21 @@ async fn handle(
     let (mut parts, body) = response.into_parts();
     if !upgrade {
         strip_hop_by_hop(&mut parts.headers, false);
+    }
+    if !filtering.responders.is_empty() {
+        let status = parts.status.as_u16();
+        if let Some(failed) = plugins_on_response(
+            &table,
+            waypoint,
+            filtering.responders,
+            status,
+            &mut parts.headers,
+            &report,
+        )
+        .await
+        {
+            return failed;
+        }
     }
     if let Some(m) = rule.and_then(|r| r.response_headers.as_ref()) {
         modify_headers(&mut parts.headers, m);

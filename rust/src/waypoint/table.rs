@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::authn::{Authn, JwtRuleSpec};
 use super::authz::{Policies, Policy, PolicySet, PolicySpec};
+use super::plugins::{Plugin, PluginHost, PluginSpec};
 
 /// A CONNECT target this waypoint is bound to.
 #[derive(Deserialize, Debug)]
@@ -186,6 +187,9 @@ pub struct Service {
     /// The JWT rules of the RequestAuthentications that apply to them.
     #[serde(default)]
     pub jwt_rules: Vec<JwtRuleSpec>,
+    /// The Python filters (indices into the table's) that apply to them, in the order they run.
+    #[serde(default)]
+    pub plugins: Vec<usize>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -204,6 +208,11 @@ struct TableSpec {
     trusted_proxies: usize,
     #[serde(default)]
     workload_jwt_rules: Vec<JwtRuleSpec>,
+    /// The Python filters that apply at this waypoint; services refer to them by index.
+    #[serde(default)]
+    plugins: Vec<PluginSpec>,
+    #[serde(default)]
+    workload_plugins: Vec<usize>,
 }
 
 /// A path condition, compiled.
@@ -387,6 +396,7 @@ pub struct CompiledService {
     pub ports: HashMap<u16, Port>,
     pub policies: PolicySet,
     pub authn: Authn,
+    pub plugins: Vec<usize>,
 }
 
 /// One snapshot's table, shared by the requests that started under it.
@@ -398,6 +408,8 @@ pub struct Table {
     pub workload_policies: PolicySet,
     pub workload_authn: Authn,
     pub trusted_proxies: usize,
+    pub plugins: Vec<Plugin>,
+    pub workload_plugins: Vec<usize>,
 }
 
 /// A whole-value regular expression (the reference uses `re.fullmatch`).
@@ -498,9 +510,18 @@ impl Table {
         }
     }
 
+    /// The Python filters that apply to a request sent to `target`, in the order they run.
+    pub fn plugins_for(&self, target: &Target) -> &[usize] {
+        match target {
+            Target::Service { service } => &self.services[*service].plugins,
+            Target::Workload { .. } => &self.workload_plugins,
+        }
+    }
+
     /// Parse and compile a table; the error names the part that is wrong (a bug in the
     /// compiler on the Python side: users' mistakes are refused when the config is loaded).
-    pub fn from_json(text: &str) -> Result<Self, String> {
+    /// `host`: where the table's Python filters run.
+    pub fn from_json(text: &str, host: &PluginHost) -> Result<Self, String> {
         let spec: TableSpec =
             serde_json::from_str(text).map_err(|e| format!("waypoint table: {e}"))?;
         let n_endpoints = spec.endpoints.len();
@@ -520,6 +541,14 @@ impl Table {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("waypoint table: {e}"))?;
         let policies = Policies { all };
+        let plugins = host
+            .compile(spec.plugins)
+            .map_err(|e| format!("waypoint table: {e}"))?;
+        let check_plugins =
+            |indices: &[usize], of: &str| match indices.iter().find(|i| **i >= plugins.len()) {
+                Some(i) => Err(format!("waypoint table: {of}: filter {i} out of range")),
+                None => Ok(()),
+            };
         let mut services = Vec::with_capacity(spec.services.len());
         for service in spec.services {
             let mut ports = HashMap::with_capacity(service.ports.len());
@@ -549,14 +578,17 @@ impl Table {
             check_policies(&service.policies, policies.all.len(), &service.name)?;
             let authn = Authn::new(service.jwt_rules)
                 .map_err(|e| format!("waypoint table: {}: {e}", service.name))?;
+            check_plugins(&service.plugins, &service.name)?;
             services.push(CompiledService {
                 name: Arc::from(service.name),
                 ports,
                 policies: PolicySet::new(&policies, &service.policies),
                 authn,
+                plugins: service.plugins,
             });
         }
         check_policies(&spec.workload_policies, policies.all.len(), "pods")?;
+        check_plugins(&spec.workload_plugins, "pods")?;
         Ok(Self {
             targets: spec.targets,
             services,
@@ -566,6 +598,8 @@ impl Table {
                 .map_err(|e| format!("waypoint table: pods: {e}"))?,
             policies,
             trusted_proxies: spec.trusted_proxies,
+            plugins,
+            workload_plugins: spec.workload_plugins,
         })
     }
 }
