@@ -23,8 +23,10 @@ from .policy.model import Policy
 if TYPE_CHECKING:
     from .waypoint.authn import RequestAuthn
     from .waypoint.authz import WaypointPolicy
+    from .waypoint.extauthz import ExtAuthzProvider
     from .waypoint.plugins import WaypointPlugin
     from .waypoint.routes import HttpRoute
+    from .waypoint.telemetry_api import TelemetryPolicy
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -153,6 +155,10 @@ class Mesh:
     request_authentications: tuple[RequestAuthn, ...] = ()
     # WasmPlugins with targetRefs: Python filters at waypoints (ambient.waypoint.plugins).
     plugins: tuple[WaypointPlugin, ...] = ()
+    # The mesh config's HTTP external authorizers, for CUSTOM policies (ambient.waypoint.extauthz).
+    ext_authz: tuple[ExtAuthzProvider, ...] = ()
+    # Telemetry resources: access logging and metrics at waypoints (ambient.waypoint.telemetry_api).
+    telemetry: tuple[TelemetryPolicy, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({})
     )

@@ -20,6 +20,7 @@ from ..identity.ca import WORKLOAD_CERT_TTL
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..waypoint.proxy import Waypoint
 from ..waypoint.telemetry import RequestExposition
+from ..waypoint.telemetry_api import metric_overrides
 from ..ztunnel.reload import ConfigWatcher
 from . import proxy
 from .common import add_limit_arguments, limit_options, raise_fd_limit, socket_address
@@ -212,7 +213,12 @@ def run(args: argparse.Namespace) -> int:
                 args,
                 config_dump=lambda: _config_dump(waypoint, watcher.status()),
                 quit=stop.set,
-                exposition=RequestExposition(waypoint.table, lambda: waypoint.mesh, dp.stats),
+                exposition=RequestExposition(
+                    waypoint.table,
+                    lambda: waypoint.mesh,
+                    dp.stats,
+                    overrides=lambda: metric_overrides(waypoint.mesh.telemetry, waypoint.key),
+                ),
                 pending=lambda: waypoint.pending,
                 draining=stop.is_set,
             )

@@ -329,6 +329,21 @@ class RequestAuthentication(Resource):
 MODELS["RequestAuthentication"] = RequestAuthentication
 
 
+# --- ConfigMap: Istio's mesh config (istio-system/istio) -------------------------------------
+
+
+class ConfigMap(Resource):
+    apiVersion: Literal["v1"]
+    kind: Literal["ConfigMap"]
+    metadata: NamespacedMeta
+    data: dict[str, str] = field(default_factory=dict)
+    binaryData: dict[str, str] = field(default_factory=dict)
+    immutable: bool | None = None
+
+
+MODELS["ConfigMap"] = ConfigMap
+
+
 # --- WasmPlugin (extensions.istio.io): a Python filter at the waypoint --------------------------
 
 
@@ -369,6 +384,85 @@ class WasmPlugin(Resource):
 
 
 MODELS["WasmPlugin"] = WasmPlugin
+
+
+# --- Telemetry (telemetry.istio.io): access logging and metrics at the waypoint --------------
+
+
+class ProviderRef(Closed):
+    name: str
+
+
+class AccessLogFilter(Closed):
+    expression: str
+
+
+class WorkloadModeSelector(Closed):
+    mode: Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"] = "CLIENT_AND_SERVER"
+
+
+class AccessLogging(Closed):
+    providers: list[ProviderRef] = field(default_factory=list)
+    disabled: bool | None = None
+    filter: AccessLogFilter | None = None
+    match: WorkloadModeSelector | None = None
+
+
+MetricName = Literal[
+    "ALL_METRICS",
+    "REQUEST_COUNT",
+    "REQUEST_DURATION",
+    "REQUEST_SIZE",
+    "RESPONSE_SIZE",
+    "TCP_OPENED_CONNECTIONS",
+    "TCP_CLOSED_CONNECTIONS",
+    "TCP_SENT_BYTES",
+    "TCP_RECEIVED_BYTES",
+    "GRPC_REQUEST_MESSAGES",
+    "GRPC_RESPONSE_MESSAGES",
+]
+
+
+class MetricSelector(Closed):
+    metric: MetricName | None = None
+    customMetric: str | None = None
+    mode: Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"] = "CLIENT_AND_SERVER"
+
+
+class TagOverride(Closed):
+    operation: Literal["UPSERT", "REMOVE"] = "UPSERT"
+    value: str | None = None
+
+
+class MetricsOverrides(Closed):
+    match: MetricSelector | None = None
+    disabled: bool | None = None
+    tagOverrides: dict[str, TagOverride] = field(default_factory=dict)
+
+
+class Metrics(Closed):
+    providers: list[ProviderRef] = field(default_factory=list)
+    overrides: list[MetricsOverrides] = field(default_factory=list)
+    reportingInterval: str | None = None
+
+
+class TelemetrySpec(Closed):
+    selector: WorkloadSelector | None = None
+    targetRef: PolicyTargetReference | None = None
+    targetRefs: list[PolicyTargetReference] = field(default_factory=list)
+    accessLogging: list[AccessLogging] = field(default_factory=list)
+    metrics: list[Metrics] = field(default_factory=list)
+    tracing: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Telemetry(Resource):
+    apiVersion: Literal["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"]
+    kind: Literal["Telemetry"]
+    metadata: NamespacedMeta
+    spec: TelemetrySpec = field(default_factory=TelemetrySpec)
+
+
+MODELS["Telemetry"] = Telemetry
 
 
 # --- Gateway (gateway.networking.k8s.io): a waypoint when its class is istio-waypoint --------

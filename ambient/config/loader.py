@@ -21,8 +21,8 @@ from typing import Any
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
 from ..mesh import Mesh, Service, Waypoint, Workload
 from ..policy.model import Policy
-from ..waypoint import authn, authz, plugins, routes
-from . import authorization, tags, translate, waypoints, yamlfile
+from ..waypoint import authn, authz, extauthz, plugins, routes, telemetry_api
+from . import authorization, meshconfig, tags, translate, waypoints, yamlfile
 from . import kubernetes as k8s
 from . import ztunnel_local as local
 from .documents import DocumentCache, Parsed, documents
@@ -48,6 +48,8 @@ class _Collected:
     )
     gateways: list[tuple[k8s.Gateway, Location]] = field(default_factory=list)
     wasm_plugins: list[tuple[k8s.WasmPlugin, Location]] = field(default_factory=list)
+    config_maps: list[tuple[k8s.ConfigMap, Location]] = field(default_factory=list)
+    telemetries: list[tuple[k8s.Telemetry, Location]] = field(default_factory=list)
     http_routes: list[tuple[k8s.HTTPRoute, Location]] = field(default_factory=list)
     local_configs: list[tuple[local.LocalConfig, Location]] = field(default_factory=list)
     issues: list[ConfigIssue] = field(default_factory=list)
@@ -264,6 +266,8 @@ _GROUPS: dict[type, str] = {
     k8s.Gateway: "gateways",
     k8s.HTTPRoute: "http_routes",
     k8s.WasmPlugin: "wasm_plugins",
+    k8s.ConfigMap: "config_maps",
+    k8s.Telemetry: "telemetries",
 }
 
 
@@ -447,6 +451,72 @@ def _jwt_rules(out: _Collected, cache: MeshCache | None) -> list[authn.RequestAu
     return compiled
 
 
+def _mesh_config(out: _Collected) -> tuple[meshconfig.MeshConfig | None, Location | None]:
+    """Istio's mesh config (ConfigMap istio-system/istio, key ``mesh``), if given."""
+    found: tuple[meshconfig.MeshConfig | None, Location | None] = (None, None)
+    for cm, loc in out.config_maps:
+        if (cm.metadata.namespace, cm.metadata.name) != meshconfig.MESH_CONFIGMAP:
+            out.warnings.append(
+                f"{loc}: ConfigMap {cm.metadata.namespace}/{cm.metadata.name} is not Istio's mesh "
+                "config (istio-system/istio): ignored"
+            )
+            continue
+        if "mesh" not in cm.data:
+            out.issues.append(ConfigIssue(loc, "data.mesh", "Istio's mesh config has no key mesh"))
+            continue
+        config, issues = meshconfig.parse(cm.data["mesh"], loc)
+        out.issues.extend(issues)
+        found = (config, loc)
+    return found
+
+
+def _telemetry(
+    out: _Collected, config: meshconfig.MeshConfig | None
+) -> list[telemetry_api.TelemetryPolicy]:
+    """The Telemetry resources, for waypoints; a selector one is a sidecar's (a warning)."""
+    providers = telemetry_api.log_providers(config)
+    compiled = []
+    for resource, loc in out.telemetries:
+        key = f"Telemetry {resource.metadata.namespace}/{resource.metadata.name}"
+        if resource.spec.selector is not None:
+            out.warnings.append(
+                f"{loc}: {key} selects pods: sidecars apply it; ztunnel has no Telemetry, and "
+                "a waypoint takes the ones without selector or with targetRefs"
+            )
+            continue
+        try:
+            policy, warnings = telemetry_api.compile_telemetry(resource, providers)
+        except authz.AuthzError as e:
+            out.issues.append(ConfigIssue(loc, e.field, str(e)))
+            continue
+        out.warnings.extend(f"{loc}: {w}" for w in warnings)
+        compiled.append(policy)
+    return compiled
+
+
+def _ext_authz(
+    out: _Collected,
+    waypoint_policies: Sequence[authz.WaypointPolicy],
+    config: meshconfig.MeshConfig | None,
+    loc: Location | None,
+) -> list[extauthz.ExtAuthzProvider]:
+    """The HTTP ext_authz providers CUSTOM policies may name; a name no provider has is a
+    warning (its policy denies what it matches)."""
+    providers: list[extauthz.ExtAuthzProvider] = []
+    if config is not None and loc is not None:
+        providers, issues = extauthz.compile_providers(config, loc)
+        out.issues.extend(issues)
+    names = {p.name for p in providers}
+    for p in waypoint_policies:
+        if p.provider is not None and p.provider not in names:
+            out.warnings.append(
+                f"AuthorizationPolicy {p.key}: CUSTOM provider {p.provider!r} is not an "
+                "envoyExtAuthzHttp provider of the mesh config (ConfigMap istio-system/istio): "
+                "the requests it matches are denied"
+            )
+    return providers
+
+
 def _plugins(out: _Collected) -> list[plugins.WaypointPlugin]:
     """The WasmPlugins with targetRefs, as Python filters for waypoints (their files are loaded
     by the waypoint that runs them); selector ones are a sidecar's: skipped with a warning."""
@@ -514,6 +584,7 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
                 ("RequestAuthentication", out.request_authentications),
                 ("HTTPRoute", out.http_routes),
                 ("WasmPlugin", out.wasm_plugins),
+                ("Telemetry", out.telemetries),
             )
             for r, loc in group
         ),
@@ -580,6 +651,9 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
     waypoint_policies = _waypoint_policies(out, cache)
     jwt_rules = _jwt_rules(out, cache)
     waypoint_plugins = _plugins(out)
+    mesh_config, mesh_config_location = _mesh_config(out)
+    ext_authz = _ext_authz(out, waypoint_policies, mesh_config, mesh_config_location)
+    telemetry = _telemetry(out, mesh_config)
     for resource, loc in out.authorization_policies:
         try:
             converted = _build(
@@ -615,6 +689,8 @@ def _load(paths: Sequence[str | Path], trust_domain: str, cache: MeshCache | Non
         waypoint_policies=tuple(waypoint_policies),
         request_authentications=tuple(jwt_rules),
         plugins=tuple(waypoint_plugins),
+        ext_authz=tuple(ext_authz),
+        telemetry=tuple(telemetry),
         namespaces=MappingProxyType(
             {k: MappingProxyType(v) for k, v in sorted(namespaces.items())}
         ),

@@ -79,7 +79,8 @@ class RequestAuthn:
         return f"{self.namespace}/{self.name}"
 
 
-def _seconds(text: str, where: str) -> float:
+def seconds(text: str, where: str) -> float:
+    """A duration (`5s`, `500ms`, `1m`, `0.5s`) in seconds; :class:`AuthzError` at ``where``."""
     units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     for unit in ("ms", "s", "m", "h"):
         if text.endswith(unit):
@@ -127,7 +128,7 @@ def _rule(rule: k8s.JWTRule, where: str) -> JwtRule:
         output_payload_to_header=rule.outputPayloadToHeader,
         output_claim_to_headers=tuple((c.header, c.claim) for c in rule.outputClaimToHeaders),
         forward_original_token=rule.forwardOriginalToken,
-        timeout=_seconds(rule.timeout, f"{where}.timeout")
+        timeout=seconds(rule.timeout, f"{where}.timeout")
         if rule.timeout
         else DEFAULT_FETCH_TIMEOUT,
     )

@@ -125,10 +125,11 @@ class Target:
 class WaypointPolicy:
     namespace: str
     name: str
-    action: str  # ALLOW | DENY | AUDIT
+    action: str  # ALLOW | DENY | AUDIT | CUSTOM
     targets: tuple[Target, ...]
     rules: tuple[Rule, ...] = ()
     dry_run: bool = False
+    provider: str | None = None  # CUSTOM: the mesh config's ext_authz provider
 
     @property
     def key(self) -> str:
@@ -184,7 +185,7 @@ class Decision:
 
 
 def targets_of(
-    resource: k8s.AuthorizationPolicy | k8s.RequestAuthentication | k8s.WasmPlugin,
+    resource: k8s.AuthorizationPolicy | k8s.RequestAuthentication | k8s.WasmPlugin | k8s.Telemetry,
 ) -> tuple[Target, ...]:
     spec, namespace = resource.spec, resource.metadata.namespace
     refs = list(spec.targetRefs) + ([spec.targetRef] if spec.targetRef else [])
@@ -344,13 +345,20 @@ def compile_policy(resource: k8s.AuthorizationPolicy) -> WaypointPolicy:
     """An AuthorizationPolicy with targetRefs, as the waypoint enforces it; :class:`AuthzError`
     names the field it cannot take."""
     meta, spec = resource.metadata, resource.spec
+    provider = None
     if spec.action == "CUSTOM":
-        raise AuthzError(
-            "spec.action",
-            "CUSTOM (an external authorizer) is not supported at the waypoint yet; use ALLOW "
-            "or DENY",
-        )
+        name = (spec.provider or {}).get("name")
+        if not isinstance(name, str) or not name:
+            raise AuthzError(
+                "spec.provider.name",
+                "a CUSTOM policy names its external authorizer: an extensionProviders entry of "
+                "the mesh config",
+            )
+        provider = name
+    elif spec.provider is not None:
+        raise AuthzError("spec.provider", "only a CUSTOM policy names a provider")
     return WaypointPolicy(
+        provider=provider,
         namespace=meta.namespace,
         name=meta.name,
         action=spec.action,
@@ -574,7 +582,8 @@ def evaluate(policies: Sequence[WaypointPolicy], request: Request) -> Decision:
         for p in policies
         if (p.dry_run or p.action == "AUDIT") and policy_matches(p, request)
     )
-    enforced = [p for p in policies if not p.dry_run and p.action != "AUDIT"]
+    # CUSTOM policies ask their provider before these run (see ambient.waypoint.extauthz).
+    enforced = [p for p in policies if not p.dry_run and p.action not in ("AUDIT", "CUSTOM")]
     for p in enforced:
         if p.action == "DENY" and policy_matches(p, request):
             return Decision(False, f"denied by policy {p.key}", p.key, logged)
@@ -607,6 +616,7 @@ def policy_json(policy: WaypointPolicy) -> dict[str, Any]:
     return {
         "key": policy.key,
         "action": policy.action,
+        "provider": policy.provider,
         "dry_run": policy.dry_run,
         "rules": [
             [

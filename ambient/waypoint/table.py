@@ -28,7 +28,7 @@ import orjson
 
 from ..config import kubernetes as k8s
 from ..mesh import HealthStatus, Mesh, Service, Workload
-from . import authn, authz, plugins
+from . import authn, authz, extauthz, plugins, telemetry_api
 from .routes import Backend, HttpRoute, precedence
 
 # ztunnel's HBONE port on every in-mesh pod (Istio's).
@@ -296,6 +296,7 @@ def compile_table(
                 "policies": policies.of(name),
                 "jwt_rules": _jwt_rules(mesh, waypoint, name, jwks),
                 "plugins": plugins.plugins_of(mesh.plugins, waypoint, name, filter_json, filters),
+                "access_log": _access_log(mesh, waypoint, name),
             }
         )
         for _, vip in service.vips:
@@ -310,10 +311,37 @@ def compile_table(
         "workload_policies": policies.of(None),
         "workload_jwt_rules": _jwt_rules(mesh, waypoint, None, jwks),
         "workload_plugins": plugins.plugins_of(mesh.plugins, waypoint, None, filter_json, filters),
+        "workload_access_log": _access_log(mesh, waypoint, None),
         "plugins": filter_json.compiled,
         "policies": policies.compiled,
+        "providers": _providers(c, mesh, policies.compiled),
         "trusted_proxies": trusted_proxies,
     }
+
+
+def _access_log(mesh: Mesh, waypoint: str, service: str | None) -> dict[str, Any] | None:
+    rule = telemetry_api.access_log_for(mesh.telemetry, waypoint, service)
+    return None if rule is None else rule.json()
+
+
+def _providers(
+    c: _Compiler, mesh: Mesh, policies: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The ext_authz providers the CUSTOM policies here name, each with its Service as a
+    backend (invalid when the mesh has no such Service or port)."""
+    named = {p["provider"] for p in policies if p.get("provider")}
+    out = []
+    for provider in mesh.ext_authz:
+        if provider.name not in named:
+            continue
+        service = provider.resolve(mesh.services)
+        if service is None:
+            backend = c.backend("", provider.service, None, 1)
+            backend["invalid"] = "no such Service in the mesh"
+        else:
+            backend = c.backend(service.namespace, service.name, provider.port, 1)
+        out.append(extauthz.provider_json(provider, backend))
+    return out
 
 
 def _jwt_rules(
@@ -464,12 +492,12 @@ def explain_authorization(
     verdicts = []
     for p in policies:
         kind = f"{p.action}{' (dry-run)' if p.dry_run else ''}"
-        verdicts.append(
-            (
-                p.key,
-                f"{kind}: {'matches' if authz.policy_matches(p, request) else 'does not match'}",
-            )
-        )
+        matches = authz.policy_matches(p, request)
+        verdict = f"{kind}: {'matches' if matches else 'does not match'}"
+        if p.provider is not None and matches:
+            # What the external authorizer answers is known only when it is asked.
+            verdict += f" (the waypoint asks ext_authz provider {p.provider} first)"
+        verdicts.append((p.key, verdict))
     if allowed:
         why = f"allowed by policy {policy}" if policy else "no ALLOW policy applies"
     else:

@@ -12,6 +12,7 @@ workloads — and the core writes the text.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._core import WaypointTable
@@ -99,10 +100,18 @@ class RequestExposition(Exposition):
     ztunnel's) and the request metrics of ``table``, labelled from ``mesh()``. Series whose
     labels come out equal (two pods of one Deployment, two addresses of one client) are one."""
 
-    def __init__(self, table: WaypointTable, mesh: Any, core_stats: Any = None) -> None:
+    def __init__(
+        self,
+        table: WaypointTable,
+        mesh: Any,
+        core_stats: Any = None,
+        overrides: Callable[[], Overrides] | None = None,
+    ) -> None:
         super().__init__(ConnectionMetrics(component="waypoint"), core_stats)
         self.table = table
         self.mesh = mesh
+        # Telemetry's metrics overrides (ambient.waypoint.telemetry_api.metric_overrides).
+        self.overrides = overrides or dict
 
     def _series(self) -> dict[tuple[tuple[str, str], ...], tuple[Histogram, Histogram, Histogram]]:
         mesh: Mesh = self.mesh()
@@ -150,8 +159,13 @@ class RequestExposition(Exposition):
     def families(self) -> list[Family]:
         out = super().families()
         totals = [(list(labels), float(h[0][1])) for labels, h in self._series().items()]
-        out.append(("istio_requests", "Requests through the waypoint", True, totals))
-        return out + self._tcp_families()
+        ours = [("istio_requests", "Requests through the waypoint", True, totals)]
+        overrides = self.overrides()
+        for name, text, counter, samples in ours + self._tcp_families():
+            disabled, removed = overrides.get(name, (False, ()))
+            if not disabled:
+                out.append((name, text, counter, _without_labels(samples, removed)))
+        return out
 
     def histograms(self) -> list[HistogramFamily]:
         names = (
@@ -160,7 +174,29 @@ class RequestExposition(Exposition):
             ("istio_response_bytes", "Response body size, bytes"),
         )
         series = self._series()
-        return [
-            (name, text, [(list(labels), *h[i]) for labels, h in series.items()])
-            for i, (name, text) in enumerate(names)
-        ]
+        overrides = self.overrides()
+        out = []
+        for i, (name, text) in enumerate(names):
+            disabled, removed = overrides.get(name, (False, ()))
+            if disabled:
+                continue
+            merged: dict[tuple[tuple[str, str], ...], Histogram] = {}
+            for labels, h in series.items():
+                kept = tuple(kv for kv in labels if kv[0] not in removed)
+                merged[kept] = _merged(merged[kept], h[i]) if kept in merged else h[i]
+            out.append((name, text, [(list(labels), *h) for labels, h in merged.items()]))
+        return out
+
+
+Overrides = dict[str, tuple[bool, tuple[str, ...]]]
+
+
+def _without_labels(samples: list[Any], removed: tuple[str, ...]) -> list[Any]:
+    """``samples`` without the ``removed`` labels, those that became equal summed."""
+    if not removed:
+        return samples
+    sums: dict[tuple[tuple[str, str], ...], float] = {}
+    for labels, value in samples:
+        kept = tuple((k, v) for k, v in labels if k not in removed)
+        sums[kept] = sums.get(kept, 0.0) + value
+    return [(list(k), v) for k, v in sums.items()]

@@ -155,9 +155,14 @@ REFUSED = [
         "root namespace",
     ),
     (
-        ON_ECHO + "action: CUSTOM, provider: {name: ext}}",
-        "spec.action",
-        "CUSTOM",
+        ON_ECHO + "action: CUSTOM}",
+        "spec.provider.name",
+        "external authorizer",
+    ),
+    (
+        ON_ECHO + "action: ALLOW, provider: {name: ext}}",
+        "spec.provider",
+        "only a CUSTOM policy",
     ),
     (
         ON_ECHO + "rules: [{to: [{operation: {methods: ['']}}]}]}",

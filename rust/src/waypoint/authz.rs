@@ -28,6 +28,9 @@ pub struct CheckSpec {
 pub struct PolicySpec {
     key: String,
     action: String,
+    /// A CUSTOM policy's ext_authz provider.
+    #[serde(default)]
+    provider: Option<String>,
     #[serde(default)]
     dry_run: bool,
     /// rule → clause (all hold) → match (any holds) → test (all hold).
@@ -40,6 +43,8 @@ pub enum Action {
     Allow,
     Deny,
     Audit,
+    /// Ask an external authorizer (`provider`) about the requests it matches.
+    Custom,
 }
 
 enum Attribute {
@@ -190,6 +195,7 @@ struct Check {
 pub struct Policy {
     pub key: String,
     pub action: Action,
+    pub provider: Option<String>,
     pub dry_run: bool,
     /// rule (any) → clause (all) → match (any) → test (all).
     rules: Vec<Vec<Vec<Vec<Check>>>>,
@@ -315,6 +321,7 @@ impl Policy {
             "ALLOW" => Action::Allow,
             "DENY" => Action::Deny,
             "AUDIT" => Action::Audit,
+            "CUSTOM" => Action::Custom,
             other => return Err(format!("policy {}: unknown action {other:?}", spec.key)),
         };
         let rules = spec
@@ -332,9 +339,16 @@ impl Policy {
             })
             .collect::<Result<_, String>>()
             .map_err(|e| format!("policy {}: {e}", spec.key))?;
+        if (action == Action::Custom) != spec.provider.is_some() {
+            return Err(format!(
+                "policy {}: a CUSTOM policy, and only one, names a provider",
+                spec.key
+            ));
+        }
         Ok(Policy {
             key: spec.key,
             action,
+            provider: spec.provider,
             dry_run: spec.dry_run,
             rules,
         })
@@ -621,6 +635,8 @@ pub struct PolicySet {
     allow: Index,
     /// AUDIT and dry-run policies: evaluated only to be logged.
     logged: Vec<usize>,
+    /// CUSTOM policies: what they match is checked by their provider first.
+    custom: Vec<usize>,
     any_allow: bool,
 }
 
@@ -634,6 +650,8 @@ impl PolicySet {
             let p = &policies.all[*i];
             if !p.enforced() {
                 set.logged.push(position);
+            } else if p.action == Action::Custom {
+                set.custom.push(position);
             } else if p.action == Action::Deny {
                 set.deny.add(position, p);
             } else {
@@ -647,9 +665,24 @@ impl PolicySet {
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
+
+    /// Whether any CUSTOM policy is among them.
+    pub fn has_custom(&self) -> bool {
+        !self.custom.is_empty()
+    }
 }
 
 impl Policies {
+    /// The CUSTOM policies of `set` that match `r`: each one's provider checks the request
+    /// before anything else does.
+    pub fn custom<'t>(&'t self, set: &PolicySet, r: &Request<'_>) -> Vec<&'t Policy> {
+        set.custom
+            .iter()
+            .map(|n| &self.all[set.order[*n]])
+            .filter(|p| p.matches(r))
+            .collect()
+    }
+
     /// Istio's order over the policies of `set`: a matching DENY denies; no ALLOW: allowed; a
     /// matching ALLOW allows; else denied. AUDIT and dry-run policies are only logged.
     pub fn evaluate<'t>(&'t self, set: &PolicySet, r: &Request<'_>) -> Verdict<'t> {

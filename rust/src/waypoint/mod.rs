@@ -10,6 +10,7 @@ pub mod authn;
 pub mod authz;
 mod balance;
 mod bodies;
+mod extauthz;
 mod filters;
 mod plugins;
 mod requests;

@@ -26,6 +26,7 @@ use super::authz::{
 };
 use super::balance::{least_request, retry_endpoint, weighted, Active};
 use super::bodies::{empty_body, text_response, CountedRequest, RequestBody, Tracked};
+use super::extauthz::{self, Checked};
 use super::filters::{
     authority, copy_parts, host_and_port, modify_headers, random_request_id, redirect, shadow,
     strip_hop_by_hop, upstream_request, REQUEST_ID,
@@ -132,19 +133,7 @@ fn authorize(
     if applying.is_empty() {
         return None;
     }
-    let source_ip = info.client.ip();
-    let request = AuthzRequest {
-        method: parts.method.as_str(),
-        host: authority(parts),
-        path: parts.uri.path(),
-        headers: &parts.headers,
-        source_principal: without_scheme(&info.source_principal),
-        source_ip,
-        remote_ip: remote_ip(&parts.headers, source_ip, table.trusted_proxies),
-        destination_ip: info.target.ip(),
-        destination_port: info.target.port(),
-        auth,
-    };
+    let request = authz_request(table, info, parts, auth);
     let verdict = table.policies.evaluate(applying, &request);
     for p in &verdict.logged {
         let kind = if p.dry_run { "dry-run" } else { "audit" };
@@ -164,6 +153,132 @@ fn authorize(
         Some(key) => format!("rbac_access_denied_matched_policy[{key}]"),
         None => "rbac_access_denied_matched_policy[none]: no ALLOW policy matched".to_string(),
     })
+}
+
+/// A request as AuthorizationPolicies see it.
+fn authz_request<'a>(
+    table: &Table,
+    info: &'a StreamInfo,
+    parts: &'a http::request::Parts,
+    auth: Option<&'a RequestAuth>,
+) -> AuthzRequest<'a> {
+    let source_ip = info.client.ip();
+    AuthzRequest {
+        method: parts.method.as_str(),
+        host: authority(parts),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+        source_principal: without_scheme(&info.source_principal),
+        source_ip,
+        remote_ip: remote_ip(&parts.headers, source_ip, table.trusted_proxies),
+        destination_ip: info.target.ip(),
+        destination_port: info.target.port(),
+        auth,
+    }
+}
+
+/// CUSTOM policies first (Istio's order): each one that matches has its provider check the
+/// request. None when every check allowed (their headers applied to the request, and kept for
+/// the response in `filtering`), else the response to send.
+async fn check_custom(
+    table: &Arc<Table>,
+    bound: Option<&Target>,
+    info: &StreamInfo,
+    parts: &mut http::request::Parts,
+    filtering: &mut Filtering,
+    waypoint: &Waypoint,
+    report: &Exchange,
+) -> Option<Response<Body>> {
+    let applying = table.policies_for(bound?);
+    if !applying.has_custom() {
+        return None;
+    }
+    let matched: Vec<(String, String)> = {
+        let request = authz_request(table, info, parts, None);
+        table
+            .policies
+            .custom(applying, &request)
+            .into_iter()
+            .map(|p| (p.key.clone(), p.provider.clone().unwrap_or_default()))
+            .collect()
+    };
+    for (policy, name) in matched {
+        let counts = waypoint.counts();
+        let Some(provider) = table.providers.get(&name) else {
+            counts.denied.fetch_add(1, Ordering::Relaxed);
+            let text = format!(
+                "policy {policy} names ext_authz provider {name:?}, which the mesh config does \
+                 not define"
+            );
+            log::warn!("waypoint: {} {} denied: {text}", parts.method, parts.uri);
+            let response = text_response(StatusCode::FORBIDDEN, DENIED_BODY.to_string());
+            return Some(local(report, response, "-", Some(&text), waypoint));
+        };
+        match extauthz::check(provider, table, waypoint, parts).await {
+            Checked::Allowed {
+                upstream,
+                downstream,
+            } => {
+                let mut last = None;
+                for (n, v) in upstream {
+                    let n = n.or(last.clone()).expect("the first header has a name");
+                    if last.as_ref() != Some(&n) {
+                        parts.headers.remove(&n);
+                    }
+                    parts.headers.append(n.clone(), v);
+                    last = Some(n);
+                }
+                filtering.downstream.extend(downstream);
+            }
+            Checked::Denied {
+                status,
+                headers,
+                body,
+            } => {
+                counts.denied.fetch_add(1, Ordering::Relaxed);
+                log::info!(
+                    "waypoint: {} {} from {} ({}) denied {} by ext_authz provider {name} \
+                     (policy {policy})",
+                    parts.method,
+                    parts.uri,
+                    info.peer,
+                    info.source_principal,
+                    status.as_u16()
+                );
+                let mut response = Response::new(
+                    http_body_util::Full::new(body)
+                        .map_err(|never| match never {})
+                        .boxed(),
+                );
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                return Some(local(
+                    report,
+                    response,
+                    "UAEX",
+                    Some("ext_authz_denied"),
+                    waypoint,
+                ));
+            }
+            Checked::Failed { why, status } => {
+                counts.denied.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "waypoint: {} {} from {} ({}): ext_authz provider {name} (policy {policy}) \
+                     failed: {why}; answered {}",
+                    parts.method,
+                    parts.uri,
+                    info.peer,
+                    info.source_principal,
+                    status.as_u16()
+                );
+                let mut response = Response::new(empty_body());
+                *response.status_mut() = status;
+                let details = format!("ext_authz_error: {why}");
+                return Some(local(report, response, "UAEX", Some(&details), waypoint));
+            }
+        }
+    }
+    None
 }
 
 /// The request's JWT checked by the rules that apply to it: None without a token (or without
@@ -212,6 +327,8 @@ fn set_path_and_query(uri: &mut http::Uri, path_and_query: String) {
 struct Filtering {
     body: RequestBody,
     responders: Vec<(usize, pyo3::Py<pyo3::PyAny>)>,
+    /// Headers an external authorizer gave for the response.
+    downstream: http::HeaderMap,
 }
 
 /// Run the Python filters of `phase` that apply to this request, in order: None when the
@@ -517,6 +634,7 @@ fn exchange(
     info: &StreamInfo,
     service: Arc<str>,
     logged: bool,
+    log_rule: Option<Arc<super::telemetry::LogRule>>,
 ) -> Exchange {
     let grpc = parts
         .headers
@@ -524,6 +642,7 @@ fn exchange(
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     Exchange {
         started: Instant::now(),
+        log_rule,
         head: logged.then(|| log_head(parts)),
         client: info.client,
         key: SeriesKey {
@@ -606,6 +725,7 @@ async fn handle(
     let mut filtering = Filtering {
         body: RequestBody::Streamed(body),
         responders: Vec::new(),
+        downstream: http::HeaderMap::new(),
     };
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(REQUEST_ID, random_request_id());
@@ -614,13 +734,20 @@ async fn handle(
     if let Cow::Owned(normal) = normalize_path(parts.uri.path()) {
         normalize_uri(&mut parts.uri, &normal);
     }
-    let logged = waypoint.access_log.is_some();
-    let mut report = exchange(&parts, info, service_name(&table, info.target), logged);
+    let bound = table.targets.get(&info.target.ip());
+    let log_rule = bound.and_then(|t| table.access_log_for(t)).cloned();
+    let logged = waypoint.access_log.is_some() && !log_rule.as_ref().is_some_and(|r| r.disabled);
+    let mut report = exchange(
+        &parts,
+        info,
+        service_name(&table, info.target),
+        logged,
+        log_rule,
+    );
     // Istio's filter order: authentication (JWT), then authorization, then the router, with the
     // Python filters of each phase before the step it names.
     // The policies, JWT rules and filters of the Service (or pod) the stream was sent to;
     // routing below refuses a target no longer bound.
-    let bound = table.targets.get(&info.target.ip());
     let plugins = bound.map_or(&[][..], |t| table.plugins_for(t));
     macro_rules! phase {
         ($phase:expr, $auth:expr) => {
@@ -642,6 +769,19 @@ async fn handle(
                 }
             }
         };
+    }
+    if let Some(response) = check_custom(
+        &table,
+        bound,
+        info,
+        &mut parts,
+        &mut filtering,
+        waypoint,
+        &report,
+    )
+    .await
+    {
+        return response;
     }
     phase!(Phase::Authn, None);
     let auth = match authenticate(&table, bound, &mut parts) {
@@ -886,6 +1026,11 @@ async fn handle(
     }
     if let Some(m) = rule.and_then(|r| r.response_headers.as_ref()) {
         modify_headers(&mut parts.headers, m);
+    }
+    for (name, value) in std::mem::take(&mut filtering.downstream) {
+        if let Some(name) = name {
+            parts.headers.append(name, value);
+        }
     }
     let status = parts.status.as_u16();
     counts.answered(status);

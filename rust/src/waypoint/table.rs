@@ -18,7 +18,9 @@ use serde::Deserialize;
 
 use super::authn::{Authn, JwtRuleSpec};
 use super::authz::{Policies, Policy, PolicySet, PolicySpec};
+use super::extauthz::{Provider, ProviderSpec};
 use super::plugins::{Plugin, PluginHost, PluginSpec};
+use super::telemetry::LogRule;
 
 /// A CONNECT target this waypoint is bound to.
 #[derive(Deserialize, Debug)]
@@ -190,6 +192,9 @@ pub struct Service {
     /// The Python filters (indices into the table's) that apply to them, in the order they run.
     #[serde(default)]
     pub plugins: Vec<usize>,
+    /// Which of its requests are access-logged (Telemetry); None: all.
+    #[serde(default)]
+    pub access_log: Option<LogRule>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -213,6 +218,11 @@ struct TableSpec {
     plugins: Vec<PluginSpec>,
     #[serde(default)]
     workload_plugins: Vec<usize>,
+    #[serde(default)]
+    workload_access_log: Option<LogRule>,
+    /// The mesh config's HTTP ext_authz providers that CUSTOM policies here name.
+    #[serde(default)]
+    providers: Vec<ProviderSpec>,
 }
 
 /// A path condition, compiled.
@@ -397,6 +407,7 @@ pub struct CompiledService {
     pub policies: PolicySet,
     pub authn: Authn,
     pub plugins: Vec<usize>,
+    pub access_log: Option<Arc<LogRule>>,
 }
 
 /// One snapshot's table, shared by the requests that started under it.
@@ -410,6 +421,9 @@ pub struct Table {
     pub trusted_proxies: usize,
     pub plugins: Vec<Plugin>,
     pub workload_plugins: Vec<usize>,
+    /// By name.
+    pub providers: HashMap<String, Provider>,
+    pub workload_access_log: Option<Arc<LogRule>>,
 }
 
 /// A whole-value regular expression (the reference uses `re.fullmatch`).
@@ -510,6 +524,14 @@ impl Table {
         }
     }
 
+    /// Which requests sent to `target` are access-logged (None: all).
+    pub fn access_log_for(&self, target: &Target) -> Option<&Arc<LogRule>> {
+        match target {
+            Target::Service { service } => self.services[*service].access_log.as_ref(),
+            Target::Workload { .. } => self.workload_access_log.as_ref(),
+        }
+    }
+
     /// The Python filters that apply to a request sent to `target`, in the order they run.
     pub fn plugins_for(&self, target: &Target) -> &[usize] {
         match target {
@@ -585,10 +607,22 @@ impl Table {
                 policies: PolicySet::new(&policies, &service.policies),
                 authn,
                 plugins: service.plugins,
+                access_log: service.access_log.map(Arc::new),
             });
         }
         check_policies(&spec.workload_policies, policies.all.len(), "pods")?;
         check_plugins(&spec.workload_plugins, "pods")?;
+        let mut providers = HashMap::with_capacity(spec.providers.len());
+        for p in spec.providers {
+            let name = p.name.clone();
+            let provider = Provider::from_spec(p).map_err(|e| format!("waypoint table: {e}"))?;
+            if provider.endpoints().any(|i| i >= n_endpoints) {
+                return Err(format!(
+                    "waypoint table: ext_authz provider {name} names a missing endpoint"
+                ));
+            }
+            providers.insert(name, provider);
+        }
         Ok(Self {
             targets: spec.targets,
             services,
@@ -600,6 +634,8 @@ impl Table {
             trusted_proxies: spec.trusted_proxies,
             plugins,
             workload_plugins: spec.workload_plugins,
+            providers,
+            workload_access_log: spec.workload_access_log.map(Arc::new),
         })
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pyo3::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::accesslog::AccessLog;
 use crate::metrics::Counters;
@@ -134,8 +134,31 @@ pub struct Head {
 }
 
 /// One request, from its head to the end of its response.
+/// Which requests get an access log line (a Telemetry resource's `accessLogging`): none when
+/// `disabled`, else those whose response code is in one of `codes` (inclusive ranges; absent:
+/// every request). Python evaluated the filter expression once per code when it compiled this.
+#[derive(Deserialize, Debug, Default)]
+pub struct LogRule {
+    #[serde(default)]
+    pub disabled: bool,
+    #[serde(default)]
+    pub codes: Option<Vec<(u16, u16)>>,
+}
+
+impl LogRule {
+    fn logs(&self, code: u16) -> bool {
+        !self.disabled
+            && self
+                .codes
+                .as_ref()
+                .is_none_or(|ranges| ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&code)))
+    }
+}
+
 pub struct Exchange {
     pub started: Instant,
+    /// Which answers are logged (None: all of them).
+    pub log_rule: Option<Arc<LogRule>>,
     /// None when the waypoint writes no access log.
     pub head: Option<Head>,
     pub client: SocketAddr,
@@ -177,7 +200,8 @@ impl Exchange {
             values.request_bytes.observe(request_bytes as f64);
             values.response_bytes.observe(response_bytes as f64);
         }
-        if let (Some(log), Some(head)) = (log, &self.head) {
+        let wanted = self.log_rule.as_ref().is_none_or(|r| r.logs(code));
+        if let (Some(log), Some(head), true) = (log, &self.head, wanted) {
             let line = Line {
                 method: &head.method,
                 authority: &head.authority,
