@@ -61,7 +61,8 @@ pub struct Plugin {
     slots: Arc<Semaphore>,
 }
 
-/// Calls of one filter that may run at once; past it a call fails at once ("busy").
+/// Calls of one filter that may run at once; past it a call waits for one to end, within its
+/// budget ("busy" when none does).
 const CALLS_PER_FILTER: usize = 4;
 /// Decision threads for filters, shared by every filter of the waypoint, and calls that may
 /// wait for one.
@@ -137,20 +138,35 @@ impl PluginHost {
         else {
             return Err(failure("raised", "no filter host is running".into()));
         };
-        let Ok(permit) = plugin.slots.clone().try_acquire_owned() else {
-            return Err(failure(
-                "busy",
-                format!("{CALLS_PER_FILTER} calls of it are still running"),
-            ));
+        // The budget covers the whole call: waiting for one of the filter's slots (its calls
+        // still running), for a filter thread, and Python itself.
+        let slots = plugin.slots.clone();
+        let mut slot_taken = false;
+        let run = async {
+            let permit = slots
+                .acquire_owned()
+                .await
+                .expect("a filter's slots are never closed");
+            slot_taken = true;
+            pool.call(move |py| {
+                let _permit: OwnedSemaphorePermit = permit;
+                f(py, &runner).map_err(|e| describe(py, e))
+            })
+            .await
         };
-        let run = pool.call(move |py| {
-            let _permit: OwnedSemaphorePermit = permit;
-            f(py, &runner).map_err(|e| describe(py, e))
-        });
-        match tokio::time::timeout(plugin.budget, run).await {
+        let result = tokio::time::timeout(plugin.budget, run).await;
+        match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(DecisionError::Failed(why))) => Err(failure("raised", why)),
             Ok(Err(e)) => Err(failure("busy", e.to_string())),
+            Err(_) if !slot_taken => Err(failure(
+                "busy",
+                format!(
+                    "its {CALLS_PER_FILTER} calls still running did not end within its budget \
+                     of {:?}",
+                    plugin.budget
+                ),
+            )),
             Err(_) => Err(failure(
                 "timeout",
                 format!("took longer than its budget of {:?}", plugin.budget),
