@@ -393,17 +393,17 @@ impl DecisionPool {
 }
 
 fn run_decisions(queue: &Mutex<mpsc::Receiver<Job>>) {
-    loop {
+    // The thread stays attached to Python for its whole life, detached (the GIL released)
+    // while it waits: attaching afresh per job would make and free a Python thread state each
+    // time.
+    Python::attach(|py| loop {
         // One job at a time: taking several would queue them behind a slow one.
-        let job = {
-            let mut queue = queue.lock().unwrap();
-            match queue.blocking_recv() {
-                Some(job) => job,
-                None => return,
-            }
-        };
-        Python::attach(job);
-    }
+        let job = py.detach(|| queue.lock().unwrap().blocking_recv());
+        match job {
+            Some(job) => job(py),
+            None => return,
+        }
+    });
 }
 
 /// The remembered path of a listener, driven synchronously from Python: the same keys, tables
