@@ -230,10 +230,13 @@ def preflight() -> str | None:
 
 @contextlib.contextmanager
 def testbed(
-    workdir: Path, waypoint_args: list[str] | None = None, access_log: bool = False
+    workdir: Path,
+    waypoint_args: list[str] | None = None,
+    access_log: bool = False,
+    mesh_yaml: str = MESH_YAML,
 ) -> Iterator[Testbed]:
     mesh_file = workdir / "mesh.yaml"
-    mesh_file.write_text(MESH_YAML)
+    mesh_file.write_text(mesh_yaml)
     bed = Testbed(
         [mesh_file],
         workdir / "bed",
@@ -338,7 +341,9 @@ def haproxies(bed: Testbed, workdir: Path) -> Iterator[dict[str, subprocess.Pope
                 proc.kill()
 
 
-def fortio_load(url: str, rate: int, seconds: float) -> dict[str, Any]:
+def fortio_load(
+    url: str, rate: int, seconds: float, headers: tuple[str, ...] = ()
+) -> dict[str, Any]:
     argv = [
         fortio_binary() or "fortio",
         "load",
@@ -349,6 +354,7 @@ def fortio_load(url: str, rate: int, seconds: float) -> dict[str, Any]:
         "-p", "50,99",
         "-a=false",
         "-json", "-",
+        *[arg for h in headers for arg in ("-H", h)],
         url,
     ]  # fmt: skip
     out = subprocess.run(
@@ -372,12 +378,13 @@ def fortio_load(url: str, rate: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def warm_up(url: str) -> None:
+def warm_up(url: str, headers: tuple[str, ...] = ()) -> None:
     """A short run whose errors do not count: connections are set up (TLS, pools) before the
     measured run, and ones that died while the pods' rules were changed are found and replaced
     (the first request on a connection whose peer vanished silently fails)."""
     argv = [fortio_binary() or "fortio", "load", "-qps", "0", "-c", str(CONNECTIONS)]
     argv += ["-n", str(CONNECTIONS * 20), "-payload-size", str(BODY), "-allow-initial-errors"]
+    argv += [arg for h in headers for arg in ("-H", h)]
     subprocess.run(
         ["ip", "netns", "exec", CLIENT, *argv, url], capture_output=True, timeout=60, check=False
     )
