@@ -9,6 +9,7 @@ ambient ztunnel --config F --node N --ca-dir D   the node proxy for one node
 ambient waypoint --config F --gateway NS/NAME --ca-dir D   the L7 proxy of one waypoint
 ambient testbed up|down            nodes and pods as network namespaces, in-pod ztunnels (root)
 ambient top --metrics ADDR [--admin ADDR]   a live view of a running ztunnel
+ambient control-plane --ca-dir D   Istio's CA API from a local CA (for --ca-address)
 ambient version                  versions and build profile
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 # running ztunnel imports what it needs and none of the testbed's, the demo's or explain's.
 COMMANDS = (
     "demo", "ca", "config", "explain", "hbone", "ztunnel", "waypoint", "testbed", "top",
+    "control-plane",
 )  # fmt: skip
 
 
@@ -66,7 +68,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         if only is None or name == only:
-            importlib.import_module(f"{__name__}.{name}").register(commands)
+            importlib.import_module(f"{__name__}.{name.replace('-', '_')}").register(commands)
     version = commands.add_parser("version", help="print versions and the core's build profile")
     version.set_defaults(run=_version)
     return parser

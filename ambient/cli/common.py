@@ -7,7 +7,7 @@ import ipaddress
 import signal
 import threading
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from ..identity import CertificateAuthority, SpiffeId, WorkloadCertificate
 
@@ -42,6 +42,62 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--identity", required=True, type=spiffe_id, help="SPIFFE ID this process speaks as"
     )
+
+
+def add_ca_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """Istio's CA API in place of ``--ca-dir`` (Istio's ztunnel: CA_ADDRESS, the root it trusts
+    for it, the token it presents)."""
+    parser.add_argument(
+        "--ca-address",
+        metavar="HOST:PORT",
+        help="a CA speaking Istio's certificate API (istiod, `ambient control-plane`): the "
+        "certificates come from it instead of --ca-dir",
+    )
+    parser.add_argument(
+        "--ca-root-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM root the CA's serving certificate must chain to (with --ca-address)",
+    )
+    parser.add_argument(
+        "--ca-hostname",
+        default=None,
+        help="the name the CA's certificate must carry (default: the host of --ca-address; "
+        "istiod's is istiod.istio-system.svc)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="the token presented to the CA (a service-account token), read at each call",
+    )
+    parser.add_argument(
+        "--cluster-id", default="Kubernetes", help="ClusterID sent to the CA (Istio's default)"
+    )
+
+
+def certificate_issuer(args: argparse.Namespace) -> Any:
+    """Where this process's certificates come from: ``--ca-address`` (Istio's CA API) or
+    ``--ca-dir``; exits saying what is missing."""
+    if args.ca_address:
+        from ..identity.istio_ca import IstioCaClient, read_token
+
+        if args.ca_root_cert is None:
+            raise SystemExit("ambient: --ca-address needs --ca-root-cert (the CA's TLS root)")
+        try:
+            root = args.ca_root_cert.read_bytes()
+        except OSError as e:
+            raise SystemExit(f"ambient: --ca-root-cert {args.ca_root_cert}: {e.strerror}") from None
+        return IstioCaClient(
+            args.ca_address,
+            root,
+            token=read_token(args.token_file) if args.token_file else lambda: None,
+            cluster_id=args.cluster_id,
+            hostname=args.ca_hostname,
+        )
+    if args.ca_dir is None:
+        raise SystemExit("ambient: give --ca-dir (a local CA) or --ca-address (Istio's CA API)")
+    return load_ca(args.ca_dir)
 
 
 def load_ca(directory: Path) -> CertificateAuthority:

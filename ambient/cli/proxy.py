@@ -20,7 +20,7 @@ from ..telemetry.metrics import Exposition
 from ..ztunnel import admin
 from ..ztunnel.admin import Endpoint
 from ..ztunnel.connection import AccessLog
-from .common import load_ca
+from .common import certificate_issuer
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ def open_access_log(where: str, *, text: bool = False) -> AccessLog | None:
 
 
 def certificates(args: argparse.Namespace, dp: DataPlane) -> CertificateManager:
-    """Workload certificates from ``--ca-dir``, installed in ``dp``, renewed at half of
-    ``--certificate-ttl``."""
+    """Workload certificates from ``--ca-dir`` or ``--ca-address``, installed in ``dp``, renewed
+    at half of ``--certificate-ttl``."""
     return CertificateManager(
-        load_ca(args.ca_dir),
+        certificate_issuer(args),
         dp.load_identity,
         uninstall=dp.core.remove_identity,
         ttl=dt.timedelta(seconds=args.certificate_ttl),

@@ -23,7 +23,13 @@ from ..waypoint.telemetry import RequestExposition
 from ..waypoint.telemetry_api import metric_overrides
 from ..ztunnel.reload import ConfigWatcher
 from . import proxy
-from .common import add_limit_arguments, limit_options, raise_fd_limit, socket_address
+from .common import (
+    add_ca_client_arguments,
+    add_limit_arguments,
+    limit_options,
+    raise_fd_limit,
+    socket_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +71,11 @@ def register(commands: Any) -> None:
     )
     w.add_argument(
         "--ca-dir",
-        required=True,
         type=Path,
-        help="CA made by `ambient ca init`; the waypoint's certificate is issued from it",
+        help="CA made by `ambient ca init`; the waypoint's certificate is issued from it (or "
+        "give --ca-address)",
     )
+    add_ca_client_arguments(w)
     w.add_argument(
         "--admin-address",
         type=socket_address,
@@ -158,14 +165,7 @@ def _config_dump(waypoint: Waypoint, reload: dict[str, object]) -> dict[str, Any
             {"filter": name, "reason": reason, "count": count}
             for (name, reason), count in sorted(waypoint.table.plugin_failures().items())
         ],
-        "certificates": [
-            {
-                "identity": c.identity,
-                "notBefore": c.not_before.isoformat(),
-                "notAfter": c.not_after.isoformat(),
-            }
-            for c in waypoint.certificates.certificates()
-        ],
+        "certificates": waypoint.certificates.status(),
         "sources": list(waypoint.mesh.sources),
     }
 
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                     dp.stats,
                     overrides=lambda: metric_overrides(waypoint.mesh.telemetry, waypoint.key),
                 ),
-                pending=lambda: waypoint.pending,
+                pending=lambda: waypoint.pending + certificates.pending(),
                 draining=stop.is_set,
             )
         except (OSError, ValueError) as e:

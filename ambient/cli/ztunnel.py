@@ -24,6 +24,7 @@ from ..ztunnel.proxy import PROXY_MARK
 from ..ztunnel.reload import ConfigWatcher
 from . import proxy
 from .common import (
+    add_ca_client_arguments,
     add_limit_arguments,
     limit_options,
     raise_fd_limit,
@@ -52,10 +53,11 @@ def register(commands: Any) -> None:
     z.add_argument("--node", required=True, help="the node this proxy serves (spec.nodeName)")
     z.add_argument(
         "--ca-dir",
-        required=True,
         type=Path,
-        help="CA made by `ambient ca init`; certificates of the node's pods are issued from it",
+        help="CA made by `ambient ca init`; certificates of the node's pods are issued from it "
+        "(or give --ca-address)",
     )
+    add_ca_client_arguments(z)
     z.add_argument(
         "--admin-address",
         type=socket_address,
@@ -158,8 +160,14 @@ def run(args: argparse.Namespace) -> int:
 
         def pending() -> list[str]:
             waiting = zds is not None and not zds.snapshot_done.is_set()
-            return ztunnel.pending + (
-                [f"ZDS: waiting for the CNI's pod snapshot on {args.zds_socket}"] if waiting else []
+            return (
+                ztunnel.pending
+                + certificates.pending()
+                + (
+                    [f"ZDS: waiting for the CNI's pod snapshot on {args.zds_socket}"]
+                    if waiting
+                    else []
+                )
             )
 
         try:

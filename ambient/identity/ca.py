@@ -87,6 +87,11 @@ class CertificateAuthority:
     def roots_pem(self) -> bytes:
         return bytes(self._signer.cert_pem)
 
+    @property
+    def signing_key_pem(self) -> bytes:
+        """The root's private key (PEM), for signing CSRs (Istio's CA API, ``istio_ca``)."""
+        return bytes(self._signer.key_pem)
+
     def issue(
         self,
         identity: SpiffeId | str,

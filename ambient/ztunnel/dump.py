@@ -52,13 +52,6 @@ def config_dump(ztunnel: Ztunnel, reload: dict[str, object] | None = None) -> di
             for p in mesh.policies
         ],
         "servedPods": sorted(p.workload.key for p in ztunnel.pods.values()),
-        "certificates": [
-            {
-                "identity": c.identity,
-                "notBefore": c.not_before.isoformat(),
-                "notAfter": c.not_after.isoformat(),
-            }
-            for c in ztunnel.certificates.certificates()
-        ],
+        "certificates": ztunnel.certificates.status(),
         "sources": list(mesh.sources),
     }

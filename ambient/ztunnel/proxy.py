@@ -190,7 +190,8 @@ class Ztunnel:
                         f" in {netns.name}" if netns is not None else "",
                     )
                 pod.workload = workload
-                self.certificates.ensure(str(workload.identity))
+                # A CA that fails is reported (readiness) and tried again; the pod is served.
+                self.certificates.want(str(workload.identity))
                 pod.sync(
                     self._listener_specs(workload, netns, mesh),
                     f"cut: a listener of pod {workload.key} changed with the config",
