@@ -1,7 +1,9 @@
 """``ambient control-plane``: Istio's control-plane APIs served from local files, for a small mesh
-with no Kubernetes and no istiod — today the CA API (``IstioCertificateService``), which
-ambient's ztunnel and waypoint (``--ca-address``) and Istio's own ztunnel (``CA_ADDRESS``) take
-their workload certificates from."""
+with no Kubernetes and no istiod, on one port as istiod serves them: the CA API
+(``IstioCertificateService``), which ambient's ztunnel and waypoint (``--ca-address``) and
+Istio's own ztunnel (``CA_ADDRESS``) take their workload certificates from, and, with
+``--config``, the mesh files as delta xDS (``XDS_ADDRESS``; ``ambient ztunnel --xds-address``),
+each change pushed as a delta."""
 
 from __future__ import annotations
 
@@ -21,9 +23,22 @@ DEFAULT_LISTEN = "127.0.0.1:15012"
 def register(commands: Any) -> None:
     cp = commands.add_parser(
         "control-plane",
-        help="serve Istio's CA API (IstioCertificateService) from a local CA",
+        help="serve Istio's CA API from a local CA and, with --config, the mesh over xDS",
     )
     cp.add_argument("--ca-dir", required=True, type=Path, help="CA made by `ambient ca init`")
+    cp.add_argument(
+        "--config",
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="mesh file served over xDS (repeatable); watched, a change is pushed as a delta",
+    )
+    cp.add_argument(
+        "--watch-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the mesh files for changes (default 1)",
+    )
     cp.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
@@ -64,9 +79,28 @@ def read_tokens(path: Path) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import MeshCache
     from ..identity.istio_ca import ISTIOD_HOSTNAME, IstioCaServer
+    from ..xds.server import XdsServer
+    from ..ztunnel.reload import ConfigWatcher
+    from . import proxy
 
     ca = load_ca(args.ca_dir)
+    xds = watcher = None
+    if args.config:
+        cache = MeshCache()
+        mesh = proxy.load(args.config, ca.trust_domain, cache)
+        if mesh is None:
+            return 2
+        xds = XdsServer(mesh)
+        watcher = ConfigWatcher(
+            args.config,
+            xds.update,
+            interval=args.watch_interval,
+            trust_domain=ca.trust_domain,
+            current=mesh,
+            cache=cache,
+        )
     try:
         tokens = read_tokens(args.tokens) if args.tokens else None
     except OSError as e:
@@ -79,12 +113,22 @@ def run(args: argparse.Namespace) -> int:
             tokens=tokens,
             max_ttl=dt.timedelta(seconds=args.max_certificate_ttl),
             serve_hostnames=tuple(args.hostname or (ISTIOD_HOSTNAME, "localhost")),
+            handlers=(xds.handler(),) if xds else (),
         ).start()
     except (OSError, RuntimeError) as e:
         print(f"ambient control-plane: cannot serve on {args.listen}: {e}", file=sys.stderr)
         return 2
-    print(f"ready ca={server.address} trust_domain={ca.trust_domain}", flush=True)
+    if watcher is not None:
+        watcher.start()
+    served = f" xds={server.address}" if xds else ""
+    print(f"ready ca={server.address}{served} trust_domain={ca.trust_domain}", flush=True)
     why = wait_for_termination()
-    print(f"stopping ({why}): issued {server.issued}, refused {server.refused}", file=sys.stderr)
+    xds_said = f", xDS pushes {xds.pushes}, NACKs {len(xds.nacks)}" if xds else ""
+    print(
+        f"stopping ({why}): issued {server.issued}, refused {server.refused}{xds_said}",
+        file=sys.stderr,
+    )
+    if watcher is not None:
+        watcher.stop()
     server.stop(grace=1.0)
     return 0

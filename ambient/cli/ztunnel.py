@@ -15,6 +15,7 @@ from ..config import MeshCache
 from ..hbone import DataPlane
 from ..identity.ca import WORKLOAD_CERT_TTL
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN
+from ..mesh import Mesh
 from ..telemetry.metrics import ConnectionMetrics, Exposition
 from ..zds import ZdsClient
 from ..ztunnel import Ztunnel
@@ -44,11 +45,22 @@ def register(commands: Any) -> None:
     )
     z.add_argument(
         "--config",
-        required=True,
         action="append",
         type=Path,
         metavar="FILE",
-        help="mesh file (repeatable)",
+        help="mesh file (repeatable); or give --xds-address",
+    )
+    z.add_argument(
+        "--xds-address",
+        metavar="HOST:PORT",
+        help="take the mesh over delta xDS from istiod or `ambient control-plane --config` "
+        "(Istio's XDS_ADDRESS) instead of --config; TLS verified with --xds-root-cert",
+    )
+    z.add_argument(
+        "--xds-root-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM root the xDS server's certificate must chain to (default: --ca-root-cert)",
     )
     z.add_argument("--node", required=True, help="the node this proxy serves (spec.nodeName)")
     z.add_argument(
@@ -125,8 +137,19 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cache = MeshCache()  # kept for the reloads
-    mesh = proxy.load(args.config, args.trust_domain, cache)
-    if mesh is None:
+    if args.xds_address:
+        mesh = Mesh()  # until the first snapshot arrives
+        root = args.xds_root_cert or args.ca_root_cert
+        if root is None:
+            print("ambient ztunnel: --xds-address needs --xds-root-cert", file=sys.stderr)
+            return 2
+    elif args.config:
+        loaded = proxy.load(args.config, args.trust_domain, cache)
+        if loaded is None:
+            return 2
+        mesh = loaded
+    else:
+        print("ambient ztunnel: give --config FILE or --xds-address HOST:PORT", file=sys.stderr)
         return 2
     access_log = proxy.open_access_log(args.access_log, text=args.access_log_format == "text")
 
@@ -148,14 +171,32 @@ def run(args: argparse.Namespace) -> int:
         ztunnel.apply(mesh)
         if not inpod and not ztunnel.pods:
             log.warning("no in-mesh pod has node %r: nothing to serve yet", args.node)
-        watcher = ConfigWatcher(
-            args.config,
-            ztunnel.apply,
-            interval=args.watch_interval,
-            trust_domain=args.trust_domain,
-            current=mesh,
-            cache=cache,
+        watcher = (
+            None
+            if args.xds_address
+            else ConfigWatcher(
+                args.config,
+                ztunnel.apply,
+                interval=args.watch_interval,
+                trust_domain=args.trust_domain,
+                current=mesh,
+                cache=cache,
+            )
         )
+        xds = None
+        if args.xds_address:
+            from ..identity.istio_ca import read_token
+            from ..xds.client import XdsClient
+
+            xds = XdsClient(
+                args.xds_address,
+                root.read_bytes(),
+                ztunnel.apply,
+                node=args.node,
+                token=read_token(args.token_file) if args.token_file else lambda: None,
+                cluster_id=args.cluster_id,
+                hostname=args.ca_hostname,
+            )
         zds = ZdsClient(args.zds_socket, InpodPods(ztunnel)) if inpod else None
 
         def pending() -> list[str]:
@@ -163,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
             return (
                 ztunnel.pending
                 + certificates.pending()
+                + (xds.pending() if xds else [])
                 + (
                     [f"ZDS: waiting for the CNI's pod snapshot on {args.zds_socket}"]
                     if waiting
@@ -173,7 +215,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             endpoints = proxy.endpoints(
                 args,
-                config_dump=lambda: config_dump(ztunnel, watcher.status()),
+                config_dump=lambda: config_dump(
+                    ztunnel, watcher.status() if watcher else {"xds": xds.status() if xds else {}}
+                ),
                 quit=stop.set,
                 exposition=Exposition(connection_metrics, dp.stats),
                 pending=pending,
@@ -185,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         for endpoint in endpoints:
             endpoint.start()
-        watcher.start()
+        if watcher is not None:
+            watcher.start()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         if zds is not None:
@@ -194,7 +239,15 @@ def run(args: argparse.Namespace) -> int:
             while not zds.snapshot_done.wait(0.2):
                 if stop.is_set():
                     break
-        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload).start())
+        if xds is not None:
+            xds.start()
+            log.info("waiting for the mesh from xDS at %s", args.xds_address)
+            while not xds.first_snapshot.wait(0.2):
+                if stop.is_set():
+                    break
+        if watcher is not None:
+            reload = watcher.reload
+            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload).start())
         # Always the first line on stdout (access log lines only come with connections).
         print(
             f"ready node={args.node} admin={endpoints[0].address} "
@@ -205,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(1.0):
             pass
         log.info("draining for up to %s s", args.drain_deadline)
-        watcher.stop()
+        if watcher is not None:
+            watcher.stop()
+        if xds is not None:
+            xds.stop()
         if zds is not None:
             zds.stop()
         finished = ztunnel.close(args.drain_deadline)

@@ -237,6 +237,7 @@ class IstioCaServer:
     metadata names that same ID; the certificate lasts ``validity_duration`` (at most
     ``max_ttl``). ``serve_hostnames``: the DNS names (and IPs) of the server's own certificate,
     which the CA signs for itself; Istio's ztunnel expects ``istiod.istio-system.svc``.
+    ``handlers``: other gRPC services served on the same port (xDS).
     """
 
     def __init__(
@@ -248,6 +249,7 @@ class IstioCaServer:
         max_ttl: dt.timedelta = WORKLOAD_CERT_TTL,
         serve_hostnames: tuple[str, ...] = (ISTIOD_HOSTNAME, "localhost"),
         clock: Callable[[], dt.datetime] = _utcnow,
+        handlers: tuple[Any, ...] = (),
     ) -> None:
         from concurrent import futures
 
@@ -278,8 +280,10 @@ class IstioCaServer:
                 )
             },
         )
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self._server.add_generic_rpc_handlers((handler,))
+        # Each xDS stream holds a thread for its life: room for a few nodes' ztunnels.
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+        # Other services on the same port, as istiod serves xDS beside the CA on 15012.
+        self._server.add_generic_rpc_handlers((handler, *handlers))
         credentials = grpc.ssl_server_credentials(
             [
                 (

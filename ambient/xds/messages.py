@@ -424,7 +424,10 @@ def _build() -> dict[str, Any]:
     pool = descriptor_pool.DescriptorPool()
     for known in (any_pb2, duration_pb2, struct_pb2, wrappers_pb2, empty_pb2):
         pool.AddSerializedFile(known.DESCRIPTOR.serialized_pb)
-    classes: dict[str, Any] = {}
+    classes: dict[str, Any] = {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+        for name in ("google.protobuf.Any", "google.protobuf.Struct")
+    }
     for file in (_DISCOVERY, _WORKLOAD, _AUTHORIZATION):
         built = pool.Add(file)
         for name, descriptor in built.message_types_by_name.items():
@@ -434,6 +437,8 @@ def _build() -> dict[str, Any]:
 
 _CLASSES: Final = _build()
 
+AnyMessage: Any = _CLASSES["google.protobuf.Any"]
+Struct: Any = _CLASSES["google.protobuf.Struct"]
 DeltaDiscoveryRequest: Any = _CLASSES["envoy.service.discovery.v3.DeltaDiscoveryRequest"]
 DeltaDiscoveryResponse: Any = _CLASSES["envoy.service.discovery.v3.DeltaDiscoveryResponse"]
 Resource: Any = _CLASSES["envoy.service.discovery.v3.Resource"]

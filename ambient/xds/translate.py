@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config.translate import CLUSTER_DOMAIN
 from ..mesh import Endpoint, HealthStatus, Mesh, Protocol, Service, Waypoint, Workload
+from ..policy.engine import applies_to
 from ..policy.model import (
     Action,
     Match,
@@ -53,7 +54,23 @@ def _waypoint_address(key: str | None) -> Any:
     )
 
 
-def workload_resource(w: Workload, services: Iterable[Service]) -> Any:
+def selected_policies(w: Workload, policies: Iterable[Policy]) -> tuple[str, ...]:
+    """The policies ``w`` lists: its own, and the selector policies that select it (istiod
+    resolves selectors; the Authorization carries none)."""
+    selected = [
+        p.key
+        for p in policies
+        if p.scope is Scope.WORKLOAD_SELECTOR
+        and p.action in _ACTIONS
+        and p.key not in w.authorization_policies
+        and applies_to(p, w)
+    ]
+    return (*w.authorization_policies, *selected)
+
+
+def workload_resource(
+    w: Workload, services: Iterable[Service], policies: Iterable[Policy] = ()
+) -> Any:
     """``w`` as an ``istio.workload.Address`` (its ``workload``)."""
     backs = {
         s.key: m.PortList(
@@ -77,7 +94,7 @@ def workload_resource(w: Workload, services: Iterable[Service]) -> Any:
         canonical_revision=w.canonical_revision,
         workload_type=_WORKLOAD_TYPES.get(w.workload_type.lower(), 2),
         workload_name=w.workload_name,
-        authorization_policies=list(w.authorization_policies),
+        authorization_policies=list(selected_policies(w, policies)),
         status=0 if w.status is HealthStatus.HEALTHY else 1,
         cluster_id=w.cluster_id,
         services=backs,
@@ -187,7 +204,7 @@ def resources(mesh: Mesh) -> tuple[dict[str, Any], dict[str, Any]]:
     addresses: dict[str, Any] = {}
     services = [*mesh.services, *waypoint_services(mesh)]
     for w in mesh.workloads:
-        addresses[w.uid] = workload_resource(w, services)
+        addresses[w.uid] = workload_resource(w, services, mesh.policies)
     for s in services:
         addresses[s.key] = service_resource(s)
     authorizations = {}

@@ -34,11 +34,17 @@ def test_field_numbers_are_istios_on_the_wire() -> None:
     assert m.Address.FromString(b"\x12\x03\x0a\x01s").service.name == "s"
 
 
-def _carried(w: Workload) -> Workload:
-    """What xDS carries of a workload (labels and ports istiod has already used; loopback-mode
-    extensions are ambient's)."""
+def _carried(w: Workload, mesh: Mesh) -> Workload:
+    """What xDS carries of a workload: labels and ports istiod has already used (selectors
+    become the policies it lists); loopback-mode extensions are ambient's."""
     return dataclasses.replace(
-        w, labels={}, named_ports={}, container_ports=(), app_address=None, waypoint_only=False
+        w,
+        labels={},
+        named_ports={},
+        container_ports=(),
+        app_address=None,
+        waypoint_only=False,
+        authorization_policies=translate.selected_policies(w, mesh.policies),
     )
 
 
@@ -60,7 +66,7 @@ def test_a_mesh_survives_the_round_trip(path: Path) -> None:
     mesh = load_mesh([path])
     back = _through_the_wire(mesh)
     assert sorted(back.workloads, key=lambda w: w.uid) == sorted(
-        map(_carried, mesh.workloads), key=lambda w: w.uid
+        (_carried(w, mesh) for w in mesh.workloads), key=lambda w: w.uid
     )
     extra = {(s.namespace, s.name) for s in translate.waypoint_services(mesh)}
     assert sorted(
