@@ -9,7 +9,7 @@ ambient ztunnel --config F --node N --ca-dir D   the node proxy for one node
 ambient waypoint --config F --gateway NS/NAME --ca-dir D   the L7 proxy of one waypoint
 ambient testbed up|down            nodes and pods as network namespaces, in-pod ztunnels (root)
 ambient top --metrics ADDR [--admin ADDR]   a live view of a running ztunnel
-ambient control-plane --ca-dir D   Istio's CA API from a local CA (for --ca-address)
+ambient control-plane --ca-dir D [--config F]   Istio's CA API and xDS from a local CA and files
 ambient version                  versions and build profile
 """
 

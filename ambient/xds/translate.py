@@ -68,18 +68,28 @@ def selected_policies(w: Workload, policies: Iterable[Policy]) -> tuple[str, ...
     return (*w.authorization_policies, *selected)
 
 
+def _backed(services: Iterable[Service]) -> dict[str, dict[str, Any]]:
+    """Per workload uid, the services it backs and its ports in each (one pass over them)."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in services:
+        for e in s.endpoints:
+            out.setdefault(e.workload_uid, {})[s.key] = m.PortList(
+                ports=[
+                    m.Port(service_port=sp, target_port=tp) for sp, tp in sorted(e.ports.items())
+                ]
+            )
+    return out
+
+
 def workload_resource(
-    w: Workload, services: Iterable[Service], policies: Iterable[Policy] = ()
+    w: Workload,
+    services: Iterable[Service],
+    policies: Iterable[Policy] = (),
+    backed: Mapping[str, dict[str, Any]] | None = None,
 ) -> Any:
-    """``w`` as an ``istio.workload.Address`` (its ``workload``)."""
-    backs = {
-        s.key: m.PortList(
-            ports=[m.Port(service_port=sp, target_port=tp) for sp, tp in sorted(e.ports.items())]
-        )
-        for s in services
-        for e in s.endpoints
-        if e.workload_uid == w.uid
-    }
+    """``w`` as an ``istio.workload.Address`` (its ``workload``). ``backed``: :func:`_backed`
+    of ``services``, when many workloads are made at once."""
+    backs = (backed if backed is not None else _backed(services)).get(w.uid, {})
     workload = m.Workload(
         uid=w.uid,
         name=w.name,
@@ -203,8 +213,14 @@ def resources(mesh: Mesh) -> tuple[dict[str, Any], dict[str, Any]]:
     """The mesh's xDS resources by name: ``(addresses, authorizations)``."""
     addresses: dict[str, Any] = {}
     services = [*mesh.services, *waypoint_services(mesh)]
+    backed = _backed(services)
+    # A selector selects in its own namespace only: each workload is checked against those.
+    selectors: dict[str, list[Policy]] = {}
+    for p in mesh.policies:
+        if p.scope is Scope.WORKLOAD_SELECTOR:
+            selectors.setdefault(p.namespace, []).append(p)
     for w in mesh.workloads:
-        addresses[w.uid] = workload_resource(w, services, mesh.policies)
+        addresses[w.uid] = workload_resource(w, services, selectors.get(w.namespace, ()), backed)
     for s in services:
         addresses[s.key] = service_resource(s)
     authorizations = {}
