@@ -46,6 +46,12 @@ def register(commands: Any) -> None:
         help="mesh file (pods need spec.nodeName and status.podIP; default: the embedded "
         "examples/testbed-mesh.yaml, the seed's figure)",
     )
+    up.add_argument(
+        "--xds",
+        action="store_true",
+        help="the ztunnels take the mesh over delta xDS and their certificates over Istio's CA "
+        "API from an `ambient control-plane` on the first node, as from istiod",
+    )
     for parser in (up, actions.add_parser("down", help="stop the ztunnels, remove everything")):
         parser.add_argument(
             "--workdir",
@@ -68,6 +74,7 @@ def register(commands: Any) -> None:
     serve = actions.add_parser("serve")  # the process `up` starts; no help: not listed
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--workdir", type=Path, required=True)
+    serve.add_argument("--xds", action="store_true")
     bed.set_defaults(run=run)
 
 
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"ambient testbed down: {problem}", file=sys.stderr)
         return 1 if problems else 0
     if args.action == "serve":
-        return _serve(args.config, args.workdir)
+        return _serve(args.config, args.workdir, xds=args.xds)
     if args.action in ("pod", "capture"):
         action = args.verb if args.action == "pod" else f"capture-{args.verb}"
         try:
@@ -90,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"ambient testbed {args.action} {args.verb} {args.name}: {e}", file=sys.stderr)
             return 1
         return 0
-    return _up(args.config, args.workdir)
+    return _up(args.config, args.workdir, xds=args.xds)
 
 
-def _up(config: Path | None, workdir: Path) -> int:
+def _up(config: Path | None, workdir: Path, *, xds: bool = False) -> int:
     if (workdir / STATE_FILE).exists():
         print(
             f"ambient testbed: {workdir} holds a testbed already (`ambient testbed down` first)",
@@ -119,6 +126,7 @@ def _up(config: Path | None, workdir: Path) -> int:
                 str(mesh_file),
                 "--workdir",
                 str(workdir),
+                *(["--xds"] if xds else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -162,11 +170,11 @@ def _summary(workdir: Path) -> None:
     print("     ambient testbed capture off|on <pod>; stop with: ambient testbed down")
 
 
-def _serve(config: Path, workdir: Path) -> int:
+def _serve(config: Path, workdir: Path, *, xds: bool = False) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    bed = Testbed([config], workdir)
+    bed = Testbed([config], workdir, xds=xds)
     try:
         bed.up()
     except (ConfigError, TestbedError, OSError, RuntimeError) as e:

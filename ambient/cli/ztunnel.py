@@ -233,16 +233,17 @@ def run(args: argparse.Namespace) -> int:
             watcher.start()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        if zds is not None:
-            zds.start()
-            log.info("waiting for pods from the CNI on %s", args.zds_socket)
-            while not zds.snapshot_done.wait(0.2):
-                if stop.is_set():
-                    break
+        # The mesh first: the CNI's pods are checked against it as they are handed over.
         if xds is not None:
             xds.start()
             log.info("waiting for the mesh from xDS at %s", args.xds_address)
             while not xds.first_snapshot.wait(0.2):
+                if stop.is_set():
+                    break
+        if zds is not None:
+            zds.start()
+            log.info("waiting for pods from the CNI on %s", args.zds_socket)
+            while not zds.snapshot_done.wait(0.2):
                 if stop.is_set():
                     break
         if watcher is not None:

@@ -26,6 +26,8 @@ from ..waypoint.process import WaypointProcess
 from ..zds import ZdsServer
 from ..ztunnel.process import ZtunnelProcess
 from . import netns, network, redirect
+from .control_plane import PORT as CONTROL_PLANE_PORT
+from .control_plane import ControlPlaneProcess
 from .errors import TestbedError
 from .topology import NodeNet, PodNet, Topology, plan
 
@@ -67,7 +69,11 @@ class Testbed:
     waypoint_args: Sequence[str] = ()
     waypoint_access_log: bool = True
     node_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # The ztunnels take the mesh over xDS and their certificates over Istio's CA API from an
+    # `ambient control-plane` (in the first node's namespace) instead of the files and the CA.
+    xds: bool = False
     mesh: Mesh = field(init=False, default_factory=Mesh)
+    control_plane: ControlPlaneProcess | None = field(init=False, default=None)
     topology: Topology | None = field(init=False, default=None)
     nodes: dict[str, NodeProxy] = field(init=False, default_factory=dict)
     # The waypoints the mesh declares: one `ambient waypoint` per waypoint pod, in its namespace.
@@ -92,6 +98,14 @@ class Testbed:
             ca_dir = self.workdir / "ca"
             if not (ca_dir / ROOT_CERT_FILE).exists():
                 CertificateAuthority.create().save(ca_dir)
+            if self.xds:
+                first = topology.nodes[0]
+                self.control_plane = ControlPlaneProcess(
+                    list(self.mesh_files),
+                    ca_dir,
+                    f"{first.underlay_ip}:{CONTROL_PLANE_PORT}",
+                    netns=first.netns,
+                ).wait_ready()
             self._start_proxies(ca_dir)
         except BaseException:
             self.down()
@@ -139,11 +153,19 @@ class Testbed:
         for proxy in self.nodes.values():
             if proxy.process is not None:
                 continue
+            from_control_plane: list[str] = []
+            if self.control_plane is not None:
+                address = self.control_plane.address
+                from_control_plane = [
+                    *("--xds-address", address, "--ca-address", address),
+                    *("--ca-root-cert", str(ca_dir / ROOT_CERT_FILE)),
+                ]
             proxy.process = ZtunnelProcess(
                 proxy.node.name,
-                list(self.mesh_files),
+                [] if self.control_plane is not None else list(self.mesh_files),
                 ca_dir,
                 self.workdir,
+                *from_control_plane,
                 "--zds-socket",
                 str(proxy.zds.path),
                 "--drain-deadline",
@@ -196,6 +218,9 @@ class Testbed:
                 proxy.process.stop()
             proxy.zds.close()
         self.nodes = {}
+        if self.control_plane is not None:
+            self.control_plane.stop()
+            self.control_plane = None
         problems = network.teardown(self._netns_names())
         with contextlib.suppress(FileNotFoundError):
             (self.workdir / STATE_FILE).unlink()
@@ -215,6 +240,8 @@ class Testbed:
     def _write_state(self, status: str) -> None:
         pids = [p.process.process.pid for p in self.nodes.values() if p.process is not None]
         pids += [w.process.pid for w in self.waypoints.values()]
+        if self.control_plane is not None:
+            pids.append(self.control_plane.process.pid)
         state = {
             "status": status,
             "netns": self._netns_names(),
@@ -299,10 +326,14 @@ def _signal(pid: int, sig: int) -> bool:
 
 @contextlib.contextmanager
 def running(
-    mesh_files: Sequence[Path], workdir: Path, *, ztunnel_args: Sequence[str] = ()
+    mesh_files: Sequence[Path],
+    workdir: Path,
+    *,
+    ztunnel_args: Sequence[str] = (),
+    xds: bool = False,
 ) -> Iterator[Testbed]:
     """A testbed that always comes down, also when the body fails."""
-    bed = Testbed(list(mesh_files), workdir, ztunnel_args=ztunnel_args)
+    bed = Testbed(list(mesh_files), workdir, ztunnel_args=ztunnel_args, xds=xds)
     try:
         yield bed.up()
     finally:
