@@ -121,9 +121,25 @@ class XdsServer:
                 if event is None or not context.is_active():
                     return
                 if event is _WAKE:
-                    for type_url, versions in has.items():
-                        if versions is not None:
-                            yield from self._push(type_url, versions, pending, nonces, node)
+                    # Policies before the workloads that name them, and a policy's removal after
+                    # the workloads stopped naming it: a client never holds a workload whose
+                    # policy it does not know (Istio's ztunnel skips such a policy meanwhile).
+                    steps = (
+                        (m.AUTHORIZATION_TYPE, False),
+                        (m.ADDRESS_TYPE, True),
+                        (m.AUTHORIZATION_TYPE, True),
+                    )
+                    # What the client will hold once it ACKs what this wake sends.
+                    view = dict(has)
+                    for type_url, removals in steps:
+                        versions = view[type_url]
+                        if versions is None:
+                            continue
+                        for response in self._push(
+                            type_url, versions, pending, nonces, node, removals=removals
+                        ):
+                            view[type_url] = pending[response.nonce][1]
+                            yield response
                     continue
                 request = event
                 node = request.node.id or node
@@ -164,9 +180,12 @@ class XdsServer:
         nonces: Iterator[int],
         node: str,
         always: bool = False,
+        *,
+        removals: bool = True,
     ) -> Iterator[Any]:
         """What the client lacks of the current snapshot, as one response (none if nothing
-        changed, unless ``always``: a subscription is answered even when empty)."""
+        changed, unless ``always``: a subscription is answered even when empty); without
+        ``removals``, only what is new or changed (the client keeps the rest)."""
         with self._lock:
             snapshot = self._snapshot
         current = snapshot.by_type[type_url]
@@ -175,11 +194,16 @@ class XdsServer:
             for name, (version, resource) in sorted(current.items())
             if versions.get(name) != version
         ]
-        removed = sorted(name for name in versions if name not in current)
+        removed = sorted(name for name in versions if name not in current) if removals else []
         if not changed and not removed and not always:
             return
         nonce = f"{snapshot.number}-{next(nonces)}"
-        pending[nonce] = (type_url, {name: version for name, (version, _) in current.items()})
+        # What the client holds once it ACKs: the snapshot's, plus, when removals wait, the
+        # names it still holds that the snapshot dropped.
+        after = {name: version for name, (version, _) in current.items()}
+        if not removals:
+            after.update({n: v for n, v in versions.items() if n not in current})
+        pending[nonce] = (type_url, after)
         self.pushes += 1
         self.sent = [*self.sent[-99:], (type_url, len(changed), len(removed))]
         log.info(

@@ -129,14 +129,21 @@ def test_every_delta_flow(tmp_path: Path, ca: CertificateAuthority) -> None:
         xds.update(mesh_of(tmp_path, MESH + EXTRA_POD))
         wait_until(lambda: "web-2" in applied.pods(), timeout=5, what="the added pod")
         assert xds.sent[-1] == (m.ADDRESS_TYPE, 1, 0), xds.sent
-        # Update: the policy type's first resource, alone.
+        # Update: a policy, and the two pods it selects now naming it; the policy first, so a
+        # client never holds a workload naming a policy it does not know.
         xds.update(mesh_of(tmp_path, MESH + EXTRA_POD + DENY_CLIENT))
         wait_until(lambda: applied.last.policies, timeout=5, what="the policy")
         assert applied.last.policies[0].key == "default/no-client"
+        wait_until(lambda: len(xds.sent) >= 4, timeout=5)
+        assert xds.sent[-2:] == [(m.AUTHORIZATION_TYPE, 1, 0), (m.ADDRESS_TYPE, 2, 0)], xds.sent
         # Removal: the pod goes as a removed name.
         xds.update(mesh_of(tmp_path, MESH + DENY_CLIENT))
         wait_until(lambda: "web-2" not in applied.pods(), timeout=5, what="the removal")
         assert (m.ADDRESS_TYPE, 0, 1) in xds.sent[-2:], xds.sent
+        # A policy removed: the workload stops naming it first, then it goes.
+        xds.update(mesh_of(tmp_path, MESH))
+        wait_until(lambda: not applied.last.policies, timeout=5, what="the policy's removal")
+        assert xds.sent[-2:] == [(m.ADDRESS_TYPE, 1, 0), (m.AUTHORIZATION_TYPE, 0, 1)], xds.sent
         assert not xds.nacks and client.nacks == 0
     finally:
         client.stop()
