@@ -14,6 +14,10 @@ nodes.
    appended to the mesh file; the clock runs from the write until both ztunnels' ``config_dump``
    list it (polled every 10 ms). Medians of ``--changes`` changes. The watch interval is part of
    the figure (on average half of it).
+3. **The same on the netns testbed** (``--testbed``, root): ``ambient testbed`` with ``xds``,
+   two nodes whose in-pod ztunnels are fed by the control plane on the first node (watching
+   every 0.2 s); each node's ``config_dump`` is read inside its namespace (``curl``, so a
+   poll takes some milliseconds more).
 
 Benchmarks never fail on a figure: the exit status is 0 unless nothing could be measured.
 """
@@ -206,12 +210,65 @@ def change_latency(work: Path, changes: int) -> dict[str, Any]:
     }
 
 
+def testbed_change_latency(work: Path, changes: int) -> dict[str, Any]:
+    from ambient import examples
+    from ambient.testbed import netns
+    from ambient.testbed.testbed import running
+
+    mesh_file = work / "testbed" / "mesh.yaml"
+    mesh_file.parent.mkdir(parents=True)
+    text = examples.read("testbed-mesh.yaml")
+    mesh_file.write_text(text)
+    latencies = []
+    with running([mesh_file], mesh_file.parent, xds=True) as bed:
+
+        def pods_on(node: str) -> set[str]:
+            proxy = bed.proxy(node)
+            out = netns.run(
+                ["curl", "-s", f"http://{proxy.admin}/config_dump"],
+                netns=bed.nodes[node].node.netns,
+            )
+            return {w["name"] for w in json.loads(out)["workloads"]}
+
+        for i in range(changes):
+            text += f"""
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: extra-{i}, namespace: default}}
+spec: {{nodeName: w1, serviceAccountName: extra}}
+status: {{podIP: 10.40.1.{100 + i}}}
+"""
+            time.sleep(0.5)
+            started = time.perf_counter()
+            tmp = mesh_file.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, mesh_file)
+            want = f"extra-{i}"
+            deadline = started + 30
+            while not all(want in pods_on(n) for n in bed.nodes):
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"{want} did not reach every ztunnel in 30 s")
+            latencies.append(time.perf_counter() - started)
+    return {
+        "nodes": 2,
+        "changes": len(latencies),
+        "watch_interval_s": 0.2,
+        "median_ms": round(statistics.median(latencies) * 1000, 1),
+        "max_ms": round(max(latencies) * 1000, 1),
+        "min_ms": round(min(latencies) * 1000, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--changes", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--testbed", action="store_true", help="also on the netns testbed (needs root)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-xds-") as tmp:
         work = Path(tmp)
@@ -219,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(push), flush=True)
         latency = change_latency(work, args.changes)
         print(json.dumps(latency), flush=True)
+        on_testbed = testbed_change_latency(work, args.changes) if args.testbed else None
+        if on_testbed:
+            print(json.dumps(on_testbed), flush=True)
     report = {
         "benchmark": "xds_push",
         "command": harness.command_line(),
@@ -229,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "large_push": push,
         "change_to_every_ztunnel": latency,
+        "change_to_every_ztunnel_netns_testbed": on_testbed,
     }
     text = json.dumps(report, indent=2)
     if args.out:

@@ -164,3 +164,6 @@ def test_istios_ztunnel_enforces_a_policy_pushed_while_traffic_runs(
         stop.set()
         runner.join()
     assert ask("c2", S1) == "s1\nping\n", "other clients still reach s1"
+    # ambient's ztunnel, a client of the same server, enforces it on its side too (s2 on w1).
+    wait_until(lambda: refused("c1", S2, APP_PORT) == "", timeout=10, what="ambient's refusal")
+    assert ask("c2", S2) == "s2\nping\n"
