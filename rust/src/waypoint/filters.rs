@@ -252,3 +252,22 @@ pub(super) fn shadow(authority: &str) -> String {
         _ => format!("{authority}-shadow"),
     }
 }
+
+/// `uri` with `path` in place of its path (query kept).
+pub(super) fn normalize_uri(uri: &mut http::Uri, path: &str) {
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    set_path_and_query(uri, path_and_query);
+}
+
+pub(super) fn set_path_and_query(uri: &mut http::Uri, path_and_query: String) {
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(path_and_query) {
+        parts.path_and_query = Some(pq);
+        if let Ok(normal) = http::Uri::from_parts(parts) {
+            *uri = normal;
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! It shares the HBONE server (TLS, HTTP/2, keepalive, drain, the guards against hostile peers)
 //! with ztunnel's inbound side: only what happens to an accepted CONNECT stream differs.
 
+mod admission;
 pub mod authn;
 pub mod authz;
 mod balance;
