@@ -80,7 +80,8 @@ def certificate_issuer(args: argparse.Namespace) -> Any:
     """Where this process's certificates come from: ``--ca-address`` (Istio's CA API) or
     ``--ca-dir``; exits saying what is missing."""
     if args.ca_address:
-        from ..identity.istio_ca import IstioCaClient, read_token
+        from ..identity.istio_ca import IstioCaClient
+        from ..istiod import token_from
 
         if args.ca_root_cert is None:
             raise SystemExit("ambient: --ca-address needs --ca-root-cert (the CA's TLS root)")
@@ -91,7 +92,7 @@ def certificate_issuer(args: argparse.Namespace) -> Any:
         return IstioCaClient(
             args.ca_address,
             root,
-            token=read_token(args.token_file) if args.token_file else lambda: None,
+            token=token_from(args.token_file),
             cluster_id=args.cluster_id,
             hostname=args.ca_hostname,
         )

@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         )
         xds = None
         if args.xds_address:
-            from ..identity.istio_ca import read_token
+            from ..istiod import token_from
             from ..xds.client import XdsClient
 
             xds = XdsClient(
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
                 root.read_bytes(),
                 ztunnel.apply,
                 node=args.node,
-                token=read_token(args.token_file) if args.token_file else lambda: None,
+                token=token_from(args.token_file),
                 cluster_id=args.cluster_id,
                 hostname=args.ca_hostname,
             )

@@ -21,15 +21,15 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 
+from .. import istiod
+from ..schema import Message, build, file_descriptor
 from .ca import CLOCK_SKEW_ALLOWANCE, WORKLOAD_CERT_TTL, CertificateAuthority, WorkloadCertificate
 from .spiffe import SpiffeId
 
@@ -43,42 +43,27 @@ DEFAULT_TIMEOUT = 10.0
 # The DNS name istiod's serving certificate carries, which Istio's ztunnel checks by default.
 ISTIOD_HOSTNAME: Final = "istiod.istio-system.svc"
 
-_FDP = descriptor_pb2.FieldDescriptorProto
-
-
-def _messages() -> tuple[Any, Any]:
-    file = descriptor_pb2.FileDescriptorProto(
-        name="ambient/istio_ca.proto",
-        package="istio.v1.auth",
-        syntax="proto3",
-        dependency=["google/protobuf/struct.proto"],
-    )
-    request = file.message_type.add(name="IstioCertificateRequest")
-    request.field.add(name="csr", number=1, type=_FDP.TYPE_STRING, label=_FDP.LABEL_OPTIONAL)
-    request.field.add(
-        name="validity_duration", number=3, type=_FDP.TYPE_INT64, label=_FDP.LABEL_OPTIONAL
-    )
-    request.field.add(
-        name="metadata",
-        number=4,
-        type=_FDP.TYPE_MESSAGE,
-        type_name=".google.protobuf.Struct",
-        label=_FDP.LABEL_OPTIONAL,
-    )
-    response = file.message_type.add(name="IstioCertificateResponse")
-    response.field.add(
-        name="cert_chain", number=1, type=_FDP.TYPE_STRING, label=_FDP.LABEL_REPEATED
-    )
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
-    built = pool.Add(file)
-    return (
-        message_factory.GetMessageClass(built.message_types_by_name["IstioCertificateRequest"]),
-        message_factory.GetMessageClass(built.message_types_by_name["IstioCertificateResponse"]),
-    )
-
-
-IstioCertificateRequest, IstioCertificateResponse = _messages()
+_CA_PROTO = file_descriptor(
+    "ambient/istio_ca.proto",
+    "istio.v1.auth",
+    ["google/protobuf/struct.proto"],
+    [
+        Message(
+            "IstioCertificateRequest",
+            [
+                ("csr", 1, "string", ""),
+                ("validity_duration", 3, "int64", ""),
+                ("metadata", 4, ".google.protobuf.Struct", ""),
+            ],
+        ),
+        Message("IstioCertificateResponse", [("cert_chain", 1, "string", "repeated")]),
+    ],
+    {},
+)
+_CLASSES = build([_CA_PROTO], known=("google.protobuf.Struct",))
+IstioCertificateRequest: Any = _CLASSES["istio.v1.auth.IstioCertificateRequest"]
+IstioCertificateResponse: Any = _CLASSES["istio.v1.auth.IstioCertificateResponse"]
+_Struct: Any = _CLASSES["google.protobuf.Struct"]
 
 
 class CaError(OSError):
@@ -123,9 +108,7 @@ class IstioCaClient:
         self._cluster_id = cluster_id
         self._timeout = timeout
         self._grpc = grpc
-        options = [("grpc.ssl_target_name_override", hostname)] if hostname else []
-        credentials = grpc.ssl_channel_credentials(root_certificates=root_cert)
-        self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._channel = istiod.channel(address, root_cert, hostname)
         self._call = self._channel.unary_unary(
             METHOD,
             request_serializer=IstioCertificateRequest.SerializeToString,
@@ -156,7 +139,7 @@ class IstioCaClient:
             )
             .sign(key, hashes.SHA256())
         )
-        metadata = struct_pb2.Struct()
+        metadata = _Struct()
         metadata.update({IMPERSONATED_IDENTITY: text})
         request = IstioCertificateRequest(
             csr=csr.public_bytes(serialization.Encoding.PEM).decode(),
@@ -214,18 +197,6 @@ def _workload_certificate(
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
     )
-
-
-def read_token(path: Path) -> Callable[[], str | None]:
-    """A token read from ``path`` at each call (Kubernetes rotates projected tokens)."""
-
-    def token() -> str | None:
-        try:
-            return path.read_text().strip() or None
-        except OSError as e:
-            raise CaError(f"cannot read the token {path}: {e.strerror or e}") from None
-
-    return token
 
 
 class IstioCaServer:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .. import istiod
 from ..mesh import Mesh
 from . import messages as m
 from .server import METHOD
@@ -53,10 +54,7 @@ class XdsClient:
         self._apply = apply
         self._token = token
         self._grpc = grpc
-        options = [("grpc.ssl_target_name_override", hostname)] if hostname else []
-        self._channel = grpc.secure_channel(
-            address, grpc.ssl_channel_credentials(root_certificates=root_cert), options=options
-        )
+        self._channel = istiod.channel(address, root_cert, hostname)
         self._call = self._channel.stream_stream(
             METHOD,
             request_serializer=m.DeltaDiscoveryRequest.SerializeToString,

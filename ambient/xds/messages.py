@@ -16,122 +16,17 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from google.protobuf import (
-    any_pb2,
-    descriptor_pb2,
-    descriptor_pool,
-    duration_pb2,
-    empty_pb2,
-    message_factory,
-    struct_pb2,
-    wrappers_pb2,
-)
+from ..schema import Message, build, file_descriptor
 
 ADDRESS_TYPE: Final = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE: Final = "type.googleapis.com/istio.security.Authorization"
 
-_FDP = descriptor_pb2.FieldDescriptorProto
-_SCALARS: Final = {
-    "string": _FDP.TYPE_STRING,
-    "bytes": _FDP.TYPE_BYTES,
-    "bool": _FDP.TYPE_BOOL,
-    "int32": _FDP.TYPE_INT32,
-    "uint32": _FDP.TYPE_UINT32,
-    "int64": _FDP.TYPE_INT64,
-}
-
-# A field: (name, number, type, flags). type: a scalar above, ".pkg.Message" / ".pkg.Enum" (a
-# message or enum, fully qualified), or "map<string,TYPE>". flags: "repeated", "enum",
-# "oneof:NAME", joined by spaces ("" for none).
-_Field = tuple[str, int, str, str]
-
-
-class _Message:
-    def __init__(
-        self,
-        name: str,
-        fields: list[_Field],
-        *,
-        enums: dict[str, list[tuple[str, int]]] | None = None,
-        nested: list[_Message] | None = None,
-        reserved: tuple[int, ...] = (),
-    ) -> None:
-        self.name, self.fields = name, fields
-        self.enums, self.nested, self.reserved = enums or {}, nested or [], reserved
-
-
-def _scalar_or_ref(field: descriptor_pb2.FieldDescriptorProto, kind: str, enum: bool) -> None:
-    if kind in _SCALARS:
-        field.type = _SCALARS[kind]
-    else:
-        field.type = _FDP.TYPE_ENUM if enum else _FDP.TYPE_MESSAGE
-        field.type_name = kind
-
-
-def _message(proto: descriptor_pb2.DescriptorProto, spec: _Message, scope: str) -> None:
-    proto.name = spec.name
-    for number in spec.reserved:
-        proto.reserved_range.add(start=number, end=number + 1)
-    for enum_name, values in spec.enums.items():
-        e = proto.enum_type.add(name=enum_name)
-        for value_name, number in values:
-            e.value.add(name=value_name, number=number)
-    for inner in spec.nested:
-        _message(proto.nested_type.add(), inner, f"{scope}.{spec.name}")
-    oneofs: list[str] = []
-    for name, number, kind, flags in spec.fields:
-        words = flags.split()
-        field = proto.field.add(name=name, number=number, label=_FDP.LABEL_OPTIONAL)
-        if kind.startswith("map<"):
-            key, value = kind[4:-1].split(",")
-            entry_name = "".join(part.capitalize() for part in name.split("_")) + "Entry"
-            entry = proto.nested_type.add(name=entry_name)
-            entry.options.map_entry = True
-            k = entry.field.add(name="key", number=1, label=_FDP.LABEL_OPTIONAL)
-            _scalar_or_ref(k, key, False)
-            v = entry.field.add(name="value", number=2, label=_FDP.LABEL_OPTIONAL)
-            _scalar_or_ref(v, value, False)
-            field.label = _FDP.LABEL_REPEATED
-            field.type = _FDP.TYPE_MESSAGE
-            field.type_name = f"{scope}.{spec.name}.{entry_name}"
-            continue
-        if "repeated" in words:
-            field.label = _FDP.LABEL_REPEATED
-        _scalar_or_ref(field, kind, "enum" in words)
-        for w in words:
-            if w.startswith("oneof:"):
-                oneof = w.removeprefix("oneof:")
-                if oneof not in oneofs:
-                    oneofs.append(oneof)
-                    proto.oneof_decl.add(name=oneof)
-                field.oneof_index = oneofs.index(oneof)
-
-
-def _file(
-    name: str,
-    package: str,
-    deps: list[str],
-    messages: list[_Message],
-    enums: dict[str, list[tuple[str, int]]],
-) -> descriptor_pb2.FileDescriptorProto:
-    file = descriptor_pb2.FileDescriptorProto(
-        name=name, package=package, syntax="proto3", dependency=deps
-    )
-    for enum_name, values in enums.items():
-        e = file.enum_type.add(name=enum_name)
-        for value_name, number in values:
-            e.value.add(name=value_name, number=number)
-    for spec in messages:
-        _message(file.message_type.add(), spec, f".{package}")
-    return file
-
-
-_DISCOVERY = _file(
+_DISCOVERY = file_descriptor(
     "ambient/xds/discovery.proto",
     "envoy.service.discovery.v3",
     ["google/protobuf/any.proto", "google/protobuf/duration.proto", "google/protobuf/struct.proto"],
     [
-        _Message(
+        Message(
             "Status",
             [
                 ("code", 1, "int32", ""),
@@ -139,7 +34,7 @@ _DISCOVERY = _file(
                 ("details", 3, ".google.protobuf.Any", "repeated"),
             ],
         ),
-        _Message(
+        Message(
             "Node",
             [
                 ("id", 1, "string", ""),
@@ -148,7 +43,7 @@ _DISCOVERY = _file(
                 ("build_version", 5, "string", ""),
             ],
         ),
-        _Message(
+        Message(
             "DeltaDiscoveryRequest",
             [
                 ("node", 1, ".envoy.service.discovery.v3.Node", ""),
@@ -160,7 +55,7 @@ _DISCOVERY = _file(
                 ("error_detail", 7, ".envoy.service.discovery.v3.Status", ""),
             ],
         ),
-        _Message(
+        Message(
             "DeltaDiscoveryResponse",
             [
                 ("system_version_info", 1, "string", ""),
@@ -170,7 +65,7 @@ _DISCOVERY = _file(
                 ("removed_resources", 6, "string", "repeated"),
             ],
         ),
-        _Message(
+        Message(
             "Resource",
             [
                 ("version", 1, "string", ""),
@@ -185,26 +80,26 @@ _DISCOVERY = _file(
                     "",
                 ),
             ],
-            nested=[_Message("CacheControl", [("do_not_cache", 1, "bool", "")])],
+            nested=[Message("CacheControl", [("do_not_cache", 1, "bool", "")])],
         ),
     ],
     {},
 )
 
 _W = ".istio.workload"
-_WORKLOAD = _file(
+_WORKLOAD = file_descriptor(
     "ambient/xds/workload.proto",
     "istio.workload",
     ["google/protobuf/wrappers.proto", "google/protobuf/any.proto"],
     [
-        _Message(
+        Message(
             "Address",
             [
                 ("workload", 1, f"{_W}.Workload", "oneof:type"),
                 ("service", 2, f"{_W}.Service", "oneof:type"),
             ],
         ),
-        _Message(
+        Message(
             "Service",
             [
                 ("name", 1, "string", ""),
@@ -224,7 +119,7 @@ _WORKLOAD = _file(
             ],
             enums={"Visibility": [("PUBLIC", 0), ("NAMESPACE", 1)]},
         ),
-        _Message(
+        Message(
             "LoadBalancing",
             [
                 ("routing_preference", 1, f"{_W}.LoadBalancing.Scope", "repeated enum"),
@@ -250,7 +145,7 @@ _WORKLOAD = _file(
                 "HealthPolicy": [("ONLY_HEALTHY", 0), ("ALLOW_ALL", 1)],
             },
         ),
-        _Message(
+        Message(
             "Workload",
             [
                 ("name", 1, "string", ""),
@@ -282,7 +177,7 @@ _WORKLOAD = _file(
             ],
             reserved=(15,),
         ),
-        _Message(
+        Message(
             "Locality",
             [
                 ("region", 1, "string", ""),
@@ -290,8 +185,8 @@ _WORKLOAD = _file(
                 ("subzone", 3, "string", ""),
             ],
         ),
-        _Message("PortList", [("ports", 1, f"{_W}.Port", "repeated")]),
-        _Message(
+        Message("PortList", [("ports", 1, f"{_W}.Port", "repeated")]),
+        Message(
             "Port",
             [
                 ("service_port", 1, "uint32", ""),
@@ -299,7 +194,7 @@ _WORKLOAD = _file(
                 ("app_protocol", 3, f"{_W}.AppProtocol", "enum"),
             ],
         ),
-        _Message(
+        Message(
             "ApplicationTunnel",
             [
                 ("protocol", 1, f"{_W}.ApplicationTunnel.Protocol", "enum"),
@@ -307,7 +202,7 @@ _WORKLOAD = _file(
             ],
             enums={"Protocol": [("NONE", 0), ("PROXY", 1)]},
         ),
-        _Message(
+        Message(
             "GatewayAddress",
             [
                 ("hostname", 1, f"{_W}.NamespacedHostname", "oneof:destination"),
@@ -316,14 +211,14 @@ _WORKLOAD = _file(
             ],
             reserved=(4,),
         ),
-        _Message(
+        Message(
             "WeightedWaypoint",
             [
                 ("destination", 1, f"{_W}.GatewayAddress", ""),
                 ("weight", 2, "uint32", ""),
             ],
         ),
-        _Message(
+        Message(
             "NetworkAddress",
             [
                 ("network", 1, "string", ""),
@@ -331,11 +226,11 @@ _WORKLOAD = _file(
                 ("length", 3, "uint32", ""),
             ],
         ),
-        _Message(
+        Message(
             "NamespacedHostname",
             [("namespace", 1, "string", ""), ("hostname", 2, "string", "")],
         ),
-        _Message(
+        Message(
             "Extension",
             [("name", 1, "string", ""), ("config", 2, ".google.protobuf.Any", "")],
         ),
@@ -361,12 +256,12 @@ _S = ".istio.security"
 _STRING_MATCH = f"{_S}.StringMatch"
 _SA_MATCH = f"{_S}.ServiceAccountMatch"
 _ADDRESS = f"{_S}.Address"
-_AUTHORIZATION = _file(
+_AUTHORIZATION = file_descriptor(
     "ambient/xds/authorization.proto",
     "istio.security",
     ["google/protobuf/empty.proto", "ambient/xds/workload.proto"],
     [
-        _Message(
+        Message(
             "Authorization",
             [
                 ("name", 1, "string", ""),
@@ -378,9 +273,9 @@ _AUTHORIZATION = _file(
                 ("extensions", 7, f"{_W}.Extension", "repeated"),
             ],
         ),
-        _Message("Rule", [("clauses", 1, f"{_S}.Clause", "repeated")]),
-        _Message("Clause", [("matches", 2, f"{_S}.Match", "repeated")]),
-        _Message(
+        Message("Rule", [("clauses", 1, f"{_S}.Clause", "repeated")]),
+        Message("Clause", [("matches", 2, f"{_S}.Match", "repeated")]),
+        Message(
             "Match",
             [
                 ("namespaces", 1, _STRING_MATCH, "repeated"),
@@ -398,12 +293,12 @@ _AUTHORIZATION = _file(
                 ("extensions", 13, f"{_W}.Extension", "repeated"),
             ],
         ),
-        _Message("Address", [("address", 1, "bytes", ""), ("length", 2, "uint32", "")]),
-        _Message(
+        Message("Address", [("address", 1, "bytes", ""), ("length", 2, "uint32", "")]),
+        Message(
             "ServiceAccountMatch",
             [("namespace", 1, "string", ""), ("serviceAccount", 2, "string", "")],
         ),
-        _Message(
+        Message(
             "StringMatch",
             [
                 ("exact", 1, "string", "oneof:match_type"),
@@ -420,22 +315,9 @@ _AUTHORIZATION = _file(
 )
 
 
-def _build() -> dict[str, Any]:
-    pool = descriptor_pool.DescriptorPool()
-    for known in (any_pb2, duration_pb2, struct_pb2, wrappers_pb2, empty_pb2):
-        pool.AddSerializedFile(known.DESCRIPTOR.serialized_pb)
-    classes: dict[str, Any] = {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
-        for name in ("google.protobuf.Any", "google.protobuf.Struct")
-    }
-    for file in (_DISCOVERY, _WORKLOAD, _AUTHORIZATION):
-        built = pool.Add(file)
-        for name, descriptor in built.message_types_by_name.items():
-            classes[f"{file.package}.{name}"] = message_factory.GetMessageClass(descriptor)
-    return classes
-
-
-_CLASSES: Final = _build()
+_CLASSES: Final = build(
+    (_DISCOVERY, _WORKLOAD, _AUTHORIZATION), known=("google.protobuf.Any", "google.protobuf.Struct")
+)
 
 AnyMessage: Any = _CLASSES["google.protobuf.Any"]
 Struct: Any = _CLASSES["google.protobuf.Struct"]
