@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ if str(REPO) not in sys.path:
 
 from ambient.config import load_mesh  # noqa: E402
 from ambient.identity import CertificateAuthority  # noqa: E402
+from ambient.testbed.control_plane import ControlPlaneProcess  # noqa: E402
 from ambient.xds import messages as m  # noqa: E402
 from ambient.xds.translate import mesh_from_resources, resources  # noqa: E402
 from ambient.ztunnel.process import ZtunnelProcess  # noqa: E402
@@ -156,16 +156,10 @@ def change_latency(work: Path, changes: int) -> dict[str, Any]:
     ca.save(work / "ca")
     mesh_file = work / "mesh.yaml"
     mesh_file.write_text(MESH)
-    control = subprocess.Popen(
-        [sys.executable, "-P", "-m", "ambient", "control-plane", "--ca-dir", str(work / "ca"),
-         "--config", str(mesh_file), "--listen", "127.0.0.1:0",
-         "--watch-interval", str(WATCH_INTERVAL)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )  # fmt: skip
-    assert control.stdout is not None
-    address = control.stdout.readline().split()[1].removeprefix("ca=")
+    control = ControlPlaneProcess(
+        [mesh_file], work / "ca", "127.0.0.1:0", watch_interval=WATCH_INTERVAL
+    ).wait_ready()
+    address = control.address
     nodes = []
     latencies = []
     try:
@@ -199,8 +193,7 @@ def change_latency(work: Path, changes: int) -> dict[str, Any]:
     finally:
         for n in nodes:
             n.stop()
-        control.terminate()
-        control.wait(10)
+        control.stop()
     return {
         "changes": len(latencies),
         "watch_interval_s": WATCH_INTERVAL,

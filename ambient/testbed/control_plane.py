@@ -1,6 +1,7 @@
-"""``ambient control-plane`` as a process of the testbed (``ambient testbed up --xds``): it serves
+"""``ambient control-plane`` as a process: in the testbed (``ambient testbed up --xds``) it serves
 the mesh files over delta xDS and certificates over Istio's CA API from the first node's network
-namespace, on that node's underlay address, where every node's ztunnel reaches it."""
+namespace, on that node's underlay address, where every node's ztunnel reaches it; tests and
+benchmarks run it on loopback."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ PORT = 15012
 
 class ControlPlaneProcess:
     def __init__(
-        self, mesh_files: list[Path], ca_dir: Path, listen: str, *, netns: str | None = None
+        self,
+        mesh_files: list[Path],
+        ca_dir: Path,
+        listen: str,
+        *extra: str,
+        netns: str | None = None,
+        watch_interval: float = 0.2,
     ) -> None:
+        """``extra``: more ``ambient control-plane`` arguments (``--tokens F``)."""
         argv = [
             *(["ip", "netns", "exec", netns] if netns else []),
             sys.executable,
@@ -33,14 +41,16 @@ class ControlPlaneProcess:
             "--listen",
             listen,
             "--watch-interval",
-            "0.2",
+            str(watch_interval),
             *[arg for f in mesh_files for arg in ("--config", str(f))],
+            *extra,
         ]
         self.process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         self.address = ""
         self._output: deque[str] = deque(maxlen=2000)
+        self._readers: list[threading.Thread] = []
 
     def wait_ready(self) -> ControlPlaneProcess:
         assert self.process.stdout is not None and self.process.stderr is not None
@@ -50,7 +60,9 @@ class ControlPlaneProcess:
             raise RuntimeError(f"control plane did not start: {line} {self.process.stderr.read()}")
         self.address = line.split()[1].removeprefix("ca=")
         for stream in (self.process.stdout, self.process.stderr):
-            threading.Thread(target=self._collect, args=(stream,), daemon=True).start()
+            reader = threading.Thread(target=self._collect, args=(stream,), daemon=True)
+            reader.start()
+            self._readers.append(reader)
         return self
 
     def _collect(self, stream: object) -> None:
@@ -61,7 +73,8 @@ class ControlPlaneProcess:
     def output(self) -> str:
         return "\n".join(self._output)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> str:
+        """SIGTERM (then SIGKILL); returns what it wrote, its last words included."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -69,3 +82,6 @@ class ControlPlaneProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        for reader in self._readers:
+            reader.join(timeout)
+        return self.output()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
 import textwrap
 import urllib.error
 import urllib.request
@@ -32,6 +30,7 @@ from ambient.identity.istio_ca import (
     IstioCertificateResponse,
 )
 from ambient.identity.manager import CertificateManager
+from ambient.testbed.control_plane import ControlPlaneProcess
 from ambient.testing import App, exchange, wait_until
 from ambient.ztunnel.process import ZtunnelProcess
 
@@ -204,24 +203,10 @@ status: {podIP: 127.72.2.1}
 """
 
 
-class ControlPlane:
-    def __init__(self, ca_dir: Path, tokens: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "ambient", "control-plane", "--ca-dir", str(ca_dir),
-             "--listen", "127.0.0.1:0", "--tokens", str(tokens)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line.startswith("ready ca="), line + self.process.stderr.read()
-        self.address = line.split()[1].removeprefix("ca=")
-
-    def stop(self) -> str:
-        self.process.terminate()
-        _, err = self.process.communicate(timeout=10)
-        return err
+def control_plane_of(tmp_path: Path) -> ControlPlaneProcess:
+    return ControlPlaneProcess(
+        [], tmp_path / "ca", "127.0.0.1:0", "--tokens", str(tmp_path / "tokens")
+    ).wait_ready()
 
 
 def test_ztunnels_take_their_certificates_from_ambient_control_plane(tmp_path: Path) -> None:
@@ -229,7 +214,7 @@ def test_ztunnels_take_their_certificates_from_ambient_control_plane(tmp_path: P
     ca.save(tmp_path / "ca")
     (tmp_path / "tokens").write_text("n1-token ztunnel n1\nn2-token ztunnel n2\n")
     (tmp_path / "mesh.yaml").write_text(textwrap.dedent(MESH))
-    control_plane = ControlPlane(tmp_path / "ca", tmp_path / "tokens")
+    control_plane = control_plane_of(tmp_path)
     app = App("name:web", ("127.72.2.1", 8080))
     nodes = []
     try:
@@ -269,7 +254,7 @@ def test_a_ztunnel_refused_by_the_ca_is_not_ready_and_says_why(tmp_path: Path) -
     (tmp_path / "tokens").write_text("good-token\n")
     (tmp_path / "bad.token").write_text("bad-token\n")
     (tmp_path / "mesh.yaml").write_text(textwrap.dedent(MESH))
-    control_plane = ControlPlane(tmp_path / "ca", tmp_path / "tokens")
+    control_plane = control_plane_of(tmp_path)
     node = ZtunnelProcess(
         "n2",
         [tmp_path / "mesh.yaml"],

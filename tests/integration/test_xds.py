@@ -6,8 +6,6 @@ file of their own, traffic between them, and a policy pushed while it runs."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -20,6 +18,7 @@ from ambient.config import load_mesh
 from ambient.identity import CertificateAuthority
 from ambient.identity.istio_ca import IstioCaServer
 from ambient.mesh import Mesh
+from ambient.testbed.control_plane import ControlPlaneProcess
 from ambient.testing import App, exchange, wait_until
 from ambient.xds import messages as m
 from ambient.xds.client import XdsClient
@@ -214,33 +213,15 @@ def test_a_client_without_a_server_is_not_ready_and_says_why(ca: CertificateAuth
 # --- processes --------------------------------------------------------------------------------
 
 
-class ControlPlane:
-    def __init__(self, tmp_path: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "ambient", "control-plane",
-             "--ca-dir", str(tmp_path / "ca"), "--config", str(tmp_path / "mesh.yaml"),
-             "--listen", "127.0.0.1:0", "--watch-interval", "0.2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line.startswith("ready ca="), line + self.process.stderr.read()
-        self.address = line.split()[1].removeprefix("ca=")
-
-    def stop(self) -> str:
-        self.process.terminate()
-        return self.process.communicate(timeout=10)[1]
-
-
 def test_ztunnels_fed_by_the_control_plane_carry_traffic_and_take_a_pushed_policy(
     tmp_path: Path,
 ) -> None:
     ca = CertificateAuthority.create("cluster.local")
     ca.save(tmp_path / "ca")
     (tmp_path / "mesh.yaml").write_text(textwrap.dedent(MESH))
-    control_plane = ControlPlane(tmp_path)
+    control_plane = ControlPlaneProcess(
+        [tmp_path / "mesh.yaml"], tmp_path / "ca", "127.0.0.1:0"
+    ).wait_ready()
     # xDS has no loopback-mode app address: the app listens on the pod's own IP.
     app = App("name:web", ("127.73.2.1", 8080))
     nodes: list[ZtunnelProcess] = []
