@@ -197,3 +197,65 @@ class HttpEcho:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- mesh files and requests for the waypoint's tests ----------------------------------------
+
+
+def pod_yaml(
+    name: str, node: str, ip: str, account: str, extra: str = "", namespace: str = "default"
+) -> str:
+    """A Pod document (``extra``: more of its metadata, e.g. ``", labels: {app: x}"``)."""
+    return f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}{extra}}}
+spec: {{nodeName: {node}, serviceAccountName: {account}}}
+status: {{podIP: {ip}}}
+---"""
+
+
+def service_yaml(
+    name: str,
+    vip: str,
+    *,
+    app: str = "echo",
+    ports: str = "[{name: http, port: 80, targetPort: 8080}]",
+    waypoint: str | None = "waypoint",
+) -> str:
+    """A Service document in ``default``, bound to ``waypoint`` (None: to none)."""
+    labels = f", labels: {{istio.io/use-waypoint: {waypoint}}}" if waypoint else ""
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default{labels}}}
+spec:
+  clusterIP: {vip}
+  selector: {{app: {app}}}
+  ports: {ports}
+---"""
+
+
+def http_via_ztunnel(
+    client: str,
+    target: str,
+    port: int = 80,
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """An HTTP/1.1 request from pod ``client`` through its ztunnel's SOCKS5 port (loopback
+    mode): the status, the headers (names lower-cased) and the body."""
+    import http.client
+
+    from . import socks5
+
+    conn = http.client.HTTPConnection(target, port, timeout=10)
+    conn.sock = socks5.connect((client, 15080), (target, port), source=client)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()

@@ -458,6 +458,23 @@ def measure(
     return reading
 
 
+def machine() -> dict[str, Any]:
+    """The machine and build a run is measured on, for the report."""
+    return {
+        "cpu_model": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "unknown",
+        ),
+        "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ambient_core": ambient_core_info(),
+    }
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -575,22 +592,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "compare_waypoint",
         "command": harness.command_line(),
         "machine": {
-            "cpu_model": next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")
-                ),
-                "unknown",
-            ),
-            "cores": os.cpu_count(),
+            **machine(),
             "haproxy": harness.haproxy_version(),
             "fortio": subprocess.run(
                 [fortio_binary() or "fortio", "version"], capture_output=True, text=True
             ).stdout.strip()
             or "unknown",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "ambient_core": ambient_core_info(),
         },
         "setup": {
             "connections": CONNECTIONS,

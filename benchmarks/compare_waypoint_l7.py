@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -45,7 +44,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
 from benchmarks import compare_waypoint as cw  # noqa: E402
 from benchmarks import harness  # noqa: E402
-from benchmarks.compare_throughput import ambient_core_info  # noqa: E402
 
 VIPS = {"none": "10.98.46.20", "policies": "10.98.46.21", "filter": "10.98.46.22"}
 PATHS = tuple(VIPS)
@@ -236,19 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "compare_waypoint_l7",
         "command": harness.command_line(),
-        "machine": {
-            "cpu_model": next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")
-                ),
-                "unknown",
-            ),
-            "cores": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "ambient_core": ambient_core_info(),
-        },
+        "machine": cw.machine(),
         "setup": {
             "connections": cw.CONNECTIONS,
             "body_bytes": cw.BODY,

@@ -21,9 +21,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ambient import socks5
 from ambient.identity import CertificateAuthority
-from ambient.testing import HttpEcho, wait_until
+from ambient.testing import HttpEcho, http_via_ztunnel, pod_yaml, service_yaml, wait_until
 from ambient.waypoint.process import WaypointProcess
 from ambient.ztunnel.process import ZtunnelProcess
 
@@ -94,26 +93,11 @@ class JwksServer:
         self.httpd.server_close()
 
 
-def pod(name: str, node: str, ip: str, account: str, extra: str = "") -> str:
-    return f"""
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default{extra}}}
-spec: {{nodeName: {node}, serviceAccountName: {account}}}
-status: {{podIP: {ip}}}
----"""
+pod = pod_yaml
 
 
 def service(name: str) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec:
-  clusterIP: {VIP[name]}
-  selector: {{app: echo}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----"""
+    return service_yaml(name, VIP[name])
 
 
 def mesh(jwks_port: int, down_port: int) -> str:
@@ -454,15 +438,7 @@ def env(tmp_path_factory):
 def send(
     service: str, path: str = "/", headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    vip = VIP[service]
-    conn = http.client.HTTPConnection(vip, 80, timeout=10)
-    conn.sock = socks5.connect((CLIENT, 15080), (vip, 80), source=CLIENT)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+    return http_via_ztunnel(CLIENT, VIP[service], 80, path, headers)
 
 
 def test_there_are_at_least_thirty_cases() -> None:

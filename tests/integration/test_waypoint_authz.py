@@ -7,7 +7,6 @@ the waypoint and never reaches the pod."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import textwrap
 import urllib.request
@@ -15,9 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ambient import socks5
 from ambient.identity import CertificateAuthority
-from ambient.testing import HttpEcho
+from ambient.testing import HttpEcho, http_via_ztunnel, pod_yaml, service_yaml
 from ambient.waypoint.process import WaypointProcess
 from ambient.ztunnel.process import ZtunnelProcess
 
@@ -30,13 +28,7 @@ VIP = {name: f"127.62.100.{i + 1}" for i, name in enumerate(SERVICES)}
 
 
 def pod(name: str, namespace: str, node: str, ip: str, account: str, extra: str = "") -> str:
-    return f"""
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}{extra}}}
-spec: {{nodeName: {node}, serviceAccountName: {account}}}
-status: {{podIP: {ip}}}
----"""
+    return pod_yaml(name, node, ip, account, extra, namespace)
 
 
 def service(name: str) -> str:
@@ -46,12 +38,7 @@ def service(name: str) -> str:
             "[{name: http, port: 80, targetPort: 8080},"
             " {name: http-alt, port: 81, targetPort: 8080}]"
         )
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec: {{clusterIP: {VIP[name]}, selector: {{app: echo}}, ports: {ports}}}
----"""
+    return service_yaml(name, VIP[name], ports=ports)
 
 
 def policy(name: str, target: str, spec: str, namespace: str = "default", kind: str = "Service",
@@ -575,16 +562,10 @@ def env(tmp_path_factory):
 
 
 def send(case: Case) -> tuple[int, bytes]:
-    source = SOURCES[case.source]
-    vip = VIP[case.service]
-    conn = http.client.HTTPConnection(vip, case.port, timeout=10)
-    conn.sock = socks5.connect((source, 15080), (vip, case.port), source=source)
-    try:
-        conn.request(case.method, case.path, headers=case.headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    status, _, body = http_via_ztunnel(
+        SOURCES[case.source], VIP[case.service], case.port, case.path, case.headers, case.method
+    )
+    return status, body
 
 
 def test_there_are_at_least_a_hundred_cases() -> None:

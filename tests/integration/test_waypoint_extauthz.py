@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from ambient import socks5
 from ambient.identity import CertificateAuthority
-from ambient.testing import HttpEcho, wait_until
+from ambient.testing import HttpEcho, http_via_ztunnel, pod_yaml, service_yaml, wait_until
 from ambient.waypoint.process import WaypointProcess
 from ambient.ztunnel.process import ZtunnelProcess
 
@@ -140,27 +139,17 @@ spec:
 ---"""
 
 
-def pod(name: str, node: str, ip: str, account: str, extra: str = "") -> str:
-    return f"""
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default{extra}}}
-spec: {{nodeName: {node}, serviceAccountName: {account}}}
-status: {{podIP: {ip}}}
----"""
+pod = pod_yaml
 
 
 def service(name: str, app: str = "echo", port: int = 80, target: int = 8080) -> str:
-    waypoint = ", labels: {istio.io/use-waypoint: waypoint}" if name != "ext-authz" else ""
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default{waypoint}}}
-spec:
-  clusterIP: {SERVICES[name]}
-  selector: {{app: {app}}}
-  ports: [{{name: http, port: {port}, targetPort: {target}}}]
----"""
+    return service_yaml(
+        name,
+        SERVICES[name],
+        app=app,
+        ports=f"[{{name: http, port: {port}, targetPort: {target}}}]",
+        waypoint=None if name == "ext-authz" else "waypoint",
+    )
 
 
 def mesh() -> str:
@@ -259,15 +248,7 @@ def env(tmp_path_factory):
 def send(
     service: str, path: str = "/", headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    vip = SERVICES[service]
-    conn = http.client.HTTPConnection(vip, 80, timeout=10)
-    conn.sock = socks5.connect((CLIENT, 15080), (vip, 80), source=CLIENT)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+    return http_via_ztunnel(CLIENT, SERVICES[service], 80, path, headers)
 
 
 def checks_of(env: Env, path: str) -> list[dict[str, Any]]:

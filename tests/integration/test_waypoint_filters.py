@@ -6,7 +6,6 @@ writes to show the phases' order, the fail strategies and a reload under traffic
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import textwrap
@@ -17,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from ambient import socks5
 from ambient.identity import CertificateAuthority
-from ambient.testing import HttpEcho, wait_until
+from ambient.testing import HttpEcho, http_via_ztunnel, pod_yaml, service_yaml, wait_until
 from ambient.waypoint.process import WaypointProcess
 from ambient.ztunnel.process import ZtunnelProcess
 
@@ -116,26 +114,11 @@ spec:
 ---"""
 
 
-def pod(name: str, node: str, ip: str, account: str, extra: str = "") -> str:
-    return f"""
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default{extra}}}
-spec: {{nodeName: {node}, serviceAccountName: {account}}}
-status: {{podIP: {ip}}}
----"""
+pod = pod_yaml
 
 
 def service(name: str, app: str = "echo") -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec:
-  clusterIP: {SERVICES[name]}
-  selector: {{app: {app}}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----"""
+    return service_yaml(name, SERVICES[name], app=app)
 
 
 def mesh(work: Path) -> str:
@@ -287,15 +270,7 @@ def send(
     method: str = "GET",
     body: bytes | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    vip = SERVICES[service]
-    conn = http.client.HTTPConnection(vip, 80, timeout=10)
-    conn.sock = socks5.connect((CLIENT, 15080), (vip, 80), source=CLIENT)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+    return http_via_ztunnel(CLIENT, SERVICES[service], 80, path, headers, method, body)
 
 
 def echoed(service: str, headers: dict[str, str] | None = None) -> dict[str, Any]:

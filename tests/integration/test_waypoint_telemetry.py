@@ -5,7 +5,6 @@ disabled, a label removed) seen on the waypoint's metrics endpoint. The semantic
 
 from __future__ import annotations
 
-import http.client
 import time
 import urllib.request
 from pathlib import Path
@@ -13,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from ambient import socks5
 from ambient.identity import CertificateAuthority
-from ambient.testing import HttpEcho
+from ambient.testing import HttpEcho, http_via_ztunnel, pod_yaml, service_yaml
 from ambient.waypoint.process import WaypointProcess
 from ambient.ztunnel.process import ZtunnelProcess
 
@@ -23,26 +21,11 @@ CLIENT = "127.70.1.1"
 SERVICES = {"logged": "127.70.100.1", "quiet": "127.70.100.2", "errors": "127.70.100.3"}
 
 
-def pod(name: str, node: str, ip: str, account: str, extra: str = "") -> str:
-    return f"""
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default{extra}}}
-spec: {{nodeName: {node}, serviceAccountName: {account}}}
-status: {{podIP: {ip}}}
----"""
+pod = pod_yaml
 
 
 def service(name: str) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec:
-  clusterIP: {SERVICES[name]}
-  selector: {{app: echo}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----"""
+    return service_yaml(name, SERVICES[name])
 
 
 MESH = (
@@ -142,16 +125,8 @@ def env(tmp_path_factory):
 
 
 def send(service: str, path: str, status: int = 200) -> int:
-    vip = SERVICES[service]
-    conn = http.client.HTTPConnection(vip, 80, timeout=10)
-    conn.sock = socks5.connect((CLIENT, 15080), (vip, 80), source=CLIENT)
-    try:
-        conn.request("GET", path, headers={"x-echo-status": str(status)})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
+    headers = {"x-echo-status": str(status)}
+    return http_via_ztunnel(CLIENT, SERVICES[service], 80, path, headers)[0]
 
 
 def logged_paths(env: Env, marker: str) -> set[str]:
