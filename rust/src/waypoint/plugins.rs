@@ -115,6 +115,15 @@ impl PluginHost {
             .collect()
     }
 
+    /// The filter answered something that is not a verdict (a bad header, an unknown kind).
+    fn invalid(&self, plugin: &Plugin, text: String) -> Failure {
+        self.failed(plugin, "invalid");
+        Failure {
+            reason: "invalid",
+            text,
+        }
+    }
+
     fn failed(&self, plugin: &Plugin, reason: &'static str) {
         *self
             .failures
@@ -202,13 +211,7 @@ impl PluginHost {
                 Verdict::from_py(out.bind(py))
             })
             .await?;
-        answer.map_err(|why| {
-            self.failed(plugin, "invalid");
-            Failure {
-                reason: "invalid",
-                text: why,
-            }
-        })
+        answer.map_err(|why| self.invalid(plugin, why))
     }
 
     /// `plugin`'s look at a response head: new headers, or None to keep them.
@@ -238,13 +241,7 @@ impl PluginHost {
                 })
             })
             .await?;
-        answer.map_err(|why| {
-            self.failed(plugin, "invalid");
-            Failure {
-                reason: "invalid",
-                text: why,
-            }
-        })
+        answer.map_err(|why| self.invalid(plugin, why))
     }
 }
 
