@@ -182,6 +182,11 @@ fn documents<'py>(
                     // An empty key: YAML 1.2 reads `: v` as one, libyaml only `? ` (then `: v`).
                     return Err(NotFast);
                 }
+                // PyYAML's scanner never starts a plain scalar with one of these indicators
+                // (yaml-rust2 does, in flow collections: `{|}` is `{"|": null}` to it).
+                if style == TScalarStyle::Plain && value.starts_with(['|', '>', '@', '`', '%']) {
+                    return Err(NotFast);
+                }
                 match style {
                     TScalarStyle::Plain => plain(py, &value)?,
                     TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => {

@@ -102,6 +102,8 @@ def test_the_files_users_write_are_read_by_the_fast_path_as_pyyaml_reads_them(te
         "? [a]\n: 1",  # a key PyYAML cannot hash
         "a: [1, 2",  # a syntax error
         "a: |\n  text\n",  # a block scalar
+        "{|}",  # an indicator starting a plain scalar: YAML 1.2 parsers take it, PyYAML refuses
+        "a: [@x]",
         ": b",  # an empty key (YAML 1.2 only)
         "a\n...\n",  # a document end marker
         "[" * 200 + "]" * 200,  # deeper than MAX_DEPTH
